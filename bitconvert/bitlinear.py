@@ -1,0 +1,249 @@
+"""BitLinear: the single source of BitNet b1.58's quantization math.
+
+Weights (per tensor, BitNet b1.58):
+    g = mean(|W|)            ("absmean"; or median(|W|), "absmedian", from BitNet b1.58 Reloaded), clamped to >= 1e-5
+    T = clamp(round(W / g), -1, 1)           ternary, shape (out, in)
+Activations (per token, i.e. per row of the last dimension):
+    s = 127 / max(|x|, 1e-5)
+    x_q = clamp(round(x * s), -128, 127)     int8, shape (..., in)
+Training (straight-through estimator, lambda in [0, 1] interpolates for warm-up):
+    W_eff = W + lambda * (T * g - W).detach(),   x_eff = x + lambda * (x_q / s - x).detach(),   y = x_eff @ W_eff^T + b
+Inference (exact integers, then scaled; the stored scale is ``weight_scale = 1 / g`` as in HF transformers' format):
+    acc = x_q @ T^T                   int32, exact
+    y = acc / weight_scale / s + b    fp32, the two scales divided one after the other (no overflowing product)
+
+All rounding is round-half-to-even (``torch.round``) in fp32; the fast kernels reproduce it bit for bit.
+``round`` has a zero gradient, so the STE is what lets gradients reach the latent weights.
+
+Two modules hold these two states: :class:`BitLinear` (latent full-precision weights, for training) and
+:class:`PackedBitLinear` (2-bit packed weights and a scale, never the float weights, for inference).
+The integer product of :class:`PackedBitLinear` goes through a pluggable backend (:func:`set_backend`), the seam where
+the compiled ternary kernels plug in; :class:`ReferenceBackend` is the pure-torch path.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .packing import pack_ternary, packed_rows, unpack_ternary
+
+EPS = 1e-5
+ACT_QMAX = 127.0
+WEIGHT_SCALE_METHODS = ("absmean", "absmedian")
+
+
+def weight_scale(weight: torch.Tensor, method: str = "absmean") -> torch.Tensor:
+    """Per-tensor scale ``g`` (fp32, 0-dim): mean or median of ``|W|``, clamped to >= 1e-5."""
+    magnitude = weight.detach().float().abs()
+    if method == "absmean":
+        scale = magnitude.mean()
+    elif method == "absmedian":
+        scale = magnitude.median()
+    else:
+        raise ValueError(f"unknown weight scale method {method!r}; choose one of {', '.join(WEIGHT_SCALE_METHODS)}")
+    return scale.clamp(min=EPS)
+
+
+def ternarize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``T = clamp(round(W / g), -1, 1)`` as int8, same shape as ``weight``."""
+    return (weight.float() / scale).round().clamp(-1, 1).to(torch.int8)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 quantization of ``x`` (..., in).
+
+    Returns ``x_q`` int8 (..., in) and ``s`` fp32 (..., 1) with ``x ~= x_q / s``.
+    """
+    x = x.float()
+    scale = ACT_QMAX / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return (x * scale).round().clamp(-128, 127).to(torch.int8), scale
+
+
+def fake_quantize_weight(weight: torch.Tensor, method: str = "absmean") -> torch.Tensor:
+    """Dequantized ternary weight ``T * g`` in ``weight``'s dtype (no gradient path; see :class:`BitLinear`)."""
+    scale = weight_scale(weight, method)
+    return (ternarize(weight, scale).float() * scale).to(weight.dtype)
+
+
+def fake_quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Dequantized 8-bit activations ``x_q / s`` in ``x``'s dtype."""
+    x_q, scale = quantize_activations(x)
+    return (x_q.float() / scale).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm ``y = x / sqrt(mean(x^2) + eps) * gain`` over the last dimension (gain initialised to 1), in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class BitLinear(nn.Linear):
+    """Training-mode BitLinear: full-precision latent weights, ternary/int8 forward through the STE.
+
+    ``quant_lambda`` in [0, 1] interpolates between the full-precision forward (0) and the quantized one (1).
+    With ``sub_norm`` an :class:`RMSNorm` (SubLN, BitNet b1.58 2B4T) normalises the input first.
+    Shapes: x (..., in) -> y (..., out).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        weight_scale_method: str = "absmean",
+        sub_norm: bool = False,
+        sub_norm_eps: float = 1e-5,
+        quant_lambda: float = 1.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if weight_scale_method not in WEIGHT_SCALE_METHODS:
+            raise ValueError(f"weight_scale_method must be one of {WEIGHT_SCALE_METHODS}, got {weight_scale_method!r}")
+        self.weight_scale_method = weight_scale_method
+        self.sub_norm = RMSNorm(in_features, sub_norm_eps).to(device=device) if sub_norm else None
+        self.quant_lambda = quant_lambda
+
+    @property
+    def quant_lambda(self) -> float:
+        return self._quant_lambda
+
+    @quant_lambda.setter
+    def quant_lambda(self, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"quant_lambda must lie in [0, 1], got {value}")
+        self._quant_lambda = float(value)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> "BitLinear":
+        """A BitLinear whose latent weights (and bias) are ``linear``'s, shared, not copied."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **options)
+        module.weight = linear.weight
+        module.bias = linear.bias
+        if module.sub_norm is not None:
+            module.sub_norm = RMSNorm(linear.in_features, module.sub_norm.eps).to(linear.weight.device)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sub_norm is not None:
+            x = self.sub_norm(x)
+        lam = self._quant_lambda
+        weight = self.weight
+        if lam > 0.0:
+            weight = weight + lam * (fake_quantize_weight(weight, self.weight_scale_method) - weight).detach()
+            x = x + lam * (fake_quantize_activations(x) - x).detach()
+        return F.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.weight_scale_method}, quant_lambda={self._quant_lambda}"
+
+
+class TernaryBackend(Protocol):
+    """How :class:`PackedBitLinear` computes ``acc / weight_scale / s`` from float activations (N, in) -> fp32 (N, out).
+
+    ``prepare`` is called once per module (at load or after packing) to repack weights into the backend's own layout;
+    ``linear`` must quantize the activations exactly as :func:`quantize_activations` does.
+    """
+
+    name: str
+
+    def prepare(self, module: "PackedBitLinear") -> None: ...
+
+    def linear(self, x: torch.Tensor, module: "PackedBitLinear") -> torch.Tensor: ...
+
+
+def int_matmul_reference(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
+    """Exact ``x_q @ T^T``: int8 (N, in) x int8 (out, in) -> int32 (N, out), with int32 accumulation."""
+    return torch._int_mm(x_q.contiguous(), ternary.t())
+
+
+class ReferenceBackend:
+    """Pure-torch path: unpack the 2-bit codes on every call (nothing cached), int8 x int8 -> int32 matmul."""
+
+    name = "torch"
+
+    def prepare(self, module: "PackedBitLinear") -> None:
+        return None
+
+    def linear(self, x: torch.Tensor, module: "PackedBitLinear") -> torch.Tensor:
+        x_q, act_scale = quantize_activations(x)
+        acc = int_matmul_reference(x_q, unpack_ternary(module.weight, module.out_features))
+        return acc.float() / module.weight_scale / act_scale
+
+
+_backend: TernaryBackend = ReferenceBackend()
+
+
+def set_backend(backend: TernaryBackend) -> None:
+    """Select the backend every :class:`PackedBitLinear` uses from now on (modules must be ``prepare``d for it)."""
+    global _backend
+    _backend = backend
+
+
+def get_backend() -> TernaryBackend:
+    return _backend
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-mode BitLinear: packed 2-bit weights and one scale; exact integer product.
+
+    Buffers (the names and layout of HF transformers' BitNet format, so state dicts are interchangeable):
+        weight        uint8 (ceil(out/4), in)   codes T + 1, see :mod:`bitconvert.packing`
+        weight_scale  fp32 (1,)                 1 / g
+        bias          (out,) or absent
+    Shapes: x (..., in) -> y (..., out) in x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, sub_norm_eps: float | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.full((packed_rows(out_features), in_features), 0x55, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.sub_norm = RMSNorm(in_features, sub_norm_eps) if sub_norm_eps is not None else None
+
+    @classmethod
+    def from_bitlinear(cls, module: BitLinear) -> "PackedBitLinear":
+        """Freeze a training-mode :class:`BitLinear` into its packed inference form (the result of lambda = 1)."""
+        eps = module.sub_norm.eps if module.sub_norm is not None else None
+        packed = cls(module.in_features, module.out_features, module.bias is not None, sub_norm_eps=eps)
+        scale = weight_scale(module.weight, module.weight_scale_method)
+        packed.weight = pack_ternary(ternarize(module.weight, scale))
+        packed.weight_scale = (1.0 / scale).reshape(1)
+        if module.bias is not None:
+            packed.bias = module.bias.detach().clone()
+        if module.sub_norm is not None:
+            packed.sub_norm.load_state_dict(module.sub_norm.state_dict())
+        get_backend().prepare(packed)
+        return packed
+
+    def ternary(self) -> torch.Tensor:
+        """The ternary matrix T, int8 (out, in)."""
+        return unpack_ternary(self.weight, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sub_norm is not None:
+            x = self.sub_norm(x)
+        flat = x.reshape(-1, self.in_features)
+        y = get_backend().linear(flat, self).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
