@@ -1,0 +1,5 @@
+"""Conversion of a full-precision LLaMA checkpoint into the ternary BitNet b1.58 folder format."""
+
+from .pipeline import ConvertOptions, ConvertResult, convert
+
+__all__ = ["ConvertOptions", "ConvertResult", "convert"]

@@ -1,0 +1,83 @@
+"""``bitconvert [convert] SOURCE --out DIR``: argument parsing and the end-of-run summary."""
+
+from __future__ import annotations
+
+import argparse
+
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "B": 1}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '512MiB', '1000000' -> bytes."""
+    for unit, factor in sorted(SIZE_UNITS.items(), key=lambda item: -len(item[0])):
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            break
+    else:
+        number, factor = text, 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 2GB or 512MiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def register(subparsers) -> None:
+    from ..sources import ALIASES
+
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a full-precision LLaMA to ternary BitNet b1.58 (the default verb)",
+        description="Convert a full-precision LLaMA-family model to a ternary BitNet b1.58 folder that loads in stock "
+        "transformers (AutoModelForCausalLM.from_pretrained) and with bitconvert.load. Tensors are streamed one at "
+        "a time; the output is written to a temporary folder and renamed at the end.",
+        epilog="SOURCE is a model folder (safetensors), a .gguf file, a hub id (owner/name), or an alias: "
+        + ", ".join(ALIASES)
+        + ".\nexample: bitconvert smollm2-135m --out ternary-smollm2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="SOURCE", help="model folder, .gguf file, hub id, or alias")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (only once the new one is complete)")
+    parser.add_argument("--weight-scale", choices=("absmean", "absmedian"), default="absmean",
+                        help="per-tensor weight scale: mean |W| (BitNet b1.58) or median |W| (b1.58 Reloaded); default absmean")
+    parser.add_argument("--sub-norm", action="store_true",
+                        help="insert SubLN (RMSNorm, gain 1) before o_proj and down_proj; writes the 'bitnet' model type. "
+                        "Changes the function: fine-tune afterwards")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="dtype of embeddings, norms and lm_head in the output (default: the source's)")
+    parser.add_argument("--shard-size", type=parse_size, default="1GiB", metavar="SIZE",
+                        help="maximum output shard size, e.g. 1GiB (default) or 500MB")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickled .bin/.pt checkpoints (loaded with weights_only=True); only for files you trust")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from .pipeline import ConvertOptions, convert
+
+    options = ConvertOptions(weight_scale=args.weight_scale, sub_norm=args.sub_norm, dtype=args.dtype,
+                             shard_bytes=args.shard_size, allow_pickle=args.allow_pickle)
+    result = convert(args.source, args.out, options, overwrite=args.overwrite, progress=not args.quiet)
+    report = result.report
+    zero = sum(layer["zero_fraction"] for layer in report.layers) / len(report.layers)
+    error = sum(layer["relative_error"] for layer in report.layers) / len(report.layers)
+    print(
+        f"converted {report.parameters_converted:,} parameters in {len(report.layers)} projections "
+        f"({zero:.1%} zeros, mean relative error {error:.3f})\n"
+        f"size {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
+        f"({report.bytes_before / max(report.bytes_after, 1):.1f}x smaller) in {report.seconds:.1f} s\n"
+        f"wrote {result.out}  (load: bitconvert.load('{result.out}') or AutoModelForCausalLM.from_pretrained)"
+    )
+    return 0

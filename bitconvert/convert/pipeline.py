@@ -1,0 +1,127 @@
+"""``convert(source, out)``: full-precision LLaMA -> ternary BitNet b1.58 folder, streamed tensor by tensor.
+
+Peak memory for a safetensors source is about the largest tensor (as fp32, for the scale and rounding) plus one output
+shard; GGUF and pickled sources are loaded whole by transformers first (they are dequantized on load).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import (
+    DTYPES,
+    Report,
+    ShardWriter,
+    atomic_output_dir,
+    check_destination,
+    is_ternary_weight,
+    output_config,
+    quantize_weight_tensor,
+    save_tokenizer_and_generation_config,
+    sub_norm_names,
+)
+from ..errors import BitconvertError
+from ..sources import Source, load_full_precision, read_config_dict, resolve_source
+from .readers import SafetensorsReader, StateDictReader
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """weight_scale: absmean | absmedian; sub_norm: add SubLN gains (=1) and write the bitnet model type;
+    dtype: dtype of the tensors kept in high precision (auto = the source's); shard_bytes: output shard size."""
+
+    weight_scale: str = "absmean"
+    sub_norm: bool = False
+    dtype: str = "auto"
+    shard_bytes: int = 1 << 30
+    allow_pickle: bool = False
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    report: Report
+
+
+def _load_tokenizer_and_generation_config(source: Source):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+    except Exception as exc:  # a weights-only checkpoint still converts; say what is missing
+        warnings.warn(f"no usable tokenizer in {source.display} ({str(exc).splitlines()[0]}); the output will have none")
+        tokenizer = None
+    try:
+        generation_config = GenerationConfig.from_pretrained(source.folder)
+    except OSError:
+        generation_config = None
+    return tokenizer, generation_config
+
+
+def _resolve_dtype(option: str, source_config: dict) -> torch.dtype:
+    if option != "auto":
+        if option not in DTYPES:
+            raise BitconvertError(f"unknown --dtype '{option}'; choose auto, {', '.join(DTYPES)}")
+        return DTYPES[option]
+    name = str(source_config.get("dtype") or source_config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return DTYPES.get(name, torch.float32)
+
+
+def convert(source: str | Source, out: str | Path, options: ConvertOptions = ConvertOptions(), *,
+            overwrite: bool = False, progress: bool = True) -> ConvertResult:
+    """Convert ``source`` (folder, .gguf, hub id or alias) into a ternary folder at ``out``; returns the report.
+
+    Raises :class:`BitconvertError` for user mistakes; on any failure or Ctrl-C no ``out`` is left behind.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    check_destination(out, overwrite)
+    if not isinstance(source, Source):
+        source = resolve_source(source, allow_pickle=options.allow_pickle)
+    source_config = read_config_dict(source)
+    dtype = _resolve_dtype(options.dtype, source_config)
+    if source.gguf_file or source.pickled:
+        model, tokenizer = load_full_precision(source, dtype=torch.float32)
+        reader = StateDictReader(model)
+        source_config = model.config.to_dict()
+        generation_config = model.generation_config
+    else:
+        reader = SafetensorsReader(source.folder)
+        tokenizer, generation_config = _load_tokenizer_and_generation_config(source)
+    config = output_config(source_config, sub_norm=options.sub_norm, dtype=dtype)
+    report = Report(source=source.display, options={**asdict(options), "dtype": str(dtype).removeprefix("torch.")})
+    names = reader.names()
+    if not any(is_ternary_weight(name) for name in names):
+        raise BitconvertError(f"{source.display} has no attention/MLP projection weights to convert")
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, options.shard_bytes)
+        for name in tqdm(names, desc="converting", unit="tensor", disable=not progress):
+            report.bytes_before += reader.nbytes(name)
+            tensor = reader.get(name)
+            if is_ternary_weight(name):
+                quantized = quantize_weight_tensor(name, tensor, options.weight_scale)
+                writer.add(name, quantized.packed)
+                writer.add(name.removesuffix("weight") + "weight_scale", quantized.inverse_scale)
+                report.layers.append(quantized.stats)
+                report.parameters_converted += tensor.numel()
+            else:
+                writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            del tensor
+        if options.sub_norm:
+            for name, size_key in sub_norm_names(config.num_hidden_layers):
+                writer.add(name, torch.ones(getattr(config, size_key), dtype=dtype))
+        writer.finish()
+        report.bytes_after = writer.total_bytes
+        config.save_pretrained(tmp)
+        save_tokenizer_and_generation_config(tmp, tokenizer, generation_config)
+        report.seconds = time.perf_counter() - started
+        report.write(tmp)
+    return ConvertResult(out, report)

