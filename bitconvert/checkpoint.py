@@ -146,8 +146,11 @@ class ShardWriter:
             self._flush()
         count = len(self.shards)
         names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        umask = os.umask(0)
+        os.umask(umask)
         for index, name in enumerate(names):
             os.replace(self.folder / f"shard-{index:05d}.tmp", self.folder / name)
+            os.chmod(self.folder / name, 0o666 & ~umask)  # the safetensors writer creates files as 0600
         if count > 1:
             weight_map = {tensor: names[i] for i, tensors in enumerate(self.shards) for tensor in tensors}
             index_doc = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -175,7 +178,10 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
     check_destination(out, overwrite)
     tmp = out.absolute().parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise BitconvertError(f"cannot write '{out}': {exc.strerror}; pick another --out") from None
     try:
         yield tmp
         if out.exists():

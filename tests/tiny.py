@@ -39,3 +39,57 @@ def make_tiny_llama(folder: Path, seed: int = 0, dtype=torch.float32, **override
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def _permute_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (rotary halves interleaved); transformers undoes it when loading GGUF."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, weight.shape[1]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_gguf(model_folder: Path, path: Path) -> Path:
+    """Write the tiny LLaMA saved in ``model_folder`` as an F32 GGUF file (llama.cpp's tensor names and layout)."""
+    import gguf
+
+    model = LlamaForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    tokenizer = byte_tokenizer()
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3] * 4)
+    writer.add_token_merges([])
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+    state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for layer in range(config.num_hidden_layers):
+        for hf_name, gguf_name in names.items():
+            tensor = model.state_dict()[f"model.layers.{layer}.{hf_name}.weight"]
+            if hf_name == "self_attn.q_proj":
+                tensor = _permute_for_gguf(tensor, config.num_attention_heads)
+            elif hf_name == "self_attn.k_proj":
+                tensor = _permute_for_gguf(tensor, config.num_key_value_heads)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", tensor.contiguous().numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -31,6 +31,9 @@ from ..sources import Source, load_full_precision, read_config_dict, resolve_sou
 from .readers import SafetensorsReader, StateDictReader
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     """weight_scale: absmean | absmedian; sub_norm: add SubLN gains (=1) and write the bitnet model type;
@@ -50,14 +53,18 @@ class ConvertResult:
 
 
 def _load_tokenizer_and_generation_config(source: Source):
+    """Tokenizer and generation config of a safetensors folder; a missing tokenizer is a warning, not an error."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-    except Exception as exc:  # a weights-only checkpoint still converts; say what is missing
-        warnings.warn(f"no usable tokenizer in {source.display} ({str(exc).splitlines()[0]}); the output will have none")
-        tokenizer = None
+    tokenizer = None
+    if not any((source.folder / name).is_file() for name in TOKENIZER_FILES):
+        warnings.warn(f"{source.display} has no tokenizer files; the output will have none (copy them in to use it)")
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.folder)
+        except Exception as exc:  # a weights-only checkpoint still converts; say what is missing
+            warnings.warn(f"cannot load the tokenizer of {source.display} ({str(exc).splitlines()[0]}); "
+                          "the output will have none")
     try:
         generation_config = GenerationConfig.from_pretrained(source.folder)
     except OSError:

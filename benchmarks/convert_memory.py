@@ -1,0 +1,110 @@
+"""Peak memory and time of `bitconvert SOURCE --out DIR` on a synthetic checkpoint with Llama-2-7B's real shapes.
+
+The source is random fp16 safetensors in two shards (as Llama-2-7b-hf ships), written once to --workdir and reused.
+The conversion runs in a child process (the real CLI); its peak RSS comes from getrusage(RUSAGE_CHILDREN).
+Prints a table and writes JSON.
+
+    python benchmarks/convert_memory.py --workdir /tmp/bc-7b --json bench-out/convert_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def layer_shapes(layer: int, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
+    prefix = f"model.layers.{layer}."
+    return {
+        prefix + "self_attn.q_proj.weight": (hidden, hidden),
+        prefix + "self_attn.k_proj.weight": (hidden, hidden),
+        prefix + "self_attn.v_proj.weight": (hidden, hidden),
+        prefix + "self_attn.o_proj.weight": (hidden, hidden),
+        prefix + "mlp.gate_proj.weight": (intermediate, hidden),
+        prefix + "mlp.up_proj.weight": (intermediate, hidden),
+        prefix + "mlp.down_proj.weight": (hidden, intermediate),
+        prefix + "input_layernorm.weight": (hidden,),
+        prefix + "post_attention_layernorm.weight": (hidden,),
+    }
+
+
+def make_checkpoint(folder: Path, layers: int, shards: int = 2) -> int:
+    """Write a random fp16 LLaMA checkpoint (Llama-2-7B shapes, ``layers`` layers); returns its size in bytes."""
+    from transformers import LlamaConfig
+
+    config = dict(LLAMA2_7B, num_hidden_layers=layers)
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for layer in range(layers):
+        shapes.update(layer_shapes(layer, hidden, intermediate))
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (config["vocab_size"], hidden)})
+    names = list(shapes)
+    per_shard = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(shards):
+        shard_name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {}
+        for name in names[index * per_shard:(index + 1) * per_shard]:
+            tensors[name] = torch.empty(shapes[name], dtype=torch.float16).normal_(0, 0.02, generator=generator)
+            weight_map[name] = shard_name
+            total += tensors[name].numel() * 2
+        save_file(tensors, str(folder / shard_name), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    LlamaConfig(**config, dtype="float16").save_pretrained(folder)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bitconvert-bench-7b"))
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = the full 7B)")
+    parser.add_argument("--json", type=Path, default=Path("bench-out/convert_memory.json"))
+    args = parser.parse_args()
+
+    source = args.workdir / f"llama2-7b-shapes-{args.layers}L"
+    if not (source / "config.json").is_file():
+        started = time.perf_counter()
+        print(f"writing synthetic checkpoint to {source} ...", flush=True)
+        make_checkpoint(source, args.layers)
+        print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+    source_bytes = sum(path.stat().st_size for path in source.glob("*.safetensors"))
+    out = args.workdir / "ternary"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "bitconvert.cli", str(source), "--out", str(out), "--quiet"], check=True)
+    seconds = time.perf_counter() - started
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    out_bytes = sum(path.stat().st_size for path in out.glob("*.safetensors"))
+    largest = 11008 * 4096
+    result = {
+        "layers": args.layers, "source_bytes": source_bytes, "output_bytes": out_bytes, "seconds": round(seconds, 1),
+        "peak_rss_bytes": peak_rss, "peak_rss_gib": round(peak_rss / 2**30, 2),
+        "largest_tensor_fp32_gib": round(largest * 4 / 2**30, 3), "target_gib": 4.0,
+    }
+    rows = [("source (fp16 safetensors)", f"{source_bytes / 2**30:.2f} GiB"), ("output", f"{out_bytes / 2**30:.2f} GiB"),
+            ("time", f"{seconds:.0f} s"), ("peak RSS", f"{peak_rss / 2**30:.2f} GiB (target < 4 GiB)")]
+    print(f"\nconvert Llama-2-7B shapes ({args.layers} layers), synthetic fp16 weights")
+    for label, value in rows:
+        print(f"  {label:<28} {value}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
