@@ -14,6 +14,7 @@ from bitconvert.packing import pack_ternary
 IN_FEATURES = (1, 3, 67, 576, 1000)
 OUT_FEATURES = (1, 5, 13, 576)
 BATCHES = (1, 3, 17, 64)
+MAX_IN_FEATURES = 1 << 19  # BC_MAX_IN_FEATURES: every int32 partial sum stays exact up to here
 
 
 def isa_params():
@@ -76,9 +77,9 @@ def test_linear_bit_exact(cases, isa, threads):
 
 @pytest.mark.parametrize("isa", isa_params())
 def test_adversarial_values(isa):
-    """Saturated weights and activations, including -128 which quantization never produces, and a long row."""
+    """Saturated weights and activations, including -128 which quantization never produces, up to the longest row."""
     index = require(isa)
-    for in_features in (67, 1000, 40000):
+    for in_features in (67, 1000, MAX_IN_FEATURES):
         activations = [
             torch.full((3, in_features), -128, dtype=torch.int8),
             torch.full((3, in_features), 127, dtype=torch.int8),
@@ -107,6 +108,12 @@ def test_rounding_ties_and_tiny_rows(isa):
     weight_scale = torch.tensor([2.5])
     y = kernels.linear(x, weight, 13, weight_scale, index, 1)
     assert torch.equal(y, exact_product(x_q, ternary).float() / weight_scale / scale)
+
+
+def test_rejects_rows_longer_than_exact_int32_allows():
+    weight = kernels.repack(pack_ternary(torch.ones(1, MAX_IN_FEATURES + 1, dtype=torch.int8)), 1)
+    with pytest.raises(RuntimeError, match="in_features exceeds"):
+        kernels.matmul_int(torch.ones(1, MAX_IN_FEATURES + 1, dtype=torch.int8), weight, 1)
 
 
 def test_empty_batch():

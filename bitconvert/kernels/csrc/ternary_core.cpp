@@ -119,18 +119,21 @@ struct AvxVnni {
 };
 
 // AVX-512 VNNI: a whole 64-byte block (16 rows) per register, one vpdpbusd per quad and token.
+// For one token (decoding) the shifts are skipped: quad i is masked in place, i.e. codes scaled by 4^i (<= 128, still
+// u8), accumulated in its own chain and shifted back once at the end (exact: every term is a multiple of 4^i).
 struct Avx512 {
     template <int NT>
     BC_TARGET_AVX512 static void tile(const uint8_t *w, int64_t kblocks, const int8_t *x, int64_t ldx, int32_t *raw) {
         constexpr int C = chains<NT>();
-        const __m512i mask = _mm512_set1_epi8(3);
+        constexpr bool in_place = NT == 1;  // C == kQuads: one chain per quad
         __m512i sum[NT][C];
         for (int t = 0; t < NT; ++t)
             for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
         for (int64_t b = 0; b < kblocks; ++b) {
             const __m512i packed = _mm512_loadu_si512(w + b * BC_BLOCK_BYTES);
             for (int i = 0; i < kQuads; ++i) {
-                const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(packed, 2 * i), mask);
+                const __m512i codes = in_place ? _mm512_and_si512(packed, _mm512_set1_epi8(char(3 << (2 * i))))
+                                               : _mm512_and_si512(_mm512_srli_epi16(packed, 2 * i), _mm512_set1_epi8(3));
                 for (int t = 0; t < NT; ++t) {
                     const __m512i xs = _mm512_set1_epi32(load4(x + t * ldx + b * BC_BLOCK_COLS + 4 * i));
                     sum[t][i % C] = _mm512_dpbusd_epi32(sum[t][i % C], codes, xs);
@@ -139,7 +142,8 @@ struct Avx512 {
         }
         for (int t = 0; t < NT; ++t) {
             __m512i total = sum[t][0];
-            for (int c = 1; c < C; ++c) total = _mm512_add_epi32(total, sum[t][c]);
+            for (int c = 1; c < C; ++c)
+                total = _mm512_add_epi32(total, in_place ? _mm512_srai_epi32(sum[t][c], 2 * c) : sum[t][c]);
             _mm512_storeu_si512(raw + t * BC_TILE_ROWS, total);
         }
     }

@@ -17,7 +17,8 @@
  * 4 broadcast activation bytes of those columns. Since sum_k c*x = sum_k T*x + sum_k x, the kernels compute
  * sum(c * x) with unsigned codes and subtract the per-token sum of x_q.
  *
- * Limits: in_features <= BC_MAX_IN_FEATURES keeps every int32 partial sum exact.
+ * Limits: in_features <= BC_MAX_IN_FEATURES keeps every int32 partial sum exact (the AVX-512 one-token path sums
+ * codes scaled by up to 64: |64 * 2 * 128| per column, in/4 columns per chain, < 2^31 for in <= 2^19).
  */
 #ifndef BITCONVERT_TERNARY_CORE_H
 #define BITCONVERT_TERNARY_CORE_H
@@ -45,8 +46,7 @@ enum { BC_OK = 0, BC_ERR_ISA = 1, BC_ERR_SHAPE = 2 };
 #define BC_TILE_ROWS 16
 #define BC_BLOCK_COLS 16
 #define BC_BLOCK_BYTES 64
-/* |code * x| <= 256 per product; 2^31 / 256 = 2^23 columns keep int32 exact. */
-#define BC_MAX_IN_FEATURES (1 << 23)
+#define BC_MAX_IN_FEATURES (1 << 19)
 
 const char *bc_isa_name(int isa);          /* "scalar", "avx2", "avxvnni", "avx512"; NULL if out of range */
 int bc_isa_from_name(const char *name);    /* inverse of bc_isa_name; -2 if unknown */
