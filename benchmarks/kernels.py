@@ -5,7 +5,7 @@
 Prints a table and writes JSON. Times are medians over ``--repeats`` calls with the weights hot in cache, except the
 "streaming" rows: batch 1 cycling through distinct copies of the weights (> 1 GiB in all, larger than the L3),
 reported as weight bytes read per second and as a fraction of this machine's memory read bandwidth, measured in the
-same run by summing > 1 GiB of distinct fp32 tensors. ``LLAMA_CPP_DIR`` naming a llama.cpp build adds the rows
+same run (right before each such row) by summing > 1 GiB of distinct fp32 tensors. ``LLAMA_CPP_DIR`` naming a llama.cpp build adds the rows
 its ``test-backend-ops perf -o MUL_MAT`` prints for TQ2_0 (its own fixed shapes, its default threads).
 """
 
@@ -131,7 +131,9 @@ def main() -> None:
                 row = {"model": model, "out": out_features, "in": in_features, "batch": batch, "us": timings}
                 if batch == 1 and model == "llama2-7b":
                     copies = [weight.clone() for _ in range(LARGE_WORKING_SET // weight.numel() + 1)]
-                    row["streaming"] = {}
+                    # Re-measured next to each streaming row: on a shared machine the bandwidth drifts.
+                    local_bandwidth = memory_read_bandwidth(args.repeats)
+                    row["streaming"] = {"memory_read_bandwidth_bytes_per_s": local_bandwidth}
                     for name in isas:
                         isa = kernels.ISAS.index(name)
                         us = cycling_us(
@@ -140,7 +142,7 @@ def main() -> None:
                         )
                         rate = weight.numel() / (us * 1e-6)
                         row["streaming"][f"kernel_{name}"] = {"us": us, "bytes_per_s": rate,
-                                                              "fraction_of_bandwidth": rate / bandwidth}
+                                                              "fraction_of_bandwidth": rate / local_bandwidth}
                     del copies
                 rows.append(row)
                 print_row(row)
@@ -166,7 +168,10 @@ def print_row(row: dict) -> None:
     base = row["us"]["torch_fp32"]
     cells = [f"{name} {us:9.1f}us ({base / us:5.1f}x)" for name, us in row["us"].items()]
     print(f"{row['model']:13s} {row['out']:5d}x{row['in']:<5d} b={row['batch']:<3d} " + " | ".join(cells))
-    for name, entry in row.get("streaming", {}).items():
+    streaming = dict(row.get("streaming", {}))
+    if streaming:
+        print(f"{'':13s} memory read bandwidth now: {streaming.pop('memory_read_bandwidth_bytes_per_s') / 1e9:.1f} GB/s")
+    for name, entry in streaming.items():
         print(f"{'':13s} streaming {name}: {entry['us']:.1f}us, {entry['bytes_per_s'] / 1e9:.1f} GB/s weights, "
               f"{100 * entry['fraction_of_bandwidth']:.0f}% of measured bandwidth")
 
