@@ -168,7 +168,11 @@ class TernaryBackend(Protocol):
 
 
 def int_matmul_reference(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
-    """Exact ``x_q @ T^T``: int8 (N, in) x int8 (out, in) -> int32 (N, out), with int32 accumulation."""
+    """Exact ``x_q @ T^T``: int8 (N, in) x int8 (out, in) -> int32 (N, out), with int32 accumulation.
+
+    ``torch._int_mm`` (oneDNN) returns wrong values when ``in == 1``; that shape takes a plain int32 matmul."""
+    if x_q.shape[1] == 1:
+        return x_q.int() @ ternary.int().t()
     return torch._int_mm(x_q.contiguous(), ternary.t())
 
 

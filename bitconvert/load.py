@@ -89,3 +89,8 @@ def load_for_inference(spec: str, dtype=None):
             raise BitconvertError(f"'{spec}' has no usable tokenizer ({str(exc).splitlines()[0]})") from None
         return model, tokenizer
     return load_full_precision(resolve_source(spec), dtype=dtype)
+
+
+from ._callable_module import make_callable  # noqa: E402
+
+make_callable(__name__, "load")  # bitconvert.load(path)

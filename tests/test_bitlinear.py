@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from bitconvert import BitLinear, PackedBitLinear, TernaryConfig, pack_, quantize_, set_quant_lambda
+from bitconvert.packing import pack_ternary
 from bitconvert.bitlinear import (
     ReferenceBackend,
     fake_quantize_activations,
@@ -72,7 +73,7 @@ def test_integer_accumulators_exact_at_extremes():
 
 def test_integer_accumulators_random_shapes():
     torch.manual_seed(1)
-    for n, k, m in [(1, 1, 1), (3, 67, 5), (17, 576, 13)]:
+    for n, k, m in [(1, 1, 1), (4, 1, 7), (2, 2, 9), (3, 67, 5), (17, 576, 13)]:
         x_q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
         ternary = torch.randint(-1, 2, (m, k), dtype=torch.int8)
         result = int_matmul_reference(x_q, ternary)
@@ -131,8 +132,12 @@ def test_packed_state_dict_uses_transformers_names():
 
 
 def test_reference_backend_keeps_no_unpacked_copy():
-    packed = PackedBitLinear.from_bitlinear(_bitlinear(W))
+    packed = PackedBitLinear(4, 2)
+    packed.weight = pack_ternary(ternarize(W, weight_scale(W)))
     ReferenceBackend().prepare(packed)
+    packed.weight_scale = torch.tensor([1 / 0.45])
+    expected = torch.tensor([[191 * 0.45 / 63.5, -48 * 0.45 / 63.5]])  # as in test_packed_forward_by_hand
+    torch.testing.assert_close(ReferenceBackend().linear(X, packed), expected, rtol=1e-6, atol=0)
     assert {name for name, _ in packed.named_buffers()} == {"weight", "weight_scale"}
     assert not any(isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1
                    for value in vars(packed).values())

@@ -240,3 +240,14 @@ def test_console_script_help_lists_every_verb_with_examples():
     for verb in ("convert", "ppl"):
         assert verb in result.stdout
     assert "bitconvert smollm2-135m --out ternary-smollm2" in result.stdout
+
+
+def test_python_api_mirrors_the_cli(tiny_llama, tmp_path):
+    import bitconvert
+
+    result = bitconvert.convert(tiny_llama, tmp_path / "api", bitconvert.ConvertOptions(weight_scale="absmedian"),
+                                progress=False)
+    assert result.report.options["weight_scale"] == "absmedian"
+    model = bitconvert.load(result.out)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bitconvert.PackedBitLinear)
+    assert torch.isfinite(_logits(model)).all()

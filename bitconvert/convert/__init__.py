@@ -3,3 +3,7 @@
 from .pipeline import ConvertOptions, ConvertResult, convert
 
 __all__ = ["ConvertOptions", "ConvertResult", "convert"]
+
+from .._callable_module import make_callable
+
+make_callable(__name__, "convert")  # bitconvert.convert(source, out, ...) mirrors the CLI
