@@ -1,7 +1,7 @@
 """Peak memory and time of `bitconvert SOURCE --out DIR` on a synthetic checkpoint with Llama-2-7B's real shapes.
 
 The source is random fp16 safetensors in two shards (as Llama-2-7b-hf ships), written once to --workdir and reused.
-The conversion runs in a child process (the real CLI); its peak RSS comes from getrusage(RUSAGE_CHILDREN).
+The conversion runs the real CLI in a child interpreter, which reports its own peak RSS.
 Prints a table and writes JSON.
 
     python benchmarks/convert_memory.py --workdir /tmp/bc-7b --json bench-out/convert_memory.json
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -69,6 +68,17 @@ def make_checkpoint(folder: Path, layers: int, shards: int = 2) -> int:
     return total
 
 
+# The conversion runs in a fresh interpreter that reports its own peak RSS (VmHWM) as the last line of stdout, so
+# nothing of this (parent) process, which may have just written the synthetic checkpoint, is counted.
+CHILD = """
+import resource, sys
+from bitconvert.cli import main
+code = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bitconvert-bench-7b"))
@@ -86,9 +96,11 @@ def main() -> None:
     out = args.workdir / "ternary"
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bitconvert.cli", str(source), "--out", str(out), "--quiet"], check=True)
+    completed = subprocess.run([sys.executable, "-c", CHILD, str(source), "--out", str(out), "--quiet"], check=True,
+                               stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(completed.stdout.rsplit("\n", 2)[0])
+    peak_rss = int(completed.stdout.strip().splitlines()[-1]) * 1024
     out_bytes = sum(path.stat().st_size for path in out.glob("*.safetensors"))
     largest = 11008 * 4096
     result = {
