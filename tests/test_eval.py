@@ -7,6 +7,7 @@ a couple of items per task. torch runs one thread: on a shared, loaded CPU more 
 from __future__ import annotations
 
 import json
+import os
 import random
 from unittest import mock
 
@@ -27,6 +28,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def hub_environment(monkeypatch):
+    """Undo the HF_*_OFFLINE variables that offline runs set, so that no other test sees them."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +208,19 @@ def test_averages_and_differences():
     assert "| boolq | validation | 10 | acc | 0.700 ± 0.200 | 0.600 ± 0.200 | -0.100 |" in table
     assert "| average acc_norm (acc where absent) |  | 2 tasks |  | 0.550 ± 0.141 | 0.450 ± 0.141 | -0.100 |" in table
     assert "boolq | validation | 10 | acc_norm" not in table
+
+
+def test_data_source_choice(monkeypatch):
+    from bitconvert.eval import tasks
+
+    monkeypatch.setattr(tasks, "hub_reachable", lambda: True)
+    assert tasks.choose_data(None) == (False, "huggingface.co is reachable")
+    assert "HF_DATASETS_OFFLINE" not in os.environ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert tasks.choose_data(None) == (True, "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the offline choice set both
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(tasks, "hub_reachable", lambda: False)
+    assert tasks.choose_data(None) == (True, "huggingface.co is unreachable")
+    assert os.environ["HF_DATASETS_OFFLINE"] == os.environ["HF_HUB_OFFLINE"] == "1"
+    assert tasks.choose_data(False) == (False, "--online")

@@ -8,7 +8,8 @@
 The stock ``lm_eval`` command has no plugin hook for models, so the name is registered when this module is imported:
 use it from Python after ``import bitconvert.eval.harness``, or run lm-eval's own command line through this module::
 
-    python -m bitconvert.eval.harness --model bitconvert --model_args pretrained=ternary-smollm2 --tasks arc_easy
+    python -m bitconvert.eval.harness --model bitconvert --model_args pretrained=ternary-smollm2 --device cpu \\
+        --tasks arc_easy --include_path offline-tasks     (offline-tasks: from `bitconvert eval --write-tasks`)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from ..errors import BitconvertError
 from ..load import is_converted_folder, load_for_inference
 
 
@@ -28,6 +30,10 @@ class BitconvertLM(HFLM):
     a converted folder."""
 
     def __init__(self, pretrained: str, dtype=None, device: str | None = None, **kwargs):
+        import torch
+
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            raise BitconvertError(f"device '{device}' is not available (torch sees no CUDA GPU); pass --device cpu")
         model, tokenizer = load_for_inference(str(pretrained), dtype=None if dtype in (None, "auto") else dtype)
         if device:
             model.to(device)

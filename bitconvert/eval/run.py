@@ -75,9 +75,12 @@ def evaluate_model(spec: str, kind: str, task_files: list[Path], names: list[str
     from .harness import BitconvertLM
     from .report import column_from_results
 
-    lm = BitconvertLM(pretrained=spec, batch_size=batch_size)
     manager = TaskManager(include_defaults=False)
-    tasks = manager.load([str(path) for path in task_files])["tasks"]
+    try:
+        tasks = manager.load([str(path) for path in task_files])["tasks"]
+    except ConnectionError as exc:  # --online without a network, or the hub is down
+        raise BitconvertError(f"cannot fetch the task data ({str(exc).splitlines()[0]}); use --offline") from None
+    lm = BitconvertLM(pretrained=spec, batch_size=batch_size)
     guess = estimate(lm, tasks, limit)
     log(f"{spec} ({kind}): {len(names)} tasks, {guess['items']:,} items, {guess['requests']:,} requests; "
         f"estimated {_minutes(guess['seconds'])}")
