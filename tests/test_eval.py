@@ -20,6 +20,7 @@ from bitconvert.cli import main  # noqa: E402
 from bitconvert.eval.tasks import DEFAULT_TASKS, TASKS, load_local, standard_yaml, write_offline_tasks  # noqa: E402
 
 LIMIT = 2
+HUB_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +34,10 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def hub_environment(monkeypatch):
     """Undo the HF_*_OFFLINE variables that offline runs set, so that no other test sees them."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if var in os.environ:
-            monkeypatch.setenv(var, os.environ[var])
-        else:
-            monkeypatch.delenv(var, raising=False)
+    for var in HUB_VARIABLES:
+        monkeypatch.setenv(var, os.environ.get(var, ""))  # records the value to restore (or that there was none)
+        if not os.environ[var]:
+            monkeypatch.delenv(var)
 
 
 @pytest.fixture(scope="module")
@@ -213,12 +213,14 @@ def test_averages_and_differences():
 def test_data_source_choice(monkeypatch):
     from bitconvert.eval import tasks
 
+    for var in HUB_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(tasks, "hub_reachable", lambda: True)
     assert tasks.choose_data(None) == (False, "huggingface.co is reachable")
     assert "HF_DATASETS_OFFLINE" not in os.environ
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert tasks.choose_data(None) == (True, "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the offline choice set both
+    for var in HUB_VARIABLES:  # the offline choice set both
         monkeypatch.delenv(var)
     monkeypatch.setattr(tasks, "hub_reachable", lambda: False)
     assert tasks.choose_data(None) == (True, "huggingface.co is unreachable")
