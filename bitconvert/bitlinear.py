@@ -23,6 +23,7 @@ the compiled ternary kernels plug in; :class:`ReferenceBackend` is the pure-torc
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
@@ -185,7 +186,7 @@ class ReferenceBackend:
         return acc.float() / module.weight_scale / act_scale
 
 
-_backend: TernaryBackend = ReferenceBackend()
+_backend: TernaryBackend | None = None
 
 
 def set_backend(backend: TernaryBackend) -> None:
@@ -195,6 +196,17 @@ def set_backend(backend: TernaryBackend) -> None:
 
 
 def get_backend() -> TernaryBackend:
+    """The current backend; chosen on first use: the compiled kernels (:mod:`bitconvert.kernels`, built on first use)
+    if they build and load, else :class:`ReferenceBackend` with one warning. ``BITCONVERT_BACKEND=torch`` forces the
+    reference."""
+    global _backend
+    if _backend is None:
+        if os.environ.get("BITCONVERT_BACKEND", "").lower() == "torch":
+            _backend = ReferenceBackend()
+        else:
+            from .kernels import default_backend  # imported here: no cycle, and nothing compiles at import time
+
+            _backend = default_backend()
     return _backend
 
 

@@ -1,0 +1,144 @@
+"""Compiled ternary CPU kernels and the :class:`KernelBackend` that plugs them into :class:`PackedBitLinear`.
+
+The C++ core (``csrc/ternary_core.{h,cpp}``, no torch types) computes, for int8 per-token activations and ternary
+weights ``T`` (out, in), the exact int32 product ``acc = x_q @ T^T`` and the layer output
+``y = acc / weight_scale / s`` (fp32), bit for bit equal to :class:`bitconvert.bitlinear.ReferenceBackend`.
+It has a scalar reference path and AVX2, AVX-VNNI and AVX-512 VNNI paths, chosen from CPUID at run time or forced
+with ``BITCONVERT_ISA=scalar|avx2|avxvnni|avx512``, and runs on ``torch.get_num_threads()`` threads (OpenMP).
+
+``csrc/torch_ops.cpp`` registers the operators (all CPU):
+
+    torch.ops.bitconvert.ternary_repack(packed uint8 (ceil(out/4), in), out_features) -> uint8 (bytes,)
+    torch.ops.bitconvert.ternary_matmul_int(x_q int8 (n, in), weight, out_features, isa=-1, threads=0) -> int32 (n, out)
+    torch.ops.bitconvert.ternary_linear(x float (n, in), weight, out_features, weight_scale fp32 (1,),
+                                        isa=-1, threads=0) -> fp32 (n, out)
+    torch.ops.bitconvert.ternary_isa(name="") -> int          ("" = BITCONVERT_ISA or the best path)
+    torch.ops.bitconvert.ternary_isa_supported(isa) -> bool
+
+where ``weight`` is the repacked layout, ``isa`` an index into :data:`ISAS` (-1: default) and ``threads`` <= 0 means
+``torch.get_num_threads()``. The library is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja,
+no network) into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/bitconvert/torch_extensions`` and reused from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+ISAS = ("scalar", "avx2", "avxvnni", "avx512")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "ternary_core.cpp", CSRC / "torch_ops.cpp")
+# Exact float rounding: no fused multiply-add contraction, no fast-math.
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
+
+_loaded = False
+
+
+def _build_directory() -> Path:
+    """A build folder keyed by the sources, flags and torch version, so different checkouts never clash."""
+    digest = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
+    for path in (*SOURCES, CSRC / "ternary_core.h"):
+        digest.update(path.read_bytes())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "bitconvert" / "torch_extensions")
+    directory = root / f"bitconvert_kernels_{digest.hexdigest()[:16]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def load_library() -> None:
+    """Compile (first time) and load the operators into ``torch.ops.bitconvert``; raises if the build fails."""
+    global _loaded
+    if _loaded:
+        return
+    from torch.utils.cpp_extension import load
+
+    load(
+        name="bitconvert_kernels",
+        sources=[str(path) for path in SOURCES],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(_build_directory()),
+        is_python_module=False,
+        verbose=False,
+    )
+    _loaded = True
+
+
+def isa_index(name: str | None = None) -> int:
+    """Index into :data:`ISAS` of the path ``name``, or of the default (``BITCONVERT_ISA`` or the best) if None.
+
+    Raises ``RuntimeError`` for an unknown name or a path this CPU cannot run.
+    """
+    load_library()
+    return int(torch.ops.bitconvert.ternary_isa(name or ""))
+
+
+def supported_isas() -> list[str]:
+    """The paths this CPU can run, slowest first."""
+    load_library()
+    return [name for i, name in enumerate(ISAS) if torch.ops.bitconvert.ternary_isa_supported(i)]
+
+
+def repack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """HF BitNet 2-bit layout uint8 (ceil(out/4), in) -> the kernels' layout (see ``csrc/ternary_core.h``)."""
+    load_library()
+    return torch.ops.bitconvert.ternary_repack(packed, out_features)
+
+
+def matmul_int(x_q: torch.Tensor, weight: torch.Tensor, out_features: int, isa: int = -1, threads: int = 0):
+    """Exact int32 ``x_q @ T^T``: int8 (n, in) x repacked ``weight`` -> int32 (n, out)."""
+    load_library()
+    return torch.ops.bitconvert.ternary_matmul_int(x_q, weight, out_features, isa, threads)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out_features: int, weight_scale: torch.Tensor, isa: int = -1,
+           threads: int = 0) -> torch.Tensor:
+    """Fused ``quantize_activations`` + exact product + ``acc / weight_scale / s``: float (n, in) -> fp32 (n, out)."""
+    load_library()
+    return torch.ops.bitconvert.ternary_linear(x, weight, out_features, weight_scale, isa, threads)
+
+
+class KernelBackend:
+    """:class:`~bitconvert.bitlinear.TernaryBackend` on the compiled kernels.
+
+    ``prepare`` repacks ``module.weight`` once into the non-persistent buffer ``module.kernel_weight`` (not saved in
+    state dicts); ``linear`` re-prepares a module whose ``weight`` was replaced or modified in place since.
+    ``isa``: a name from :data:`ISAS` or None for the default; ``threads`` <= 0: ``torch.get_num_threads()``.
+    """
+
+    def __init__(self, isa: str | None = None, threads: int = 0):
+        self.isa = isa_index(isa)
+        self.threads = threads
+        self.name = f"kernels-{ISAS[self.isa]}"
+
+    def prepare(self, module) -> None:
+        module.register_buffer("kernel_weight", repack(module.weight, module.out_features), persistent=False)
+        module._kernel_source = (module.weight, module.weight._version)
+
+    def linear(self, x: torch.Tensor, module) -> torch.Tensor:
+        source = getattr(module, "_kernel_source", None)
+        if source is None or source[0] is not module.weight or source[1] != module.weight._version:
+            self.prepare(module)
+        return torch.ops.bitconvert.ternary_linear(
+            x, module.kernel_weight, module.out_features, module.weight_scale, self.isa, self.threads
+        )
+
+
+def default_backend():
+    """:class:`KernelBackend` if the library builds and loads, else the pure-torch backend with one warning."""
+    try:
+        return KernelBackend()
+    except Exception as error:  # a compiler or loader failure must not stop inference
+        from ..bitlinear import ReferenceBackend
+
+        warnings.warn(
+            f"bitconvert: the ternary CPU kernels are unavailable ({type(error).__name__}: {error}); "
+            "using the slower pure-torch path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return ReferenceBackend()

@@ -1,0 +1,352 @@
+// Ternary x int8 kernels: the scalar reference and the AVX2, AVX-VNNI and AVX-512 VNNI paths, one per struct, each
+// computing the same thing on the layout described in ternary_core.h. Every SIMD path is compiled with a
+// function-level target attribute and only called after a CPUID check, so the library runs on any x86-64.
+// Build with -ffp-contract=off and without fast-math: the float steps must round exactly as torch does.
+#include "ternary_core.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int kMaxTokens = 8;  // tokens per tile call: a tile's unpacked codes are reused across them
+constexpr int kQuads = BC_BLOCK_COLS / 4;
+// Software prefetch distance (4 KiB): the hardware prefetchers alone left weight streaming well below the
+// bandwidth torch.sum reaches; prefetching is a hint, so reading past the matrix end is harmless.
+constexpr int64_t kPrefetchBlocks = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A tile function: raw[t * 16 + r] = sum over all k-blocks of code(row r, k) * x[t * ldx + k], for t < NT,
+// where w points at the tile's first block and x at the first of NT zero-padded activation rows.
+using TileFn = void (*)(const uint8_t *w, int64_t kblocks, const int8_t *x, int64_t ldx, int32_t *raw);
+
+int32_t load4(const int8_t *p) {
+    int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// Independent accumulator chains per token, to hide the multiply-add latency when few tokens share a tile.
+template <int NT>
+constexpr int chains() { return NT >= kQuads ? 1 : kQuads / NT; }
+
+struct Scalar {
+    template <int NT>
+    static void tile(const uint8_t *w, int64_t kblocks, const int8_t *x, int64_t ldx, int32_t *raw) {
+        for (int t = 0; t < NT; ++t) {
+            for (int r = 0; r < BC_TILE_ROWS; ++r) {
+                int32_t sum = 0;
+                for (int64_t b = 0; b < kblocks; ++b) {
+                    const uint8_t *block = w + b * BC_BLOCK_BYTES;
+                    const int8_t *xb = x + t * ldx + b * BC_BLOCK_COLS;
+                    for (int i = 0; i < kQuads; ++i)
+                        for (int j = 0; j < 4; ++j) sum += ((block[4 * r + j] >> (2 * i)) & 3) * xb[4 * i + j];
+                }
+                raw[t * BC_TILE_ROWS + r] = sum;
+            }
+        }
+    }
+};
+
+#define BC_TARGET_AVX2 __attribute__((target("avx2")))
+#define BC_TARGET_AVXVNNI __attribute__((target("avx2,avxvnni")))
+#define BC_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+// AVX2 without VNNI: codes (u8) x activations (s8) with vpmaddubsw into int16 pairs (|c0x0 + c1x1| <= 512, no
+// saturation), the four quads of a block summed in int16 (<= 2048), widened with vpmaddwd against ones.
+// One 256-bit half-block holds 8 rows, so the tile is done as two passes of 8 rows.
+struct Avx2 {
+    template <int NT>
+    BC_TARGET_AVX2 static void tile(const uint8_t *w, int64_t kblocks, const int8_t *x, int64_t ldx, int32_t *raw) {
+        const __m256i mask = _mm256_set1_epi8(3);
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int half = 0; half < 2; ++half) {
+            __m256i sum[NT];
+            for (int t = 0; t < NT; ++t) sum[t] = _mm256_setzero_si256();
+            for (int64_t b = 0; b < kblocks; ++b) {
+                _mm_prefetch((const char *)(w + (b + kPrefetchBlocks) * BC_BLOCK_BYTES), _MM_HINT_T0);
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + b * BC_BLOCK_BYTES + 32 * half));
+                __m256i codes[kQuads];
+                for (int i = 0; i < kQuads; ++i) codes[i] = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * i), mask);
+                for (int t = 0; t < NT; ++t) {
+                    const int8_t *xb = x + t * ldx + b * BC_BLOCK_COLS;
+                    __m256i pairs = _mm256_setzero_si256();
+                    for (int i = 0; i < kQuads; ++i)
+                        pairs = _mm256_add_epi16(
+                            pairs, _mm256_maddubs_epi16(codes[i], _mm256_set1_epi32(load4(xb + 4 * i))));
+                    sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            for (int t = 0; t < NT; ++t)
+                _mm256_storeu_si256((__m256i *)(raw + t * BC_TILE_ROWS + 8 * half), sum[t]);
+        }
+    }
+};
+
+// AVX-VNNI: one vpdpbusd per quad and token (u8 codes x s8 activations, 4 products summed into each int32 lane).
+struct AvxVnni {
+    template <int NT>
+    BC_TARGET_AVXVNNI static void tile(const uint8_t *w, int64_t kblocks, const int8_t *x, int64_t ldx, int32_t *raw) {
+        constexpr int C = chains<NT>();
+        const __m256i mask = _mm256_set1_epi8(3);
+        for (int half = 0; half < 2; ++half) {
+            __m256i sum[NT][C];
+            for (int t = 0; t < NT; ++t)
+                for (int c = 0; c < C; ++c) sum[t][c] = _mm256_setzero_si256();
+            for (int64_t b = 0; b < kblocks; ++b) {
+                _mm_prefetch((const char *)(w + (b + kPrefetchBlocks) * BC_BLOCK_BYTES), _MM_HINT_T0);
+                const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + b * BC_BLOCK_BYTES + 32 * half));
+                for (int i = 0; i < kQuads; ++i) {
+                    const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * i), mask);
+                    for (int t = 0; t < NT; ++t) {
+                        const __m256i xs = _mm256_set1_epi32(load4(x + t * ldx + b * BC_BLOCK_COLS + 4 * i));
+                        sum[t][i % C] = _mm256_dpbusd_avx_epi32(sum[t][i % C], codes, xs);
+                    }
+                }
+            }
+            for (int t = 0; t < NT; ++t) {
+                __m256i total = sum[t][0];
+                for (int c = 1; c < C; ++c) total = _mm256_add_epi32(total, sum[t][c]);
+                _mm256_storeu_si256((__m256i *)(raw + t * BC_TILE_ROWS + 8 * half), total);
+            }
+        }
+    }
+};
+
+// AVX-512 VNNI: a whole 64-byte block (16 rows) per register, one vpdpbusd per quad and token.
+// For one token (decoding) the shifts are skipped: quad i is masked in place, i.e. codes scaled by 4^i (<= 128, still
+// u8), accumulated in its own chain and shifted back once at the end (exact: every term is a multiple of 4^i).
+struct Avx512 {
+    template <int NT>
+    BC_TARGET_AVX512 static void tile(const uint8_t *w, int64_t kblocks, const int8_t *x, int64_t ldx, int32_t *raw) {
+        constexpr int C = chains<NT>();
+        constexpr bool in_place = NT == 1;  // C == kQuads: one chain per quad
+        __m512i sum[NT][C];
+        for (int t = 0; t < NT; ++t)
+            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
+        for (int64_t b = 0; b < kblocks; ++b) {
+            _mm_prefetch((const char *)(w + (b + kPrefetchBlocks) * BC_BLOCK_BYTES), _MM_HINT_T0);
+            const __m512i packed = _mm512_loadu_si512(w + b * BC_BLOCK_BYTES);
+            for (int i = 0; i < kQuads; ++i) {
+                const __m512i codes = in_place ? _mm512_and_si512(packed, _mm512_set1_epi8(char(3 << (2 * i))))
+                                               : _mm512_and_si512(_mm512_srli_epi16(packed, 2 * i), _mm512_set1_epi8(3));
+                for (int t = 0; t < NT; ++t) {
+                    const __m512i xs = _mm512_set1_epi32(load4(x + t * ldx + b * BC_BLOCK_COLS + 4 * i));
+                    sum[t][i % C] = _mm512_dpbusd_epi32(sum[t][i % C], codes, xs);
+                }
+            }
+        }
+        for (int t = 0; t < NT; ++t) {
+            __m512i total = sum[t][0];
+            for (int c = 1; c < C; ++c)
+                total = _mm512_add_epi32(total, in_place ? _mm512_srai_epi32(sum[t][c], 2 * c) : sum[t][c]);
+            _mm512_storeu_si512(raw + t * BC_TILE_ROWS, total);
+        }
+    }
+};
+
+// tiles[nt] handles nt tokens (1 <= nt <= kMaxTokens).
+struct Kernels {
+    TileFn tiles[kMaxTokens + 1];
+};
+
+template <class Path>
+constexpr Kernels kernels_of() {
+    return {{nullptr, &Path::template tile<1>, &Path::template tile<2>, &Path::template tile<3>,
+             &Path::template tile<4>, &Path::template tile<5>, &Path::template tile<6>, &Path::template tile<7>,
+             &Path::template tile<8>}};
+}
+
+constexpr Kernels kKernels[BC_ISA_COUNT] = {kernels_of<Scalar>(), kernels_of<Avx2>(), kernels_of<AvxVnni>(),
+                                            kernels_of<Avx512>()};
+
+const char *const kIsaNames[BC_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512"};
+
+// Below this many multiply-adds per thread the fork/join costs more than it saves.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
+
+int thread_count(int requested, int64_t tasks, int64_t work) {
+#ifdef _OPENMP
+    int threads = requested > 0 ? requested : omp_get_max_threads();
+#else
+    int threads = 1;
+    (void)requested;
+#endif
+    threads = int(std::min<int64_t>({int64_t(threads), tasks, std::max<int64_t>(1, work / kMinWorkPerThread)}));
+    return std::max(threads, 1);
+}
+
+// What to do with the exact int32 products: store them, or scale them to the layer's fp32 output.
+struct Output {
+    int32_t *acc;        // (n, out) or null
+    float *y;            // (n, out) or null
+    const float *scale;  // per-token s (n), for y
+    float weight_scale;
+};
+
+// x_q: n rows of ldx = 16 * kblocks int8 (zero padded); x_sum: per-token sum of x_q.
+// Work is split into (tile, token group) tasks, tile-major, so a thread reuses a tile's weights across groups.
+void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint8_t *weight, int64_t out_features,
+         int64_t in_features, const Output &out, int threads) {
+    const Kernels &kernels = kKernels[isa];
+    const int64_t kblocks = ceil_div(in_features, BC_BLOCK_COLS);
+    const int64_t ldx = kblocks * BC_BLOCK_COLS;
+    const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
+    const int64_t groups = ceil_div(n, kMaxTokens);
+    const int64_t tasks = tiles * groups;
+    const int nthreads = thread_count(threads, tasks, tiles * BC_TILE_ROWS * n * ldx);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t tile = task / groups, t0 = (task % groups) * kMaxTokens;
+        const int nt = int(std::min<int64_t>(kMaxTokens, n - t0));
+        int32_t raw[kMaxTokens * BC_TILE_ROWS];
+        kernels.tiles[nt](weight + tile * kblocks * BC_BLOCK_BYTES, kblocks, x_q + t0 * ldx, ldx, raw);
+        const int64_t row0 = tile * BC_TILE_ROWS;
+        const int rows = int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0));
+        for (int t = 0; t < nt; ++t) {
+            const int64_t token = t0 + t;
+            for (int r = 0; r < rows; ++r) {
+                const int32_t acc = raw[t * BC_TILE_ROWS + r] - x_sum[token];
+                const int64_t at = token * out_features + row0 + r;
+                if (out.acc)
+                    out.acc[at] = acc;
+                else
+                    out.y[at] = float(acc) / out.weight_scale / out.scale[token];
+            }
+        }
+    }
+}
+
+int check(int &isa, int64_t n, int64_t out_features, int64_t in_features) {
+    if (isa == BC_ISA_AUTO) isa = bc_default_isa();
+    if (!bc_isa_supported(isa)) return BC_ERR_ISA;
+    if (n < 0 || out_features < 0 || in_features < 0 || in_features > BC_MAX_IN_FEATURES) return BC_ERR_SHAPE;
+    return BC_OK;
+}
+
+int32_t row_sum(const int8_t *x, int64_t count) {
+    int32_t sum = 0;
+    for (int64_t k = 0; k < count; ++k) sum += x[k];
+    return sum;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char *bc_isa_name(int isa) { return isa >= 0 && isa < BC_ISA_COUNT ? kIsaNames[isa] : nullptr; }
+
+int bc_isa_from_name(const char *name) {
+    for (int isa = 0; isa < BC_ISA_COUNT; ++isa)
+        if (std::strcmp(name, kIsaNames[isa]) == 0) return isa;
+    return -2;
+}
+
+int bc_isa_supported(int isa) {
+    __builtin_cpu_init();
+    switch (isa) {
+        case BC_ISA_SCALAR:
+            return 1;
+        case BC_ISA_AVX2:
+            return __builtin_cpu_supports("avx2");
+        case BC_ISA_AVXVNNI:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+        case BC_ISA_AVX512:
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vnni");
+        default:
+            return 0;
+    }
+}
+
+int bc_best_isa(void) {
+    for (int isa = BC_ISA_COUNT - 1; isa > BC_ISA_SCALAR; --isa)
+        if (bc_isa_supported(isa)) return isa;
+    return BC_ISA_SCALAR;
+}
+
+int bc_default_isa(void) {
+    const char *name = std::getenv("BITCONVERT_ISA");
+    if (name == nullptr || *name == '\0') return bc_best_isa();
+    const int isa = bc_isa_from_name(name);
+    if (isa < 0) return -2;
+    return bc_isa_supported(isa) ? isa : -3;
+}
+
+size_t bc_repacked_bytes(int64_t out_features, int64_t in_features) {
+    return size_t(ceil_div(out_features, BC_TILE_ROWS) * ceil_div(in_features, BC_BLOCK_COLS)) * BC_BLOCK_BYTES;
+}
+
+void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features, uint8_t *dst) {
+    const int64_t packed_rows = ceil_div(out_features, 4);
+    const int64_t kblocks = ceil_div(in_features, BC_BLOCK_COLS);
+    std::memset(dst, 0x55, bc_repacked_bytes(out_features, in_features));  // code 1 (weight 0) everywhere
+    for (int64_t o = 0; o < out_features; ++o) {
+        const uint8_t *src = packed + (o % packed_rows) * in_features;
+        const int shift = 2 * int(o / packed_rows);
+        const int64_t tile = o / BC_TILE_ROWS, r = o % BC_TILE_ROWS;
+        for (int64_t k = 0; k < in_features; ++k) {
+            const uint8_t code = (src[k] >> shift) & 3;
+            const int64_t b = k / BC_BLOCK_COLS, i = (k % BC_BLOCK_COLS) / 4, j = k % 4;
+            uint8_t &byte = dst[(tile * kblocks + b) * BC_BLOCK_BYTES + 4 * r + j];
+            byte = uint8_t((byte & ~(3 << (2 * i))) | (code << (2 * i)));
+        }
+    }
+}
+
+void bc_quantize_activations(const float *x, int64_t n, int64_t in_features, int8_t *x_q, float *s) {
+    for (int64_t t = 0; t < n; ++t) {
+        const float *row = x + t * in_features;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < in_features; ++k) amax = std::max(amax, std::fabs(row[k]));
+        const float scale = (1.0f / std::max(amax, 1e-5f)) * 127.0f;
+        for (int64_t k = 0; k < in_features; ++k) {
+            const float q = std::nearbyint(row[k] * scale);
+            x_q[t * in_features + k] = int8_t(std::min(std::max(q, -128.0f), 127.0f));
+        }
+        s[t] = scale;
+    }
+}
+
+int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
+                  int32_t *acc, int isa, int threads) {
+    if (const int err = check(isa, n, out_features, in_features)) return err;
+    const int64_t ldx = ceil_div(in_features, BC_BLOCK_COLS) * BC_BLOCK_COLS;
+    std::vector<int8_t> padded(size_t(n * ldx), 0);
+    std::vector<int32_t> sums(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
+        std::memcpy(&padded[t * ldx], x_q + t * in_features, size_t(in_features));
+        sums[t] = row_sum(x_q + t * in_features, in_features);
+    }
+    run(isa, padded.data(), sums.data(), n, weight, out_features, in_features, Output{acc, nullptr, nullptr, 0.0f},
+        threads);
+    return BC_OK;
+}
+
+int bc_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
+              float weight_scale, float *y, int isa, int threads) {
+    if (const int err = check(isa, n, out_features, in_features)) return err;
+    const int64_t ldx = ceil_div(in_features, BC_BLOCK_COLS) * BC_BLOCK_COLS;
+    std::vector<int8_t> padded(size_t(n * ldx), 0);
+    std::vector<int32_t> sums(static_cast<size_t>(n));
+    std::vector<float> scales(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
+        bc_quantize_activations(x + t * in_features, 1, in_features, &padded[t * ldx], &scales[t]);
+        sums[t] = row_sum(&padded[t * ldx], in_features);
+    }
+    run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
+        Output{nullptr, y, scales.data(), weight_scale}, threads);
+    return BC_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,80 @@
+/* Ternary x int8 matrix products for BitNet b1.58 inference: plain C API, no torch types.
+ *
+ * Math. T is an (out, in) matrix with entries in {-1, 0, +1}; x_q is (n, in) int8; then
+ *     acc[t][o] = sum_k x_q[t][k] * T[o][k]                       int32, exact
+ *     y[t][o]   = (float)acc[t][o] / weight_scale / s[t]          fp32, divided in that order
+ * where (x_q, s) is BitNet's per-token absmax quantization of float activations x (n, in):
+ *     s = (1 / max(max_k |x[t][k]|, 1e-5)) * 127,   x_q = clamp(round_half_even(x * s), -128, 127)
+ * (fp32 throughout; torch computes `127 / t` as `t.reciprocal() * 127`, and so does this code, so the results equal
+ * bitconvert.bitlinear's pure-torch path bit for bit).
+ *
+ * Kernel layout ("repacked"). The codes c = T + 1 in {0, 1, 2} are stored 2 bits each in 64-byte blocks that cover
+ * 16 rows x 16 columns. Rows are padded to a multiple of 16 (tiles), columns to a multiple of 16 (k-blocks), with
+ * code 1 (weight 0). Block (tile t, k-block b) sits at byte offset (t * kblocks + b) * 64, so one tile's weights are
+ * contiguous. Inside a block, byte 4*r + j holds in bits 2i..2i+1 the code of row 16t + r, column 16b + 4i + j
+ * (r < 16, i < 4, j < 4). Shifting a 64-byte block right by 2i and masking with 3 yields 16 lanes of 4 codes each
+ * (lane r = row r, columns 16b+4i .. 16b+4i+3), which is the operand shape of vpdpbusd / vpmaddubsw against the
+ * 4 broadcast activation bytes of those columns. Since sum_k c*x = sum_k T*x + sum_k x, the kernels compute
+ * sum(c * x) with unsigned codes and subtract the per-token sum of x_q.
+ *
+ * Limits: in_features <= BC_MAX_IN_FEATURES keeps every int32 partial sum exact (the AVX-512 one-token path sums
+ * codes scaled by up to 64: |64 * 2 * 128| per column, in/4 columns per chain, < 2^31 for in <= 2^19).
+ */
+#ifndef BITCONVERT_TERNARY_CORE_H
+#define BITCONVERT_TERNARY_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Instruction set paths. BC_ISA_AUTO: the BITCONVERT_ISA environment variable if set, else the best the CPU has. */
+enum {
+    BC_ISA_AUTO = -1,
+    BC_ISA_SCALAR = 0,  /* portable C++, the reference */
+    BC_ISA_AVX2 = 1,    /* vpmaddubsw + vpmaddwd, 256-bit */
+    BC_ISA_AVXVNNI = 2, /* AVX2 + AVX-VNNI vpdpbusd, 256-bit */
+    BC_ISA_AVX512 = 3,  /* AVX-512 F/BW + VNNI vpdpbusd, 512-bit */
+    BC_ISA_COUNT = 4
+};
+
+/* Error codes returned by the compute functions. */
+enum { BC_OK = 0, BC_ERR_ISA = 1, BC_ERR_SHAPE = 2 };
+
+#define BC_TILE_ROWS 16
+#define BC_BLOCK_COLS 16
+#define BC_BLOCK_BYTES 64
+#define BC_MAX_IN_FEATURES (1 << 19)
+
+const char *bc_isa_name(int isa);          /* "scalar", "avx2", "avxvnni", "avx512"; NULL if out of range */
+int bc_isa_from_name(const char *name);    /* inverse of bc_isa_name; -2 if unknown */
+int bc_isa_supported(int isa);             /* 1 if this CPU (and OS) can run the path */
+int bc_best_isa(void);                     /* fastest supported path */
+/* BITCONVERT_ISA if set (-2 if it names an unknown path, -3 if the CPU lacks it), else bc_best_isa(). */
+int bc_default_isa(void);
+
+/* Bytes of the repacked layout for an (out, in) matrix. */
+size_t bc_repacked_bytes(int64_t out_features, int64_t in_features);
+
+/* Repack HF transformers' BitNet layout (uint8 (ceil(out/4), in), row i*R + r in bits 2i..2i+1 of packed row r,
+ * code T + 1) into the kernel layout above; dst holds bc_repacked_bytes(out, in) bytes. */
+void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features, uint8_t *dst);
+
+/* Per-token absmax quantization as described above: x (n, in) fp32 -> x_q (n, in) int8, s (n) fp32. */
+void bc_quantize_activations(const float *x, int64_t n, int64_t in_features, int8_t *x_q, float *s);
+
+/* acc (n, out) int32 = x_q (n, in) @ T^T. threads <= 0: OpenMP's default. Returns a BC_ERR_* code. */
+int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
+                  int32_t *acc, int isa, int threads);
+
+/* Fused: y (n, out) fp32 = (x_q @ T^T) / weight_scale / s with (x_q, s) quantized from x (n, in). */
+int bc_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
+              float weight_scale, float *y, int isa, int threads);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,97 @@
+// Thin torch bindings of ternary_core: the bitconvert::ternary_* operators (CPU). Shapes and math: ternary_core.h.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "ternary_core.h"
+
+namespace {
+
+int resolve_threads(int64_t threads) { return threads > 0 ? int(threads) : at::get_num_threads(); }
+
+void check_result(int code, int64_t isa) {
+    TORCH_CHECK(code != BC_ERR_ISA, "bitconvert: ISA path ", isa, " is unknown or not supported by this CPU");
+    TORCH_CHECK(code != BC_ERR_SHAPE, "bitconvert: in_features exceeds ", BC_MAX_IN_FEATURES);
+    TORCH_CHECK(code == BC_OK, "bitconvert: kernel error ", code);
+}
+
+void check_weight(const at::Tensor &weight, int64_t out_features, int64_t in_features) {
+    TORCH_CHECK(weight.dtype() == at::kByte && weight.is_contiguous() && weight.device().is_cpu(),
+                "bitconvert: repacked weight must be a contiguous CPU uint8 tensor");
+    TORCH_CHECK(size_t(weight.numel()) == bc_repacked_bytes(out_features, in_features),
+                "bitconvert: repacked weight has ", weight.numel(), " bytes, expected ",
+                bc_repacked_bytes(out_features, in_features), " for (", out_features, ", ", in_features, ")");
+}
+
+// packed: uint8 (ceil(out/4), in) in HF BitNet layout -> uint8 (bc_repacked_bytes,) kernel layout.
+at::Tensor ternary_repack(const at::Tensor &packed, int64_t out_features) {
+    TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2, "bitconvert: packed weight must be 2-D uint8");
+    TORCH_CHECK(packed.size(0) == (out_features + 3) / 4, "bitconvert: packed weight has ", packed.size(0),
+                " rows, expected ceil(", out_features, "/4)");
+    const at::Tensor src = packed.contiguous().cpu();
+    at::Tensor dst = at::empty({int64_t(bc_repacked_bytes(out_features, src.size(1)))}, src.options());
+    bc_repack(src.data_ptr<uint8_t>(), out_features, src.size(1), dst.data_ptr<uint8_t>());
+    return dst;
+}
+
+// x_q: int8 (n, in); returns int32 (n, out) = x_q @ T^T.
+at::Tensor ternary_matmul_int(const at::Tensor &x_q, const at::Tensor &weight, int64_t out_features, int64_t isa,
+                              int64_t threads) {
+    TORCH_CHECK(x_q.dtype() == at::kChar && x_q.dim() == 2, "bitconvert: x_q must be 2-D int8");
+    const at::Tensor x = x_q.contiguous();
+    check_weight(weight, out_features, x.size(1));
+    at::Tensor acc = at::empty({x.size(0), out_features}, x.options().dtype(at::kInt));
+    check_result(bc_matmul_int(x.data_ptr<int8_t>(), x.size(0), weight.data_ptr<uint8_t>(), out_features, x.size(1),
+                               acc.data_ptr<int32_t>(), int(isa), resolve_threads(threads)),
+                 isa);
+    return acc;
+}
+
+// x: float (n, in); weight_scale: fp32 (1,) = 1/g; returns fp32 (n, out) = (x_q @ T^T) / weight_scale / s.
+at::Tensor ternary_linear(const at::Tensor &x, const at::Tensor &weight, int64_t out_features,
+                          const at::Tensor &weight_scale, int64_t isa, int64_t threads) {
+    TORCH_CHECK(x.dim() == 2, "bitconvert: x must be 2-D (tokens, in_features)");
+    TORCH_CHECK(weight_scale.numel() == 1, "bitconvert: weight_scale must hold one value");
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    check_weight(weight, out_features, xf.size(1));
+    at::Tensor y = at::empty({xf.size(0), out_features}, xf.options());
+    check_result(bc_linear(xf.data_ptr<float>(), xf.size(0), weight.data_ptr<uint8_t>(), out_features, xf.size(1),
+                           weight_scale.to(at::kFloat).item<float>(), y.data_ptr<float>(), int(isa),
+                           resolve_threads(threads)),
+                 isa);
+    return y;
+}
+
+// name "" -> the default path (BITCONVERT_ISA or the best supported); else that path. Errors if unknown/unsupported.
+int64_t ternary_isa(c10::string_view name) {
+    const std::string text(name);
+    const int isa = text.empty() ? bc_default_isa() : bc_isa_from_name(text.c_str());
+    TORCH_CHECK(isa != -2, "bitconvert: unknown ISA path '", text.empty() ? std::getenv("BITCONVERT_ISA") : text,
+                "'; choose scalar, avx2, avxvnni or avx512");
+    TORCH_CHECK(isa >= 0 && bc_isa_supported(isa), "bitconvert: this CPU cannot run the ISA path '",
+                text.empty() ? std::getenv("BITCONVERT_ISA") : text, "'");
+    return isa;
+}
+
+bool ternary_isa_supported(int64_t isa) { return bc_isa_supported(int(isa)) != 0; }
+
+}  // namespace
+
+TORCH_LIBRARY(bitconvert, m) {
+    m.def("ternary_repack(Tensor packed, int out_features) -> Tensor");
+    m.def("ternary_matmul_int(Tensor x_q, Tensor weight, int out_features, int isa=-1, int threads=0) -> Tensor");
+    m.def(
+        "ternary_linear(Tensor x, Tensor weight, int out_features, Tensor weight_scale, int isa=-1, int threads=0)"
+        " -> Tensor");
+    m.def("ternary_isa(str name='') -> int", &ternary_isa);
+    m.def("ternary_isa_supported(int isa) -> bool", &ternary_isa_supported);
+}
+
+TORCH_LIBRARY_IMPL(bitconvert, CPU, m) {
+    m.impl("ternary_repack", &ternary_repack);
+    m.impl("ternary_matmul_int", &ternary_matmul_int);
+    m.impl("ternary_linear", &ternary_linear);
+}
