@@ -4,7 +4,8 @@
     session("model.onnx")         an onnxruntime.InferenceSession with the TernaryMatMul library registered
     custom_op_library()           the path of that library (compiled on first use, cached) for your own sessions
 
-Importing this package registers the ONNX schema of ``com.bitconvert::TernaryMatMul`` with the ``onnx`` package.
+Importing this package registers ONNX schemas for ``com.bitconvert::TernaryMatMul`` and ``com.microsoft::MatMulNBits``
+with the ``onnx`` package (for the exporter, the checker and shape inference).
 """
 
 from .exporter import export_onnx

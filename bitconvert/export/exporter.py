@@ -4,13 +4,12 @@ Steps: load the model in fp32 (:func:`bitconvert.load.load_for_inference`), swap
 stand-in (:mod:`bitconvert.export.modules`), trace :class:`~bitconvert.export.decoder.KVCacheDecoder` with PyTorch's
 dynamo ONNX exporter (the custom ops translated by :data:`bitconvert.export.ops.TRANSLATIONS`), then save the model
 with its initializers in one external-data file when the model is above 2 GB (protobuf's limit), check it with
-``onnx.checker`` (full check, custom domain declared) and write the tokenizer
-next to it; the model's metadata says which operator it uses (``bitconvert.op``) and its end-of-sequence ids. A full-precision source exports to plain fp32 MatMul.
+``onnx.checker`` (full check, custom domain declared) and write the tokenizer next to it. The model's metadata
+records the operator (``bitconvert.op``: ternary, matmulnbits or fp32). A full-precision source exports as fp32.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -111,12 +110,16 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
         try:
             program = _trace(decoder)
         except Exception as exc:
-            raise BitconvertError(f"the ONNX exporter failed on '{model_path}': {str(exc).splitlines()[0]}") from exc
+            root = exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            raise BitconvertError(f"the ONNX exporter failed on '{model_path}': {type(root).__name__}: "
+                                  f"{str(root).splitlines()[0]}") from exc
     _name_dims(program.model.graph)
     if replaced:
         _declare_opsets(program, op)
     kind = op if replaced else "fp32"
-    metadata = {"op": kind, "eos_token_id": json.dumps(model.config.eos_token_id)}
+    metadata = {"op": kind}
     if kind == "matmulnbits":
         metadata["accuracy_level"] = str(accuracy_level)
     program.model.metadata_props.update({f"bitconvert.{key}": value for key, value in metadata.items()})

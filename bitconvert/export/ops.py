@@ -11,9 +11,9 @@
     :mod:`bitconvert.export.matmulnbits`): ``y = x @ ((c - z) * scale)^T`` per block of ``block_size`` columns.
 
 The eager implementations are the reference math (they run only while tracing and in tests); the fake (meta)
-implementations give the exporter the output shapes. Importing this module also registers the ONNX schema of
-``TernaryMatMul`` with the ``onnx`` package, so ``onnx.checker.check_model(..., full_check=True)`` and
-``onnx.shape_inference`` know the op and infer ``Y``'s shape (``X``'s with the last dimension replaced by N).
+implementations give the exporter the output shapes. Importing this module also registers ONNX schemas for both
+ops with the ``onnx`` package (which has none for either), so the exporter, ``onnx.checker.check_model(...,
+full_check=True)`` and ``onnx.shape_inference`` know them and infer ``Y``'s shape (``X``'s, last dimension N).
 """
 
 from __future__ import annotations
@@ -77,15 +77,19 @@ TRANSLATIONS = {
 }
 
 
-def _infer_ternary_matmul(ctx) -> None:
-    """Y: X's element type and shape with the last dimension set to ``out_features``."""
-    output = onnx.TypeProto()
-    output.CopyFrom(ctx.get_input_type(0))
-    dims = output.tensor_type.shape.dim
-    if len(dims):
-        dims[len(dims) - 1].Clear()
-        dims[len(dims) - 1].dim_value = ctx.get_attribute("out_features").i
-    ctx.set_output_type(0, output)
+def _infer_last_dim(attribute: str):
+    """Shape inference: output 0 has input 0's type and shape with the last dimension set to ``attribute``."""
+
+    def infer(ctx) -> None:
+        output = onnx.TypeProto()
+        output.CopyFrom(ctx.get_input_type(0))
+        dims = output.tensor_type.shape.dim
+        if len(dims):
+            dims[len(dims) - 1].Clear()
+            dims[len(dims) - 1].dim_value = ctx.get_attribute(attribute).i
+        ctx.set_output_type(0, output)
+
+    return infer
 
 
 def _ternary_matmul_schema() -> defs.OpSchema:
@@ -101,14 +105,33 @@ def _ternary_matmul_schema() -> defs.OpSchema:
         type_constraints=[("T", ["tensor(float)"], "float32 activations")],
         attributes=[defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of T")],
     )
-    schema.set_type_and_shape_inference_function(_infer_ternary_matmul)
-    return schema
+    return schema.set_type_and_shape_inference_function(_infer_last_dim("out_features"))
 
 
-def register_onnx_schema() -> None:
-    """Register ``com.bitconvert::TernaryMatMul`` with the onnx package (idempotent)."""
+def _matmul_nbits_schema() -> defs.OpSchema:
+    """The subset of ONNX Runtime's contrib schema this exporter emits (the onnx package has none for it)."""
+    parameter = defs.OpSchema.FormalParameter
+    attribute = defs.OpSchema.Attribute
+    integer = defs.OpSchema.AttrType.INT
+    schema = defs.OpSchema(
+        "MatMulNBits", MS_DOMAIN, 1, "ONNX Runtime contrib op: A @ dequantized(B)^T, B in blocks of N-bit codes.",
+        inputs=[parameter("A", "T1"), parameter("B", "tensor(uint8)"), parameter("scales", "T1"),
+                parameter("zero_points", "tensor(uint8)")],
+        outputs=[parameter("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], "float32")],
+        attributes=[attribute("K", integer, "columns"), attribute("N", integer, "rows"),
+                    attribute("bits", integer, "bits per code"), attribute("block_size", integer, "block columns"),
+                    attribute("accuracy_level", integer, "0: fp32 activations, 4: int8 per block")],
+    )
+    return schema.set_type_and_shape_inference_function(_infer_last_dim("N"))
+
+
+def register_onnx_schemas() -> None:
+    """Register TernaryMatMul's schema, and MatMulNBits' unless the onnx package has one (idempotent)."""
     if not defs.has(OP_NAME, OP_VERSION, DOMAIN):
         defs.register_schema(_ternary_matmul_schema())
+    if not defs.has("MatMulNBits", 1, MS_DOMAIN):
+        defs.register_schema(_matmul_nbits_schema())
 
 
-register_onnx_schema()
+register_onnx_schemas()
