@@ -64,31 +64,36 @@ def single_node_model(out_features: int, in_features: int, weight: np.ndarray | 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
 
 
-def run_single(tmp_path, model, feed):
+def run_single(tmp_path, model, feed, threads=0):
     path = tmp_path / "op.onnx"
     onnx.save(model, path)
-    return session(path).run(None, feed)[0]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return session(path, options).run(None, feed)[0]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", kernels.ISAS)
 @pytest.mark.parametrize("constant_weight", [True, False], ids=["initializer", "input"])
-def test_op_bit_exact(tmp_path, monkeypatch, isa, constant_weight):
+def test_op_bit_exact(tmp_path, monkeypatch, isa, constant_weight, threads):
+    """Shapes off the 16-row/16-column grid; one token (work split by rows) and 18 (split by tokens)."""
     if isa not in kernels.supported_isas():
         pytest.skip(f"this CPU lacks the {isa} path")
     monkeypatch.setenv("BITCONVERT_ISA", isa)
     generator = torch.Generator().manual_seed(1)
-    for out_features, in_features in [(20, 37), (576, 576), (5, 1000)]:
+    for out_features, in_features in [(20, 37), (1500, 700), (5, 1000)]:
         ternary = torch.randint(-1, 2, (out_features, in_features), generator=generator, dtype=torch.int8)
         packed = pack_ternary(ternary)
         x = torch.randn(2, 9, in_features, generator=generator) * 3
-        x[0, 0] = 127.0 / 127  # adversarial rows: constant, zero, and one huge value
+        x[0, 0] = 1.0  # adversarial rows: constant, zero, and one huge value
         x[0, 1] = 0.0
         x[0, 2, 0] = 1e4
         scale = torch.tensor([1 / 0.037])
         model = single_node_model(out_features, in_features, packed.numpy() if constant_weight else None, scale.item())
-        feed = {"X": x.numpy()} if constant_weight else {"X": x.numpy(), "W": packed.numpy()}
-        expected = ternary_matmul(x, packed, scale, out_features).numpy()
-        np.testing.assert_array_equal(run_single(tmp_path, model, feed), expected)
+        for tokens in (x, x[:1, :1]):
+            feed = {"X": tokens.numpy()} if constant_weight else {"X": tokens.numpy(), "W": packed.numpy()}
+            expected = ternary_matmul(tokens, packed, scale, out_features).numpy()
+            np.testing.assert_array_equal(run_single(tmp_path, model, feed, threads), expected)
 
 
 def test_reference_op_is_bitlinear():

@@ -8,13 +8,17 @@
 //
 // W is repacked into the kernel layout once, when the kernel is created, if ONNX Runtime gives it as a constant
 // initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
-// has, the thread count OpenMP's (OMP_NUM_THREADS). Built against the C API of the oldest supported onnxruntime:
-// RegisterCustomOps refuses an older runtime with an error status instead of crashing.
+// has. Threads: ONNX Runtime's intra-op pool (SessionOptions.intra_op_num_threads), not OpenMP, so the op never
+// competes with the session's own threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds,
+// by 16-row tiles for one token (each part a contiguous slice of the repacked weights and of y) and by groups of
+// 8 tokens otherwise, and each part runs the core single-threaded. Built against the C API of the oldest supported
+// onnxruntime: RegisterCustomOps refuses an older runtime with an error status instead of crashing.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
-#include <cstring>
+#include <algorithm>
+#include <atomic>
 #include <exception>
 #include <string>
 #include <vector>
@@ -24,6 +28,41 @@
 namespace {
 
 constexpr const char *kDomain = "com.bitconvert";
+constexpr int64_t kMinWorkPerPart = int64_t(1) << 18;  // below this, handing work to another thread costs more
+constexpr int64_t kTokensPerGroup = 8;                 // the core's tokens per tile call
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One call's work, cut into `parts` slices that run_part computes independently.
+struct Job {
+    const float *x;
+    const uint8_t *weight;  // repacked
+    float *y;
+    float weight_scale;
+    int64_t n, out_features, in_features, parts;
+    int isa;
+    std::atomic<int> error{BC_OK};  // set by a failing part
+};
+
+void run_part(void *data, size_t index) {
+    Job &job = *static_cast<Job *>(data);
+    const int64_t part = int64_t(index);
+    int err;
+    if (job.n == 1) {  // split the rows: tiles [t0, t1) are contiguous in the repacked layout
+        const int64_t tiles = ceil_div(job.out_features, BC_TILE_ROWS);
+        const int64_t t0 = part * tiles / job.parts, t1 = (part + 1) * tiles / job.parts;
+        const int64_t row0 = t0 * BC_TILE_ROWS, rows = std::min(t1 * BC_TILE_ROWS, job.out_features) - row0;
+        const uint8_t *weight = job.weight + t0 * ceil_div(job.in_features, BC_BLOCK_COLS) * BC_BLOCK_BYTES;
+        err = bc_linear(job.x, 1, weight, rows, job.in_features, job.weight_scale, job.y + row0, job.isa, 1);
+    } else {  // split the tokens
+        const int64_t groups = ceil_div(job.n, kTokensPerGroup);
+        const int64_t first = part * groups / job.parts * kTokensPerGroup;
+        const int64_t last = std::min((part + 1) * groups / job.parts * kTokensPerGroup, job.n);
+        err = bc_linear(job.x + first * job.in_features, last - first, job.weight, job.out_features, job.in_features,
+                        job.weight_scale, job.y + first * job.out_features, job.isa, 1);
+    }
+    if (err != BC_OK) job.error = err;
+}
 
 struct OpError : std::exception {
     std::string message;
@@ -94,9 +133,14 @@ struct TernaryMatMulKernel {
             bc_repack(w.GetTensorData<uint8_t>(), out_features, in_features, per_call.data());
             weight = per_call.data();
         }
-        const int err = bc_linear(x.GetTensorData<float>(), n, weight, out_features, in_features,
-                                  *scale.GetTensorData<float>(), y.GetTensorMutableData<float>(), isa, 0);
-        if (err != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(err));
+        const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
+        const int64_t work = tiles * BC_TILE_ROWS * n * in_features;
+        const int64_t pieces = n == 1 ? tiles : ceil_div(n, kTokensPerGroup);
+        const int64_t parts = std::max<int64_t>(1, std::min(work / kMinWorkPerPart, pieces));
+        Job job{x.GetTensorData<float>(), weight, y.GetTensorMutableData<float>(), *scale.GetTensorData<float>(),
+                n, out_features, in_features, parts, isa, {BC_OK}};
+        ctx.ParallelFor(run_part, size_t(parts), 0, &job);
+        if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext *context) {
