@@ -18,6 +18,8 @@ VERB_MODULES = {
     "convert": "bitconvert.convert.cli",
     "ppl": "bitconvert.ppl_cli",
     "eval": "bitconvert.eval.cli",
+    "export": "bitconvert.export.cli",
+    "generate": "bitconvert.export.generate_cli",
 }
 
 EXAMPLES = """\
@@ -27,6 +29,8 @@ examples:
   bitconvert ./llama-folder --out ternary --sub-norm      add SubLN (then fine-tune)
   bitconvert ppl ternary-smollm2                          perplexity on held-out LAMBADA text
   bitconvert ppl smollm2-135m --text book.txt             the full-precision source, your text
+  bitconvert export ternary-smollm2 --out onnx/model.onnx ONNX with the TernaryMatMul op and a KV cache
+  bitconvert generate onnx/model.onnx --prompt 'Hello'    generate in ONNX Runtime
 
 Run `bitconvert VERB --help` for each verb's options.
 """

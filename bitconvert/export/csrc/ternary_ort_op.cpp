@@ -1,0 +1,193 @@
+// ONNX Runtime custom operator com.bitconvert::TernaryMatMul (version 1), on bitconvert's ternary kernel core.
+//
+//   Y = TernaryMatMul(X, W, scale; out_features = N)
+//   X      float (..., K)        activations, quantized inside the op to int8 per token (per row of K)
+//   W      uint8 (ceil(N/4), K)  ternary codes T + 1, 2 bits each, in HF transformers' BitNet layout
+//   scale  float (1,)            weight_scale = 1 / g
+//   Y      float (..., N)        y = (x_q @ T^T) / scale / s, the int32 product exact (bc_linear in ternary_core.h)
+//
+// W is repacked into the kernel layout once, when the kernel is created, if ONNX Runtime gives it as a constant
+// initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
+// has. Threads: ONNX Runtime's intra-op pool (SessionOptions.intra_op_num_threads), not OpenMP, so the op never
+// competes with the session's own threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds,
+// by 16-row tiles for one token (each part a contiguous slice of the repacked weights and of y) and by groups of
+// 8 tokens otherwise, and each part runs the core single-threaded. Built against the C API of the oldest supported
+// onnxruntime: RegisterCustomOps refuses an older runtime with an error status instead of crashing.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "ternary_core.h"
+
+namespace {
+
+constexpr const char *kDomain = "com.bitconvert";
+constexpr int64_t kMinWorkPerPart = int64_t(1) << 18;  // below this, handing work to another thread costs more
+constexpr int64_t kTokensPerGroup = 8;                 // the core's tokens per tile call
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One call's work, cut into `parts` slices that run_part computes independently.
+struct Job {
+    const float *x;
+    const uint8_t *weight;  // repacked
+    float *y;
+    float weight_scale;
+    int64_t n, out_features, in_features, parts;
+    int isa;
+    std::atomic<int> error{BC_OK};  // set by a failing part
+};
+
+void run_part(void *data, size_t index) {
+    Job &job = *static_cast<Job *>(data);
+    const int64_t part = int64_t(index);
+    int err;
+    if (job.n == 1) {  // split the rows: tiles [t0, t1) are contiguous in the repacked layout
+        const int64_t tiles = ceil_div(job.out_features, BC_TILE_ROWS);
+        const int64_t t0 = part * tiles / job.parts, t1 = (part + 1) * tiles / job.parts;
+        const int64_t row0 = t0 * BC_TILE_ROWS, rows = std::min(t1 * BC_TILE_ROWS, job.out_features) - row0;
+        const uint8_t *weight = job.weight + t0 * ceil_div(job.in_features, BC_BLOCK_COLS) * BC_BLOCK_BYTES;
+        err = bc_linear(job.x, 1, weight, rows, job.in_features, job.weight_scale, job.y + row0, job.isa, 1);
+    } else {  // split the tokens
+        const int64_t groups = ceil_div(job.n, kTokensPerGroup);
+        const int64_t first = part * groups / job.parts * kTokensPerGroup;
+        const int64_t last = std::min((part + 1) * groups / job.parts * kTokensPerGroup, job.n);
+        err = bc_linear(job.x + first * job.in_features, last - first, job.weight, job.out_features, job.in_features,
+                        job.weight_scale, job.y + first * job.out_features, job.isa, 1);
+    }
+    if (err != BC_OK) job.error = err;
+}
+
+struct OpError : std::exception {
+    std::string message;
+    explicit OpError(std::string m) : message(std::move(m)) {}
+    const char *what() const noexcept override { return message.c_str(); }
+};
+
+int64_t packed_rows(int64_t out_features) { return (out_features + 3) / 4; }
+
+std::string shape_string(const std::vector<int64_t> &shape) {
+    std::string text = "(";
+    for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+    return text + ")";
+}
+
+void check_weight_shape(const std::vector<int64_t> &shape, int64_t out_features) {
+    if (shape.size() != 2 || shape[0] != packed_rows(out_features) || shape[1] < 1 || shape[1] > BC_MAX_IN_FEATURES)
+        throw OpError("TernaryMatMul: W has shape " + shape_string(shape) + ", expected (ceil(" +
+                      std::to_string(out_features) + "/4), K) with 1 <= K <= " + std::to_string(BC_MAX_IN_FEATURES));
+}
+
+struct TernaryMatMulKernel {
+    int64_t out_features = 0;
+    int isa = BC_ISA_SCALAR;
+    std::vector<uint8_t> repacked;  // empty unless W was a constant initializer
+    int64_t repacked_in = 0;
+
+    explicit TernaryMatMulKernel(const OrtKernelInfo *info) {
+        Ort::ConstKernelInfo kernel_info(info);
+        out_features = kernel_info.GetAttribute<int64_t>("out_features");
+        if (out_features < 1) throw OpError("TernaryMatMul: attribute out_features must be >= 1");
+        isa = bc_default_isa();
+        if (isa == -2) throw OpError("TernaryMatMul: BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
+        if (isa == -3) throw OpError("TernaryMatMul: this CPU cannot run the path BITCONVERT_ISA names");
+        int is_constant = 0;
+        Ort::ConstValue weight = kernel_info.GetTensorConstantInput(1, &is_constant);
+        if (is_constant) {
+            std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
+            check_weight_shape(shape, out_features);
+            repacked_in = shape[1];
+            repacked.resize(bc_repacked_bytes(out_features, repacked_in));
+            bc_repack(weight.GetTensorData<uint8_t>(), out_features, repacked_in, repacked.data());
+        }
+    }
+
+    void Compute(OrtKernelContext *context) {
+        Ort::KernelContext ctx(context);
+        Ort::ConstValue x = ctx.GetInput(0), w = ctx.GetInput(1), scale = ctx.GetInput(2);
+        std::vector<int64_t> x_shape = x.GetTensorTypeAndShapeInfo().GetShape();
+        std::vector<int64_t> w_shape = w.GetTensorTypeAndShapeInfo().GetShape();
+        check_weight_shape(w_shape, out_features);
+        const int64_t in_features = w_shape[1];
+        if (x_shape.empty() || x_shape.back() != in_features)
+            throw OpError("TernaryMatMul: X has shape " + shape_string(x_shape) + ", its last dimension must be K = " +
+                          std::to_string(in_features));
+        if (scale.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
+            throw OpError("TernaryMatMul: scale must hold exactly one value");
+        int64_t n = 1;
+        for (size_t i = 0; i + 1 < x_shape.size(); ++i) n *= x_shape[i];
+        std::vector<int64_t> y_shape = x_shape;
+        y_shape.back() = out_features;
+        Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
+        if (n == 0) return;
+        std::vector<uint8_t> per_call;
+        const uint8_t *weight = repacked.data();
+        if (repacked.empty()) {
+            per_call.resize(bc_repacked_bytes(out_features, in_features));
+            bc_repack(w.GetTensorData<uint8_t>(), out_features, in_features, per_call.data());
+            weight = per_call.data();
+        }
+        const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
+        const int64_t work = tiles * BC_TILE_ROWS * n * in_features;
+        const int64_t pieces = n == 1 ? tiles : ceil_div(n, kTokensPerGroup);
+        const int64_t parts = std::max<int64_t>(1, std::min(work / kMinWorkPerPart, pieces));
+        Job job{x.GetTensorData<float>(), weight, y.GetTensorMutableData<float>(), *scale.GetTensorData<float>(),
+                n, out_features, in_features, parts, isa, {BC_OK}};
+        ctx.ParallelFor(run_part, size_t(parts), 0, &job);
+        if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext *context) {
+        try {
+            Compute(context);
+            return nullptr;
+        } catch (const std::exception &error) {
+            return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, error.what());
+        }
+    }
+};
+
+struct TernaryMatMulOp : Ort::CustomOpBase<TernaryMatMulOp, TernaryMatMulKernel, true> {
+    OrtStatusPtr CreateKernelV2(const OrtApi &api, const OrtKernelInfo *info, void **kernel) const {
+        try {
+            *kernel = new TernaryMatMulKernel(info);
+            return nullptr;
+        } catch (const std::exception &error) {
+            return api.CreateStatus(ORT_INVALID_ARGUMENT, error.what());
+        }
+    }
+    const char *GetName() const { return "TernaryMatMul"; }
+    size_t GetInputTypeCount() const { return 3; }
+    ONNXTensorElementDataType GetInputType(size_t index) const {
+        return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
+    const OrtApi *api = api_base->GetApi(ORT_API_VERSION);
+    if (api == nullptr) {
+        const std::string message = std::string("bitconvert's TernaryMatMul library needs onnxruntime >= 1.") +
+                                    std::to_string(ORT_API_VERSION) + ", this runtime is " +
+                                    api_base->GetVersionString();
+        return api_base->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
+    }
+    Ort::InitApi(api);
+    static TernaryMatMulOp op;
+    OrtCustomOpDomain *domain = nullptr;
+    if (OrtStatus *status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
+    if (OrtStatus *status = api->CustomOpDomain_Add(domain, &op)) return status;
+    // The domain must outlive every session made from these options, so it is never released (a few bytes per
+    // registration; releasing it at process exit could run after onnxruntime itself is gone).
+    return api->AddCustomOpDomain(options, domain);
+}

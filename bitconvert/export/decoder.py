@@ -1,0 +1,97 @@
+"""A LLaMA/BitNet causal LM as one step of KV-cache decoding with explicit tensors, for ``torch.onnx.export``.
+
+The transformers model supplies every submodule (embeddings, norms, rotary embedding, projections, MLP, lm_head);
+this wrapper only spells out attention with the cache as plain tensors, so that the exported graph has the I/O names
+of optimum and onnxruntime-genai:
+
+    inputs   input_ids (B, S) int64, attention_mask (B, P + S) int64 (1 = real token, 0 = padding),
+             position_ids (B, S) int64, past_key_values.{i}.key / .value (B, H_kv, P, D) fp32 for each layer i
+    outputs  logits (B, S, V) fp32, present.{i}.key / .value (B, H_kv, P + S, D) fp32
+
+Attention of layer i, for query t (absolute position P + t) and key j < P + S:
+    scores = q k^T * D^-0.5 + mask,  mask = 0 where j <= P + t and attention_mask[b, j] = 1, else float32 min
+    out = softmax(scores) v,  keys/values of the H_kv heads shared by H / H_kv query heads each (GQA)
+with rotary embedding applied to q and k at ``position_ids``. BitNet models (SubLN) apply ``attn_sub_norm`` before
+``o_proj``; their MLP module (with ``ffn_sub_norm``) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+
+
+def cache_names(num_layers: int, prefix: str) -> list[str]:
+    """``prefix.{i}.key``, ``prefix.{i}.value`` for every layer, in that order."""
+    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+
+
+class KVCacheDecoder(nn.Module):
+    """Wraps a transformers ``LlamaForCausalLM`` or ``BitNetForCausalLM``; see the module docstring for the I/O."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def _attention(self, attn: nn.Module, x, cos, sin, past_key, past_value, mask):
+        batch, length, _ = x.shape
+        q = attn.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        key = torch.cat([past_key, k], dim=2)
+        value = torch.cat([past_value, v], dim=2)
+        group = self.num_heads // self.num_kv_heads
+        q = q.reshape(batch, self.num_kv_heads, group * length, self.head_dim)  # heads of one KV group side by side
+        scores = torch.matmul(q, key.transpose(2, 3)) * self.head_dim**-0.5
+        scores = scores.view(batch, self.num_kv_heads, group, length, -1) + mask.unsqueeze(1)
+        probs = torch.softmax(scores, dim=-1).view(batch, self.num_kv_heads, group * length, -1)
+        out = torch.matmul(probs, value).view(batch, self.num_heads, length, self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        sub_norm = getattr(attn, "attn_sub_norm", None)
+        if sub_norm is not None:
+            out = sub_norm(out)
+        return attn.o_proj(out), key, value
+
+    @staticmethod
+    def _mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+        """Additive mask (B, 1, S, P + S): causal over absolute positions and hiding padded keys."""
+        total = attention_mask.shape[1]
+        past = total - length
+        query_pos = torch.arange(length, device=attention_mask.device).unsqueeze(1) + past
+        key_pos = torch.arange(total, device=attention_mask.device).unsqueeze(0)
+        allowed = (key_pos <= query_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+        blocked = torch.full((), torch.finfo(torch.float32).min)
+        return torch.where(allowed, torch.zeros(()), blocked).unsqueeze(1)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        inner = self.model.model
+        hidden = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(hidden, position_ids)
+        mask = self._mask(attention_mask, input_ids.shape[1])
+        presents = []
+        for index, layer in enumerate(inner.layers):
+            attn_out, key, value = self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin,
+                                                   past[2 * index], past[2 * index + 1], mask)
+            hidden = hidden + attn_out
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            presents += [key, value]
+        logits = self.model.lm_head(inner.norm(hidden)).float()
+        return (logits, *presents)
+
+    def example_inputs(self, batch: int = 2, length: int = 3, past: int = 4) -> tuple[torch.Tensor, ...]:
+        """Inputs for tracing (every dynamic size >= 2 so that none is specialised)."""
+        vocab = self.model.config.vocab_size
+        input_ids = torch.randint(0, vocab, (batch, length))
+        attention_mask = torch.ones(batch, past + length, dtype=torch.int64)
+        position_ids = torch.arange(past, past + length).expand(batch, length).contiguous()
+        cache = [torch.zeros(batch, self.num_kv_heads, past, self.head_dim) for _ in range(2 * self.num_layers)]
+        return (input_ids, attention_mask, position_ids, *cache)

@@ -1,0 +1,128 @@
+"""``export_onnx(model, out)``: a converted (or full-precision) model -> a KV-cache ONNX decoder beside its tokenizer.
+
+Steps: load the model in fp32 (:func:`bitconvert.load.load_for_inference`), swap each PackedBitLinear for its export
+stand-in (:mod:`bitconvert.export.modules`), trace :class:`~bitconvert.export.decoder.KVCacheDecoder` with PyTorch's
+dynamo ONNX exporter (the custom ops translated by :data:`bitconvert.export.ops.TRANSLATIONS`), then save the model
+with its initializers in one external-data file when the model is above 2 GB (protobuf's limit), check it with
+``onnx.checker`` (full check, custom domain declared) and write the tokenizer next to it. The model's metadata
+records the operator (``bitconvert.op``: ternary, matmulnbits or fp32). A full-precision source exports as fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import BitconvertError
+from .decoder import INPUT_NAMES, KVCacheDecoder, cache_names
+from .modules import OPS, replace_bitlinears
+from .ops import DOMAIN, MS_DOMAIN, OP_VERSION, TRANSLATIONS
+
+OPSET = 18
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+def _trace(decoder: KVCacheDecoder):
+    """The dynamo export of ``decoder`` with batch, sequence and past length dynamic (an ``ONNXProgram``)."""
+    names = [*INPUT_NAMES, *cache_names(decoder.num_layers, "past_key_values")]
+    auto = torch.export.Dim.AUTO
+    dynamic = (*({0: auto, 1: auto} for _ in INPUT_NAMES), tuple({0: auto, 2: auto} for _ in names[3:]))  # *past: one arg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracing chatter, not the user's concern
+        return torch.onnx.export(
+            decoder, decoder.example_inputs(), dynamo=True, opset_version=OPSET, input_names=names,
+            output_names=["logits", *cache_names(decoder.num_layers, "present")], dynamic_shapes=dynamic,
+            custom_translation_table=TRANSLATIONS, optimize=True, verbose=False,
+        )
+
+
+def _name_dims(graph) -> None:
+    """Replace the tracer's dimension names (s10, s70 + s69, ...) by optimum's on every value of ``graph``."""
+    import onnx_ir as ir
+
+    ids, mask, _, past = graph.inputs[:4]
+    names = {str(ids.shape[0]): "batch_size", str(ids.shape[1]): "sequence_length",
+             str(mask.shape[1]): "total_sequence_length", str(past.shape[2]): "past_sequence_length"}
+    symbol = re.compile(r"\bs\d+\b")
+
+    def rename(dim):
+        if isinstance(dim, ir.SymbolicDim) and dim.value:
+            return ir.SymbolicDim(symbol.sub(lambda match: names.get(match.group(0), match.group(0)), dim.value))
+        return dim
+
+    values = [*graph.inputs, *(output for node in graph for output in node.outputs)]
+    for value in values:
+        if value.shape is not None:
+            value.shape = ir.Shape([rename(dim) for dim in value.shape])
+
+
+def _save(program, out: Path) -> None:
+    """Write ``out`` (and ``out.data`` when the initializers reach protobuf's 2 GB) and check it."""
+    import onnx
+
+    size = sum(value.const_value.nbytes for value in program.model.graph.initializers.values()
+               if value.const_value is not None)
+    external = size >= PROTOBUF_LIMIT
+    for stale in (out, out.with_name(out.name + ".data")):
+        stale.unlink(missing_ok=True)
+    program.save(str(out), external_data=external)
+    onnx.checker.check_model(str(out) if external else onnx.load(str(out)), full_check=True)
+
+
+def _declare_opsets(program, op: str) -> None:
+    """Declare the custom domains the graph uses (the checker needs every domain's version)."""
+    imports = program.model.opset_imports
+    if op == "ternary":
+        imports[DOMAIN] = OP_VERSION
+    elif op == "matmulnbits":
+        imports[MS_DOMAIN] = 1
+
+
+def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str = "ternary",
+                accuracy_level: int = 0) -> Path:
+    """Export ``model_path`` to the ONNX file ``out`` (its folder also gets the tokenizer); returns ``out``.
+
+    ``op``: ``ternary`` (one com.bitconvert::TernaryMatMul per BitLinear) or ``matmulnbits`` (portable
+    com.microsoft::MatMulNBits, bits=2, with ``accuracy_level`` 0 or 4). A full-precision source exports as fp32.
+    """
+    from ..load import is_converted_folder, load_for_inference
+
+    if op not in OPS:
+        raise BitconvertError(f"unknown --op {op!r}; choose one of {', '.join(OPS)}")
+    if accuracy_level not in (0, 4):
+        raise BitconvertError(f"accuracy level must be 0 or 4, got {accuracy_level}")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise BitconvertError(f"--out must name a .onnx file, got '{out}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_for_inference(str(model_path), dtype=torch.float32)
+    model = model.eval()
+    converted = is_converted_folder(model_path)
+    replaced = replace_bitlinears(model, op, accuracy_level)
+    if converted and replaced == 0:
+        raise BitconvertError(f"'{model_path}' has no BitLinear layers to export")
+    decoder = KVCacheDecoder(model).eval()
+    with torch.no_grad():
+        try:
+            program = _trace(decoder)
+        except Exception as exc:
+            root = exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            raise BitconvertError(f"the ONNX exporter failed on '{model_path}': {type(root).__name__}: "
+                                  f"{str(root).splitlines()[0]}") from exc
+    _name_dims(program.model.graph)
+    if replaced:
+        _declare_opsets(program, op)
+    kind = op if replaced else "fp32"
+    metadata = {"op": kind}
+    if kind == "matmulnbits":
+        metadata["accuracy_level"] = str(accuracy_level)
+    program.model.metadata_props.update({f"bitconvert.{key}": value for key, value in metadata.items()})
+    _save(program, out)
+    tokenizer.save_pretrained(out.parent)
+    return out

@@ -1,0 +1,96 @@
+"""Token generation with an exported decoder in ONNX Runtime, one step per token on its KV cache.
+
+Step t feeds the new tokens (the whole prompt first, then one token), ``attention_mask`` of ones over all positions
+so far, ``position_ids`` counting on from the cache length, and the previous step's ``present.*`` as
+``past_key_values.*`` (empty, length 0, at the first step). The next token is the argmax of the last logits (greedy)
+or a sample from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and to the smallest
+set whose probability reaches ``top_p``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BitconvertError
+
+REQUIRED_INPUTS = ("input_ids", "attention_mask", "position_ids", "past_key_values.0.key")
+
+
+@dataclass
+class Sampling:
+    """``temperature`` 0 means greedy; ``top_k`` 0 and ``top_p`` 1 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise BitconvertError("sampling needs temperature >= 0, top-k >= 0 and 0 < top-p <= 1")
+
+
+def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Next token id from the last position's logits (V,)."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    order = np.argsort(-scaled, kind="stable")
+    if sampling.top_k:
+        order = order[: sampling.top_k]
+    probs = np.exp(scaled[order] - scaled[order[0]])
+    probs /= probs.sum()
+    keep = min(int(np.searchsorted(np.cumsum(probs), sampling.top_p)) + 1, len(probs))  # first reaching top_p
+    probs = probs[:keep] / probs[:keep].sum()
+    return int(order[rng.choice(keep, p=probs)])
+
+
+class OnnxDecoder:
+    """An exported decoder (see :mod:`bitconvert.export.decoder` for its I/O) in an ``onnxruntime.InferenceSession``."""
+
+    def __init__(self, session):
+        inputs = {value.name: value for value in session.get_inputs()}
+        missing = [name for name in REQUIRED_INPUTS if name not in inputs]
+        if missing:
+            raise BitconvertError(f"this ONNX model is not a KV-cache decoder export: it lacks the input(s) "
+                                  f"{', '.join(missing)} (export it with `bitconvert export`)")
+        self.session = session
+        self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
+        self.present_names = [name.replace("past_key_values.", "present.", 1) for name in self.past_names]
+        _, self.kv_heads, _, self.head_dim = inputs["past_key_values.0.key"].shape
+        self.output_names = ["logits", *self.present_names]
+
+    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return {name: np.zeros(shape, dtype=np.float32) for name in self.past_names}
+
+    def step(self, tokens: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run ``tokens`` (B, S) int64 after ``cache``; returns logits (B, S, V) and the grown cache."""
+        batch, length = tokens.shape
+        past = next(iter(cache.values())).shape[2]
+        feed = {
+            "input_ids": tokens.astype(np.int64),
+            "attention_mask": np.ones((batch, past + length), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past, past + length, dtype=np.int64), (batch, length)).copy(),
+            **cache,
+        }
+        logits, *presents = self.session.run(self.output_names, feed)
+        return logits, dict(zip(self.past_names, presents))
+
+    def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 eos_token_ids: tuple[int, ...] = ()) -> list[int]:
+        """The new tokens after ``prompt`` (stops after an end-of-sequence token, which is included)."""
+        if not prompt:
+            raise BitconvertError("the prompt is empty")
+        rng = np.random.default_rng(sampling.seed)
+        logits, cache = self.step(np.asarray([prompt]), self.empty_cache())
+        generated: list[int] = []
+        while len(generated) < max_new_tokens:
+            token = _pick(logits[0, -1], sampling, rng)
+            generated.append(token)
+            if token in eos_token_ids or len(generated) == max_new_tokens:
+                break
+            logits, cache = self.step(np.asarray([[token]]), cache)
+        return generated

@@ -1,0 +1,137 @@
+"""The two ternary matmul operators seen by PyTorch's ONNX exporter, and what each becomes in the ONNX graph.
+
+``torch.ops.bitconvert_export.ternary_matmul(x, weight, weight_scale, out_features)``
+    x float (..., K), weight uint8 (ceil(N/4), K) (HF BitNet layout, see :mod:`bitconvert.packing`), weight_scale
+    fp32 (1,) = 1/g -> fp32 (..., N) = BitLinear's ``(x_q @ T^T) / weight_scale / s``, activations quantized per token
+    inside. Exported as one ``com.bitconvert::TernaryMatMul`` node (attribute ``out_features``), run in ONNX Runtime
+    by the custom-op library (:mod:`bitconvert.export.runtime`).
+
+``torch.ops.bitconvert_export.matmul_nbits(x, b, scales, zero_points, k, n, block_size, accuracy_level)``
+    The standard contrib op ``com.microsoft::MatMulNBits`` with ``bits=2`` (layout in
+    :mod:`bitconvert.export.matmulnbits`): ``y = x @ ((c - z) * scale)^T`` per block of ``block_size`` columns.
+
+The eager implementations are the reference math (they run only while tracing and in tests); the fake (meta)
+implementations give the exporter the output shapes. Importing this module also registers ONNX schemas for both
+ops with the ``onnx`` package (which has none for either), so the exporter, ``onnx.checker.check_model(...,
+full_check=True)`` and ``onnx.shape_inference`` know them and infer ``Y``'s shape (``X``'s, last dimension N).
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+from onnx import defs
+
+from ..bitlinear import int_matmul_reference, quantize_activations
+from ..packing import unpack_ternary
+
+DOMAIN = "com.bitconvert"
+OP_NAME = "TernaryMatMul"
+OP_VERSION = 1
+MS_DOMAIN = "com.microsoft"
+
+_bitconvert_opset = onnxscript.values.Opset(DOMAIN, OP_VERSION)
+_microsoft_opset = onnxscript.values.Opset(MS_DOMAIN, 1)
+
+
+@torch.library.custom_op("bitconvert_export::ternary_matmul", mutates_args=())
+def ternary_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """BitLinear's inference product (pure torch, exact integer part); see the module docstring."""
+    x_q, act_scale = quantize_activations(x.reshape(-1, x.shape[-1]))
+    acc = int_matmul_reference(x_q, unpack_ternary(weight, out_features))
+    return (acc.float() / weight_scale / act_scale).reshape(*x.shape[:-1], out_features)
+
+
+@ternary_matmul.register_fake
+def _ternary_matmul_fake(x, weight, weight_scale, out_features):
+    return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+
+
+@torch.library.custom_op("bitconvert_export::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, k: int, n: int,
+                 block_size: int, accuracy_level: int) -> torch.Tensor:
+    """``x @ W^T`` with W dequantized from MatMulNBits' 2-bit blocks (fp32 activations; accuracy level ignored)."""
+    from .matmulnbits import dequantize
+
+    return x.float() @ dequantize(b, scales, zero_points, k, n, block_size).t()
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(x, b, scales, zero_points, k, n, block_size, accuracy_level):
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int):
+    return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale, out_features=out_features)
+
+
+def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: int, accuracy_level: int):
+    return _microsoft_opset.MatMulNBits(x, b, scales, zero_points, K=k, N=n, bits=2, block_size=block_size,
+                                        accuracy_level=accuracy_level)
+
+
+TRANSLATIONS = {
+    torch.ops.bitconvert_export.ternary_matmul.default: _ternary_matmul_onnx,
+    torch.ops.bitconvert_export.matmul_nbits.default: _matmul_nbits_onnx,
+}
+
+
+def _infer_last_dim(attribute: str):
+    """Shape inference: output 0 has input 0's type and shape with the last dimension set to ``attribute``."""
+
+    def infer(ctx) -> None:
+        output = onnx.TypeProto()
+        output.CopyFrom(ctx.get_input_type(0))
+        dims = output.tensor_type.shape.dim
+        if len(dims):
+            dims[len(dims) - 1].Clear()
+            dims[len(dims) - 1].dim_value = ctx.get_attribute(attribute).i
+        ctx.set_output_type(0, output)
+
+    return infer
+
+
+def _ternary_matmul_schema() -> defs.OpSchema:
+    parameter = defs.OpSchema.FormalParameter
+    schema = defs.OpSchema(
+        OP_NAME, DOMAIN, OP_VERSION,
+        "BitNet b1.58 linear layer: Y = (X_q @ T^T) / scale / s, X quantized to int8 per row of its last dimension "
+        "(s = 127 / max|x|), T ternary, packed 2 bits per weight (code T+1) in HF transformers' BitNet layout.",
+        inputs=[parameter("X", "T", "activations (..., K)"),
+                parameter("W", "tensor(uint8)", "packed ternary weights (ceil(N/4), K)"),
+                parameter("scale", "tensor(float)", "weight_scale = 1/g, shape (1,)")],
+        outputs=[parameter("Y", "T", "(..., N)")],
+        type_constraints=[("T", ["tensor(float)"], "float32 activations")],
+        attributes=[defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of T")],
+    )
+    return schema.set_type_and_shape_inference_function(_infer_last_dim("out_features"))
+
+
+def _matmul_nbits_schema() -> defs.OpSchema:
+    """The subset of ONNX Runtime's contrib schema this exporter emits (the onnx package has none for it)."""
+    parameter = defs.OpSchema.FormalParameter
+    attribute = defs.OpSchema.Attribute
+    integer = defs.OpSchema.AttrType.INT
+    schema = defs.OpSchema(
+        "MatMulNBits", MS_DOMAIN, 1, "ONNX Runtime contrib op: A @ dequantized(B)^T, B in blocks of N-bit codes.",
+        inputs=[parameter("A", "T1"), parameter("B", "tensor(uint8)"), parameter("scales", "T1"),
+                parameter("zero_points", "tensor(uint8)")],
+        outputs=[parameter("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], "float32")],
+        attributes=[attribute("K", integer, "columns"), attribute("N", integer, "rows"),
+                    attribute("bits", integer, "bits per code"), attribute("block_size", integer, "block columns"),
+                    attribute("accuracy_level", integer, "0: fp32 activations, 4: int8 per block")],
+    )
+    return schema.set_type_and_shape_inference_function(_infer_last_dim("N"))
+
+
+def register_onnx_schemas() -> None:
+    """Register TernaryMatMul's schema, and MatMulNBits' unless the onnx package has one (idempotent)."""
+    if not defs.has(OP_NAME, OP_VERSION, DOMAIN):
+        defs.register_schema(_ternary_matmul_schema())
+    if not defs.has("MatMulNBits", 1, MS_DOMAIN):
+        defs.register_schema(_matmul_nbits_schema())
+
+
+register_onnx_schemas()
