@@ -29,6 +29,7 @@ examples:
   bitconvert ./llama-folder --out ternary --sub-norm      add SubLN (then fine-tune)
   bitconvert ppl ternary-smollm2                          perplexity on held-out LAMBADA text
   bitconvert ppl smollm2-135m --text book.txt             the full-precision source, your text
+  bitconvert eval ternary-smollm2 --baseline smollm2-135m  zero-shot on the seven tasks, side by side
   bitconvert export ternary-smollm2 --out onnx/model.onnx ONNX with the TernaryMatMul op and a KV cache
   bitconvert generate onnx/model.onnx --prompt 'Hello'    generate in ONNX Runtime
 
