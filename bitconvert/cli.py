@@ -17,6 +17,7 @@ from .errors import BitconvertError
 VERB_MODULES = {
     "convert": "bitconvert.convert.cli",
     "ppl": "bitconvert.ppl_cli",
+    "finetune": "bitconvert.finetune.cli",
 }
 
 EXAMPLES = """\
