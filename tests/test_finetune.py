@@ -30,7 +30,7 @@ from bitconvert.finetune import engine as ds  # noqa: E402
 from bitconvert.finetune import trainer  # noqa: E402
 from bitconvert.finetune.loss import distillation_kl  # noqa: E402
 from bitconvert.finetune.runlog import read_log  # noqa: E402
-from bitconvert.finetune.schedule import quant_lambda  # noqa: E402
+from bitconvert.finetune.schedule import lr_multiplier, quant_lambda  # noqa: E402
 from bitconvert.errors import BitconvertError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +71,13 @@ def test_quant_lambda_schedule():
     assert quant_lambda(0, 0) == 1.0
 
 
+def test_lr_schedule_warms_up_from_a_nonzero_lr_then_decays_to_the_floor():
+    values = [lr_multiplier(s, 4, 14, 0.1) for s in range(16)]
+    assert values[:4] == [0.2, 0.4, 0.6, 0.8] and values[4] == 1.0
+    assert all(a > b for a, b in zip(values[4:14], values[5:15]))
+    assert values[14] == pytest.approx(0.1) and values[15] == pytest.approx(0.1)
+
+
 def test_distillation_kl_is_zero_for_the_teacher_and_positive_otherwise():
     torch.manual_seed(0)
     teacher = torch.randn(2, 5, 11)
@@ -86,7 +93,10 @@ def test_user_config_auto_values_are_filled_and_unsupported_settings_refused():
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
     assert config["train_batch_size"] == 16 and config["gradient_clipping"] == 0.5
     assert config["optimizer"]["params"]["lr"] == 1e-3 and config["optimizer"]["params"]["weight_decay"] == 0.3
-    assert config["scheduler"]["params"]["total_num_steps"] == 50
+    assert "scheduler" not in config  # bitconvert's own warm-up + cosine, stepped by DeepSpeed
+    scheduled = ds.resolve_config({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}, hp,
+                                  world_size=1, cuda=False)
+    assert scheduled["scheduler"]["params"]["warmup_num_steps"] == 5
     with pytest.raises(BitconvertError, match="ZeRO stage 3"):
         ds.resolve_config({"zero_optimization": {"stage": 3}}, hp, world_size=1, cuda=False)
     with pytest.raises(BitconvertError, match="conflicts"):
@@ -126,15 +136,17 @@ def _logits_match_latent_model_at_lambda_one(out: Path, sub_norm: bool):
     from bitconvert.quantize import TernaryConfig, quantize_
 
     trained = LlamaForCausalLM.from_pretrained(out / "latent", dtype=torch.float32)
-    quantize_(trained, TernaryConfig(mode="train", sub_norm=sub_norm, quant_lambda=1.0))
+    quantize_(trained, TernaryConfig(mode="train", sub_norm=sub_norm, sub_norm_eps=trained.config.rms_norm_eps,
+                                     quant_lambda=1.0))
     load_latent_sub_norms(trained, out / "latent", sub_norm)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = trained.eval()(ids).logits
         ours = load(out)(ids).logits
         stock = AutoModelForCausalLM.from_pretrained(out)(ids).logits
-    assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4)
-    assert torch.allclose(stock, expected, atol=1e-3, rtol=1e-3)
+    # float fake quantization vs the integer path: rounding differences only (a renamed/missing tensor is O(1))
+    assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3)
+    assert torch.allclose(stock, expected, atol=2e-3, rtol=1e-3)
     if sub_norm:  # the trained SubLN gains moved, so a name mix-up would show
         assert type(load(out)).__name__ == "BitNetForCausalLM"
 
@@ -209,7 +221,7 @@ def test_two_processes_with_zero2(tiny_src, text_file, tmp_path):
                "-m", "bitconvert.cli", "finetune", str(tiny_src), "--data", str(text_file), "--out", str(out),
                "--deepspeed", str(config), "--max-steps", "6", "--seq-len", "32", "--batch-size", "2",
                "--lr", "3e-3", "--warmup-quant-steps", "2", "--heldout-sequences", "4", "--eval-every", "3", "--quiet"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_log(tmp_path / "out-checkpoints" / "log.jsonl")
     train = [r for r in records if r["kind"] == "train"]

@@ -5,7 +5,7 @@ Config rules, as HF Trainer users expect: a user's JSON config is used as given,
 missing batch keys) are filled from bitconvert's flags: micro-batch (``--batch-size``), gradient accumulation
 (``--grad-accum``), clipping (``--grad-clip``), optimizer lr/weight decay/betas, scheduler steps and lr.
 Without an ``optimizer`` section bitconvert adds AdamW (or, for ``--optim adamw8bit``, passes bitsandbytes'
-8-bit AdamW as a client optimizer); without a ``scheduler`` section it adds linear LR warm-up then cosine decay
+8-bit AdamW as a client optimizer); without a ``scheduler`` section bitconvert uses its linear LR warm-up then cosine decay
 (DeepSpeed's ``WarmupCosineLR``) over the whole run. The effective config is written beside the checkpoints.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitconvertError
+from .schedule import lr_multiplier
 
 ADAM_BETAS = (0.9, 0.95)  # from-scratch BitNet recipes
 ADAM_EPS = 1e-8
@@ -124,10 +125,6 @@ def resolve_config(user_config: dict | None, hp: TrainingHyperparameters, *, wor
                            ("warmup_max_lr", hp.lr), ("cos_min_ratio", hp.min_lr_ratio)):
             if params.get(key) == "auto":
                 params[key] = value
-    else:
-        config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": hp.total_steps, "warmup_num_steps": max(1, min(hp.lr_warmup_steps, hp.total_steps)),
-            "warmup_min_ratio": 0.0, "cos_min_ratio": hp.min_lr_ratio, "warmup_type": "linear"}}
     return config
 
 
@@ -169,8 +166,14 @@ def initialize(model: torch.nn.Module, config: dict, hp: TrainingHyperparameters
         torch.cuda.set_device(device)
     groups = parameter_groups(model, hp.weight_decay)
     optimizer = adamw8bit(groups, hp, device) if "optimizer" not in config else None
+    scheduler = None
+    if "scheduler" not in config:
+        def scheduler(optim):
+            return torch.optim.lr_scheduler.LambdaLR(optim, lambda step: lr_multiplier(
+                step, hp.lr_warmup_steps, hp.total_steps, hp.min_lr_ratio))
     try:
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                          lr_scheduler=scheduler, config=config)
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BitconvertError(f"DeepSpeed rejected config '{path}': {reason}") from None

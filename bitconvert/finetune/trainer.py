@@ -175,7 +175,9 @@ def _save(engine, opts: FinetuneOptions, step: int, rank: int) -> None:
 
 def finetune(opts: FinetuneOptions) -> FinetuneResult:
     """Run QAT as described in the module docstring; returns where the model went and how the run ended."""
-    from ..sources import load_full_precision, resolve_source
+    from transformers.utils import logging as transformers_logging
+
+    from ..sources import load_full_precision, read_config_dict, resolve_source
 
     _validate(opts)
     check_destination(opts.out, opts.overwrite)
@@ -185,10 +187,12 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     torch.manual_seed(opts.seed)
 
     source = resolve_source(opts.source)
-    model, tokenizer = load_full_precision(source, dtype=torch.float32)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    max_positions = read_config_dict(source).get("max_position_embeddings")
     if max_positions and opts.seq_len > max_positions:
         raise BitconvertError(f"--seq-len {opts.seq_len} exceeds the model's maximum of {max_positions} positions")
+    if not opts.progress:
+        transformers_logging.disable_progress_bar()
+    model, tokenizer = load_full_precision(source, dtype=torch.float32)
     corpus = PackedCorpus(opts.data, tokenizer, opts.seq_len, opts.text_field, opts.heldout_sequences)
     model.config.use_cache = False
     teacher = None
@@ -196,7 +200,9 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
         teacher = type(model)(model.config)
         teacher.load_state_dict(model.state_dict())
         teacher.eval().requires_grad_(False)
+    # SubLN eps = the model's rms_norm_eps: what the exported bitnet model type uses for attn/ffn_sub_norm
     quantize_(model, TernaryConfig(mode="train", weight_scale=opts.weight_scale, sub_norm=opts.sub_norm,
+                                   sub_norm_eps=model.config.rms_norm_eps,
                                    quant_lambda=quant_lambda(0, opts.warmup_quant_steps)))
     load_latent_sub_norms(model, None if source.gguf_file else source.folder, opts.sub_norm)
     model.train()
