@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -217,10 +218,14 @@ def test_two_processes_with_zero2(tiny_src, text_file, tmp_path):
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    with socket.socket() as probe:  # torchrun hangs with --master_port 0; give it a free port
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "bitconvert.cli", "finetune", str(tiny_src), "--data", str(text_file), "--out", str(out),
                "--deepspeed", str(config), "--max-steps", "6", "--seq-len", "32", "--batch-size", "2",
-               "--lr", "3e-3", "--warmup-quant-steps", "2", "--heldout-sequences", "4", "--eval-every", "3", "--quiet"]
+               "--lr", "3e-3", "--lr-warmup-steps", "1", "--warmup-quant-steps", "2", "--heldout-sequences", "4",
+               "--eval-every", "3", "--quiet"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_log(tmp_path / "out-checkpoints" / "log.jsonl")

@@ -84,6 +84,8 @@ def run_finetune(args) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     fields = {name: getattr(args, name) for name in FinetuneOptions.__dataclass_fields__ if hasattr(args, name)}
     result = finetune(FinetuneOptions(**fields, progress=not args.quiet))
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     if result.stopped == "interrupted":
         print(f"bitconvert: interrupted at step {result.steps}; checkpoint saved; continue with --resume")
         return 130

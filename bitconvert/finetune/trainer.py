@@ -119,7 +119,7 @@ class StopRequest:
 def _validate(opts: FinetuneOptions) -> None:
     positive = {"--seq-len": opts.seq_len, "--batch-size": opts.batch_size, "--grad-accum": opts.grad_accum,
                 "--save-every": opts.save_every, "--eval-every": opts.eval_every,
-                "--keep-checkpoints": opts.keep_checkpoints}
+                "--keep-checkpoints": opts.keep_checkpoints, "--heldout-sequences": opts.heldout_sequences}
     for flag, value in positive.items():
         if value < 1:
             raise BitconvertError(f"{flag} must be at least 1, got {value}")
@@ -164,6 +164,30 @@ def heldout_loss(model, sequences: list[torch.Tensor], device, rank: int, world:
     model.train()
     nll, count = _all_reduce([nll, count])
     return nll / count
+
+
+def train_step(engine, teacher, data, accum: int, world: int, device, opts: FinetuneOptions) -> list[float]:
+    """One optimizer step over ``accum`` micro-batches; returns ``[loss, ce, kl]`` averaged over micro-batches and
+    processes. Raises ``FloatingPointError(loss)`` before any backward pass on a non-finite loss on any process."""
+    sums = [0.0, 0.0, 0.0]
+    for _ in range(accum):
+        ids = next(data).to(device)
+        logits = engine(ids).logits
+        ce = cross_entropy(logits, ids)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(ids).logits
+            kl = distillation_kl(logits, teacher_logits, opts.distill_temperature)
+            loss = (1 - opts.distill_alpha) * ce + opts.distill_alpha * kl
+        else:
+            kl, loss = torch.zeros(()), ce
+        values = _all_reduce([loss.item(), ce.item(), kl.item()])
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(values[0])
+        engine.backward(loss)
+        engine.step()
+        sums = [total + value / world / accum for total, value in zip(sums, values)]
+    return sums
 
 
 def _save(engine, opts: FinetuneOptions, step: int, rank: int) -> None:
@@ -242,28 +266,14 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
             set_quant_lambda(engine.module, lam)
             lr = engine.optimizer.param_groups[0]["lr"]  # what this step uses
             started = time.perf_counter()
-            sums = [0.0, 0.0, 0.0]  # loss, ce, kl over micro-batches
-            for _ in range(accum):
-                ids = next(data).to(device)
-                logits = engine(ids).logits
-                ce = cross_entropy(logits, ids)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(ids).logits
-                    kl = distillation_kl(logits, teacher_logits, opts.distill_temperature)
-                    loss = (1 - opts.distill_alpha) * ce + opts.distill_alpha * kl
-                else:
-                    kl, loss = torch.zeros(()), ce
-                values = _all_reduce([loss.item(), ce.item(), kl.item()])
-                if not all(math.isfinite(v) for v in values):
-                    kept = _checkpoints(opts.save_dir)
-                    raise BitconvertError(
-                        f"loss became {values[0]} at step {step + 1} (lr {lr:.3g}, lambda {lam:.3f}); stopped without "
-                        f"saving. Last good checkpoint: {kept[-1] if kept else 'none'}; continue with --resume and a "
-                        f"lower --lr")
-                engine.backward(loss)
-                engine.step()
-                sums = [s + v / world / accum for s, v in zip(sums, values)]
+            try:
+                sums = train_step(engine, teacher, data, accum, world, device, opts)
+            except FloatingPointError as exc:
+                kept = _checkpoints(opts.save_dir)
+                raise BitconvertError(
+                    f"loss became {exc} at step {step + 1} (lr {lr:.3g}, lambda {lam:.3f}); stopped without saving. "
+                    f"Last good checkpoint: {kept[-1] if kept else 'none'}; continue with --resume and a lower --lr"
+                ) from None
             step += 1
             seconds = time.perf_counter() - started
             record = dict(kind="train", step=step, loss=sums[0], ce=sums[1], kl=sums[2], lr=lr, quant_lambda=lam,
@@ -293,19 +303,25 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
 
     history = []
     if rank == 0:
-        set_quant_lambda(engine.module, 1.0)
-        engine.module.config.use_cache = True
-        history = read_log(opts.save_dir / "log.jsonl")
-        report = Report(source=source.display, options={**asdict(opts), "training": {
-            "steps": step, "tokens": step * tokens_per_step, "world_size": world, "deepspeed_config": config}})
-        report.options = json.loads(json.dumps(report.options, default=str))
-        started = time.perf_counter()
-        with atomic_output_dir(opts.out, opts.overwrite) as tmp:
-            write_trained_model(engine.module, tmp, tokenizer=tokenizer, sub_norm=opts.sub_norm,
-                                weight_scale_method=opts.weight_scale, report=report)
-            plot_loss_curve(history, tmp / "loss_curve.png")
-            shutil.copy(opts.save_dir / "log.jsonl", tmp / "train_log.jsonl")
-            report.seconds = time.perf_counter() - started
-            report.write(tmp)
+        training = {"steps": step, "tokens": step * tokens_per_step, "world_size": world, "deepspeed_config": config}
+        history = _write_output(engine.module, tokenizer, opts, source.display, training)
     dist.barrier()
     return FinetuneResult(opts.out, step, "", history)
+
+
+def _write_output(model, tokenizer, opts: FinetuneOptions, source: str, training: dict) -> list[dict]:
+    """Write ``opts.out`` atomically (the model at lambda = 1, latent/, loss curve, step log, report); returns the log."""
+    set_quant_lambda(model, 1.0)
+    model.config.use_cache = True
+    history = read_log(opts.save_dir / "log.jsonl")
+    options = json.loads(json.dumps({**asdict(opts), "training": training}, default=str))
+    report = Report(source=source, options=options)
+    started = time.perf_counter()
+    with atomic_output_dir(opts.out, opts.overwrite) as tmp:
+        write_trained_model(model, tmp, tokenizer=tokenizer, sub_norm=opts.sub_norm,
+                            weight_scale_method=opts.weight_scale, report=report)
+        plot_loss_curve(history, tmp / "loss_curve.png")
+        shutil.copy(opts.save_dir / "log.jsonl", tmp / "train_log.jsonl")
+        report.seconds = time.perf_counter() - started
+        report.write(tmp)
+    return history
