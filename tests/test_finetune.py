@@ -226,8 +226,16 @@ def test_two_processes_with_zero2(tiny_src, text_file, tmp_path):
                "--deepspeed", str(config), "--max-steps", "6", "--seq-len", "32", "--batch-size", "2",
                "--lr", "3e-3", "--lr-warmup-steps", "1", "--warmup-quant-steps", "2", "--heldout-sequences", "4",
                "--eval-every", "3", "--quiet"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # own process group, so that a hang kills torchrun's workers too instead of orphaning them
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        raise
+    assert launcher.returncode == 0, stderr[-3000:]
     records = read_log(tmp_path / "out-checkpoints" / "log.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 6 and train[0]["tokens"] == 2 * 2 * 32  # two processes x micro-batch 2 x 32 tokens
