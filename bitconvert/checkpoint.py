@@ -112,6 +112,28 @@ def output_config(source_config: dict, *, sub_norm: bool, dtype: torch.dtype):
     return config
 
 
+def write_converted_tensors(folder: Path, named_tensors, report: "Report", *, weight_scale_method: str,
+                            dtype: torch.dtype, shard_bytes: int) -> None:
+    """Write ``(name, tensor)`` pairs as the converted folder's shards: projection weights ternarized and packed (plus
+    their ``weight_scale`` = 1/g), everything else cast to ``dtype``; fills ``report`` layers, sizes and counts.
+
+    Shared by conversion (tensors streamed from the source) and fine-tuning (the trained model's latent tensors).
+    """
+    writer = ShardWriter(folder, shard_bytes)
+    for name, tensor in named_tensors:
+        if is_ternary_weight(name):
+            quantized = quantize_weight_tensor(name, tensor, weight_scale_method)
+            writer.add(name, quantized.packed)
+            writer.add(name.removesuffix("weight") + "weight_scale", quantized.inverse_scale)
+            report.layers.append(quantized.stats)
+            report.parameters_converted += tensor.numel()
+        else:
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        del tensor
+    writer.finish()
+    report.bytes_after = writer.total_bytes
+
+
 class ShardWriter:
     """Writes tensors into safetensors shards of at most ``max_bytes`` each (a single tensor may exceed it).
 

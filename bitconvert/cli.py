@@ -16,6 +16,7 @@ from .errors import BitconvertError
 
 VERB_MODULES = {
     "convert": "bitconvert.convert.cli",
+    "finetune": "bitconvert.finetune.cli",
     "ppl": "bitconvert.ppl_cli",
     "eval": "bitconvert.eval.cli",
     "export": "bitconvert.export.cli",
@@ -27,6 +28,7 @@ examples:
   bitconvert smollm2-135m --out ternary-smollm2          convert (the verb 'convert' may be omitted)
   bitconvert meta-llama/Llama-2-7b-hf --out ternary-7b    from the hub (needs a network and access)
   bitconvert ./llama-folder --out ternary --sub-norm      add SubLN (then fine-tune)
+  bitconvert finetune smollm2-135m --out qat-smollm2 --max-steps 1000 --distill    QAT with DeepSpeed
   bitconvert ppl ternary-smollm2                          perplexity on held-out LAMBADA text
   bitconvert ppl smollm2-135m --text book.txt             the full-precision source, your text
   bitconvert eval ternary-smollm2 --baseline smollm2-135m  zero-shot on the seven tasks, side by side

@@ -17,14 +17,13 @@ from tqdm.auto import tqdm
 from ..checkpoint import (
     DTYPES,
     Report,
-    ShardWriter,
     atomic_output_dir,
     check_destination,
     is_ternary_weight,
     output_config,
-    quantize_weight_tensor,
     save_tokenizer_and_generation_config,
     sub_norm_names,
+    write_converted_tensors,
 )
 from ..errors import BitconvertError
 from ..sources import Source, load_full_precision, read_config_dict, resolve_source
@@ -108,25 +107,17 @@ def convert(source: str | Source, out: str | Path, options: ConvertOptions = Con
     if not any(is_ternary_weight(name) for name in names):
         raise BitconvertError(f"{source.display} has no attention/MLP projection weights to convert")
 
-    with atomic_output_dir(out, overwrite) as tmp:
-        writer = ShardWriter(tmp, options.shard_bytes)
+    def source_tensors():
         for name in tqdm(names, desc="converting", unit="tensor", disable=not progress):
             report.bytes_before += reader.nbytes(name)
-            tensor = reader.get(name)
-            if is_ternary_weight(name):
-                quantized = quantize_weight_tensor(name, tensor, options.weight_scale)
-                writer.add(name, quantized.packed)
-                writer.add(name.removesuffix("weight") + "weight_scale", quantized.inverse_scale)
-                report.layers.append(quantized.stats)
-                report.parameters_converted += tensor.numel()
-            else:
-                writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-            del tensor
+            yield name, reader.get(name)
         if options.sub_norm:
             for name, size_key in sub_norm_names(config.num_hidden_layers):
-                writer.add(name, torch.ones(getattr(config, size_key), dtype=dtype))
-        writer.finish()
-        report.bytes_after = writer.total_bytes
+                yield name, torch.ones(getattr(config, size_key), dtype=dtype)
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_converted_tensors(tmp, source_tensors(), report, weight_scale_method=options.weight_scale, dtype=dtype,
+                                shard_bytes=options.shard_bytes)
         config.save_pretrained(tmp)
         save_tokenizer_and_generation_config(tmp, tokenizer, generation_config)
         report.seconds = time.perf_counter() - started
