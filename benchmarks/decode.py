@@ -51,24 +51,23 @@ def synthetic_7b(ternary: bool):
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(0)
-    if ternary:
-        for name, _, module in list(ternary_projections(model)):
-            packed = PackedBitLinear(module.in_features, module.out_features)
-            codes = torch.randint(-1, 2, (module.out_features, module.in_features), dtype=torch.int8, generator=generator)
-            packed.weight = pack_ternary(codes)
-            packed.weight_scale = torch.tensor([50.0])
-            model.set_submodule(name, packed)
-    model.to_empty(device="cpu")
+        projections = list(ternary_projections(model)) if ternary else []
+        for name, _, module in projections:
+            model.set_submodule(name, PackedBitLinear(module.in_features, module.out_features))
     if not ternary:
         model.to(torch.bfloat16)
+    model.to_empty(device="cpu")  # allocates (fp32 7B would need 27 GB: bf16 or 2-bit projections only)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers were on meta
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parameter.copy_(torch.ones_like(parameter) if "norm" in name else torch.randn_like(parameter) * 0.02)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers were on meta
-    for module in model.modules():
-        if isinstance(module, PackedBitLinear):
-            bitlinear.get_backend().prepare(module)
+    for name, _, module in projections:
+        packed = model.get_submodule(name)
+        codes = torch.randint(-1, 2, (module.out_features, module.in_features), dtype=torch.int8, generator=generator)
+        packed.weight = pack_ternary(codes)
+        packed.weight_scale = torch.tensor([50.0])
+        bitlinear.get_backend().prepare(packed)
     return model.eval()
 
 
