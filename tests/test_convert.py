@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitNetForCausalLM, LlamaForCausalLM
 
-import bitconvert.convert.pipeline as pipeline
+import bitconvert.checkpoint as checkpoint
 from bitconvert import PackedBitLinear, TernaryConfig, quantize_
 from bitconvert.cli import main
 from bitconvert.load import load
@@ -216,7 +216,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_conversion_leaves_nothing(interrupt, tiny_llama, tmp_path, capsys, monkeypatch):
     calls = []
-    original = pipeline.quantize_weight_tensor
+    original = checkpoint.quantize_weight_tensor
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -224,7 +224,7 @@ def test_interrupted_conversion_leaves_nothing(interrupt, tiny_llama, tmp_path, 
             raise interrupt("stop")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "quantize_weight_tensor", failing)
+    monkeypatch.setattr(checkpoint, "quantize_weight_tensor", failing)
     out = tmp_path / "out"
     if interrupt is KeyboardInterrupt:
         code, _, err = _run(capsys, tiny_llama, "--out", out, "--quiet")
