@@ -116,7 +116,7 @@ class BitLinear(nn.Linear):
         if weight_scale_method not in WEIGHT_SCALE_METHODS:
             raise ValueError(f"weight_scale_method must be one of {WEIGHT_SCALE_METHODS}, got {weight_scale_method!r}")
         self.weight_scale_method = weight_scale_method
-        self.sub_norm = RMSNorm(in_features, sub_norm_eps).to(device=device) if sub_norm else None
+        self.sub_norm = RMSNorm(in_features, sub_norm_eps).to(device=device, dtype=dtype) if sub_norm else None
         self.quant_lambda = quant_lambda
 
     @property
@@ -136,7 +136,7 @@ class BitLinear(nn.Linear):
         module.weight = linear.weight
         module.bias = linear.bias
         if module.sub_norm is not None:
-            module.sub_norm = RMSNorm(linear.in_features, module.sub_norm.eps).to(linear.weight.device)
+            module.sub_norm = RMSNorm(linear.in_features, module.sub_norm.eps).to(linear.weight.device, linear.weight.dtype)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +170,13 @@ class TernaryBackend(Protocol):
 def int_matmul_reference(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     """Exact ``x_q @ T^T``: int8 (N, in) x int8 (out, in) -> int32 (N, out), with int32 accumulation.
 
-    ``torch._int_mm`` (oneDNN) returns wrong values when ``in == 1``; that shape takes a plain int32 matmul."""
+    ``torch._int_mm`` (oneDNN) returns wrong values when ``in == 1``; that shape takes a plain int32 matmul.
+    Off the CPU (where ``_int_mm`` has shape limits) the product runs in fp32, exact while ``|acc| <= 128 * in``
+    stays below 2^24, i.e. ``in < 131072``."""
+    if x_q.device.type != "cpu":
+        if x_q.shape[1] >= 1 << 17:
+            raise ValueError(f"in_features {x_q.shape[1]} is too large for the exact fp32 product off the CPU")
+        return (x_q.float() @ ternary.float().t()).int()
     if x_q.shape[1] == 1:
         return x_q.int() @ ternary.int().t()
     return torch._int_mm(x_q.contiguous(), ternary.t())
@@ -191,6 +197,7 @@ class ReferenceBackend:
 
 
 _backend: TernaryBackend | None = None
+_OFF_CPU_BACKEND = ReferenceBackend()
 
 
 def set_backend(backend: TernaryBackend) -> None:
@@ -245,6 +252,7 @@ class PackedBitLinear(nn.Module):
             packed.bias = module.bias.detach().clone()
         if module.sub_norm is not None:
             packed.sub_norm.load_state_dict(module.sub_norm.state_dict())
+            packed.sub_norm.to(module.sub_norm.weight.dtype)
         get_backend().prepare(packed)
         return packed
 
@@ -256,7 +264,8 @@ class PackedBitLinear(nn.Module):
         if self.sub_norm is not None:
             x = self.sub_norm(x)
         flat = x.reshape(-1, self.in_features)
-        y = get_backend().linear(flat, self).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        backend = get_backend() if flat.device.type == "cpu" else _OFF_CPU_BACKEND  # the kernels are CPU code
+        y = backend.linear(flat, self).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

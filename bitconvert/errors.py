@@ -3,3 +3,9 @@
 
 class BitconvertError(Exception):
     """A problem with the user's input or environment; the message names the problem and the fix."""
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

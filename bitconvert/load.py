@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from .bitlinear import PackedBitLinear, get_backend
-from .errors import BitconvertError
+from .errors import BitconvertError, reason
 
 
 def is_converted_folder(path: str | Path) -> bool:
@@ -57,7 +57,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None):
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
     except (OSError, ValueError, RuntimeError) as exc:
-        raise BitconvertError(f"cannot load '{path}': {str(exc).splitlines()[0]}") from None
+        raise BitconvertError(f"cannot load '{path}': {reason(exc)}") from None
     finally:
         quiet.setLevel(previous)
     scales = _file_scales(folder)
@@ -86,7 +86,7 @@ def load_for_inference(spec: str, dtype=None):
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec)
         except Exception as exc:
-            raise BitconvertError(f"'{spec}' has no usable tokenizer ({str(exc).splitlines()[0]})") from None
+            raise BitconvertError(f"'{spec}' has no usable tokenizer ({reason(exc)})") from None
         return model, tokenizer
     return load_full_precision(resolve_source(spec), dtype=dtype)
 

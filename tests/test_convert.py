@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitNetForCausalLM, LlamaForCausalLM
 
+import bitconvert
 import bitconvert.checkpoint as checkpoint
 from bitconvert import PackedBitLinear, TernaryConfig, quantize_
 from bitconvert.cli import main
@@ -176,6 +177,8 @@ BAD_INPUTS = {
     "truncated safetensors": (lambda src, tmp: _truncated_model(src, tmp / "truncated"), "truncated or corrupt"),
     "pickled weights": (lambda src, tmp: _pickled_model(src, tmp / "pickled"), "--allow-pickle"),
     "a text file": (lambda src, tmp: (tmp / "notes.txt").write_text("x") and tmp / "notes.txt", "not a .gguf"),
+    "an already converted folder": (lambda src, tmp: bitconvert.convert(src, tmp / "done", progress=False).out,
+                                    "already quantized (bitnet)"),
 }
 
 

@@ -245,7 +245,7 @@ def test_two_processes_with_zero2(tiny_src, text_file, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "jsonl-field", "bad-json-config", "rejected-config",
-                                  "seq-len", "existing-out"])
+                                  "seq-len", "existing-out", "zero-steps"])
 def test_bad_inputs_fail_with_one_line_and_write_nothing(case, tiny_src, text_file, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["finetune", str(tiny_src), "--out", str(out), "--data", str(text_file), "--max-steps", "2",
@@ -254,6 +254,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(case, tiny_src, text_fi
         "missing": "does not exist", "empty": "fewer than 32 training tokens", "jsonl-field": "no 'text' field",
         "bad-json-config": "not valid JSON", "rejected-config": "DeepSpeed rejected config",
         "seq-len": "exceeds the model's maximum of 256", "existing-out": "already exists",
+        "zero-steps": "--max-steps must be at least 1",
     }[case]
     if case == "missing":
         args[args.index("--data") + 1] = str(tmp_path / "nope.txt")
@@ -273,6 +274,8 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(case, tiny_src, text_fi
         args[args.index("--seq-len") + 1] = "512"
     elif case == "existing-out":
         out.mkdir()
+    elif case == "zero-steps":
+        args[args.index("--max-steps") + 1] = "0"
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err

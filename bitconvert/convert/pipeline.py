@@ -25,7 +25,7 @@ from ..checkpoint import (
     sub_norm_names,
     write_converted_tensors,
 )
-from ..errors import BitconvertError
+from ..errors import BitconvertError, reason
 from ..sources import Source, load_full_precision, read_config_dict, resolve_source
 from .readers import SafetensorsReader, StateDictReader
 
@@ -62,7 +62,7 @@ def _load_tokenizer_and_generation_config(source: Source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.folder)
         except Exception as exc:  # a weights-only checkpoint still converts; say what is missing
-            warnings.warn(f"cannot load the tokenizer of {source.display} ({str(exc).splitlines()[0]}); "
+            warnings.warn(f"cannot load the tokenizer of {source.display} ({reason(exc)}); "
                           "the output will have none")
     try:
         generation_config = GenerationConfig.from_pretrained(source.folder)
@@ -102,14 +102,14 @@ def convert(source: str | Source, out: str | Path, options: ConvertOptions = Con
         reader = SafetensorsReader(source.folder)
         tokenizer, generation_config = _load_tokenizer_and_generation_config(source)
     config = output_config(source_config, sub_norm=options.sub_norm, dtype=dtype)
-    report = Report(source=source.display, options={**asdict(options), "dtype": str(dtype).removeprefix("torch.")})
+    report = Report(source=source.display, options={**asdict(options), "dtype": str(dtype).removeprefix("torch.")},
+                    bytes_before=source.weight_bytes())
     names = reader.names()
     if not any(is_ternary_weight(name) for name in names):
         raise BitconvertError(f"{source.display} has no attention/MLP projection weights to convert")
 
     def source_tensors():
         for name in tqdm(names, desc="converting", unit="tensor", disable=not progress):
-            report.bytes_before += reader.nbytes(name)
             yield name, reader.get(name)
         if options.sub_norm:
             for name, size_key in sub_norm_names(config.num_hidden_layers):

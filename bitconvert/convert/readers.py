@@ -1,6 +1,6 @@
 """Tensor readers for conversion: stream a safetensors checkpoint one tensor at a time, or walk a loaded model.
 
-Both expose ``names()`` (in storage order), ``get(name)`` and ``nbytes(name)``. The safetensors reader opens the file
+Both expose ``names()`` (in storage order) and ``get(name)``. The safetensors reader opens the file
 for each tensor and closes it afterwards, so the pages a read touched are unmapped again: resident memory stays at
 about one tensor, not the whole file.
 """
@@ -14,10 +14,6 @@ import torch
 from safetensors import safe_open
 
 from ..errors import BitconvertError
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 def _header(path: Path) -> dict:
     """The safetensors JSON header of ``path`` (8-byte little-endian length, then JSON), checked against the file size."""
@@ -47,7 +43,6 @@ class SafetensorsReader:
         else:
             files = sorted(folder.glob("*.safetensors"))
         self.location: dict[str, Path] = {}
-        self.info: dict[str, dict] = {}
         for path in files:
             if not path.is_file():
                 raise BitconvertError(f"shard '{path.name}' listed in the index is missing from {folder}; re-download the model")
@@ -55,19 +50,11 @@ class SafetensorsReader:
                 header = _header(path)
             except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise BitconvertError(f"'{path}' is truncated or corrupt ({exc}); re-download it") from None
-            for name, info in header.items():
+            for name in header:
                 self.location[name] = path
-                self.info[name] = info
 
     def names(self) -> list[str]:
         return list(self.location)
-
-    def nbytes(self, name: str) -> int:
-        info = self.info[name]
-        count = 1
-        for dim in info["shape"]:
-            count *= dim
-        return count * DTYPE_BYTES.get(info["dtype"], 4)
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -88,10 +75,6 @@ class StateDictReader:
 
     def names(self) -> list[str]:
         return list(self.state)
-
-    def nbytes(self, name: str) -> int:
-        tensor = self.state[name]
-        return tensor.numel() * tensor.element_size()
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import BitconvertError
+from ..errors import BitconvertError, reason
 from .tasks import DEFAULT_TASKS, choose_data, parse_tasks, standard_yaml, write_offline_tasks
 
 SAMPLE_REQUESTS = 16  # requests per task whose token length sets the timed forward pass
@@ -79,7 +79,7 @@ def evaluate_model(spec: str, kind: str, task_files: list[Path], names: list[str
     try:
         tasks = manager.load([str(path) for path in task_files])["tasks"]
     except ConnectionError as exc:  # --online without a network, or the hub is down
-        raise BitconvertError(f"cannot fetch the task data ({str(exc).splitlines()[0]}); use --offline") from None
+        raise BitconvertError(f"cannot fetch the task data ({reason(exc)}); use --offline") from None
     lm = BitconvertLM(pretrained=spec, batch_size=batch_size)
     guess = estimate(lm, tasks, limit)
     log(f"{spec} ({kind}): {len(names)} tasks, {guess['items']:,} items, {guess['requests']:,} requests; "

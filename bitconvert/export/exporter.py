@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BitconvertError
+from ..errors import BitconvertError, reason
 from .decoder import INPUT_NAMES, KVCacheDecoder, cache_names
 from .modules import OPS, replace_bitlinears
 from .ops import DOMAIN, MS_DOMAIN, OP_VERSION, TRANSLATIONS
@@ -114,7 +114,7 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
             while root.__cause__ is not None:
                 root = root.__cause__
             raise BitconvertError(f"the ONNX exporter failed on '{model_path}': {type(root).__name__}: "
-                                  f"{str(root).splitlines()[0]}") from exc
+                                  f"{reason(root)}") from exc
     _name_dims(program.model.graph)
     if replaced:
         _declare_opsets(program, op)

@@ -29,7 +29,7 @@ def run(args) -> int:
     import time
     from pathlib import Path
 
-    from ..errors import BitconvertError
+    from ..errors import BitconvertError, reason
     from .generate import OnnxDecoder, Sampling
     from .runtime import session
 
@@ -42,7 +42,7 @@ def run(args) -> int:
     try:
         tokenizer = AutoTokenizer.from_pretrained(Path(args.model).parent)
     except Exception as exc:
-        raise BitconvertError(f"no usable tokenizer beside '{args.model}' ({str(exc).splitlines()[0]})") from None
+        raise BitconvertError(f"no usable tokenizer beside '{args.model}' ({reason(exc)})") from None
     prompt = tokenizer(args.prompt)["input_ids"]
     eos = tokenizer.eos_token_id
     start = time.perf_counter()

@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..errors import BitconvertError
+from ..errors import BitconvertError, reason
 from ..kernels import CFLAGS as CORE_FLAGS
 from ..kernels import CSRC as CORE_DIR
 from .ops import DOMAIN
@@ -168,8 +168,8 @@ def session(path: str | os.PathLike, options=None, library: str | os.PathLike | 
         try:
             options.register_custom_ops_library(library)
         except Exception as exc:
-            raise BitconvertError(f"cannot load the TernaryMatMul library '{library}': {str(exc).splitlines()[0]}") from None
+            raise BitconvertError(f"cannot load the TernaryMatMul library '{library}': {reason(exc)}") from None
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise BitconvertError(f"ONNX Runtime cannot run '{path}': {str(exc).splitlines()[0]}") from None
+        raise BitconvertError(f"ONNX Runtime cannot run '{path}': {reason(exc)}") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BitconvertError
+from ..errors import BitconvertError, reason
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -84,8 +84,7 @@ def _hub_documents(name: str, field: str) -> Iterator[str]:
     try:
         stream = datasets.load_dataset(dataset_name, config or None, split="train", streaming=True)
     except Exception as exc:  # offline, missing, gated: one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BitconvertError(f"cannot stream dataset '{name}' from the hub ({reason}); pass local files instead") from None
+        raise BitconvertError(f"cannot stream dataset '{name}' from the hub ({reason(exc)}); pass local files instead") from None
     for record in stream:
         if field not in record:
             raise BitconvertError(f"dataset '{name}' has no '{field}' field; name the text field with --text-field")

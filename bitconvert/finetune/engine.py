@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BitconvertError
+from ..errors import BitconvertError, reason
 from .schedule import lr_multiplier
 
 ADAM_BETAS = (0.9, 0.95)  # from-scratch BitNet recipes
@@ -148,9 +148,8 @@ def adamw8bit(groups: list[dict], hp: TrainingHyperparameters, device: torch.dev
     try:
         bnb.optim.AdamW8bit([probe], lr=hp.lr).step()
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BitconvertError(
-            f"--optim adamw8bit: bitsandbytes cannot run 8-bit AdamW on {device.type} here ({reason}); use --optim adamw"
+            f"--optim adamw8bit: bitsandbytes cannot run 8-bit AdamW on {device.type} here ({reason(exc)}); use --optim adamw"
         ) from None
     return bnb.optim.AdamW8bit(groups, lr=hp.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=hp.weight_decay)
 
@@ -175,6 +174,5 @@ def initialize(model: torch.nn.Module, config: dict, hp: TrainingHyperparameters
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                           lr_scheduler=scheduler, config=config)
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BitconvertError(f"DeepSpeed rejected config '{path}': {reason}") from None
+        raise BitconvertError(f"DeepSpeed rejected config '{path}': {reason(exc)}") from None
     return engine, device

@@ -120,6 +120,8 @@ def _validate(opts: FinetuneOptions) -> None:
     positive = {"--seq-len": opts.seq_len, "--batch-size": opts.batch_size, "--grad-accum": opts.grad_accum,
                 "--save-every": opts.save_every, "--eval-every": opts.eval_every,
                 "--keep-checkpoints": opts.keep_checkpoints, "--heldout-sequences": opts.heldout_sequences}
+    optional_positive = {"--max-steps": opts.max_steps, "--max-tokens": opts.max_tokens, "--stop-after": opts.stop_after}
+    positive.update({flag: value for flag, value in optional_positive.items() if value is not None})
     for flag, value in positive.items():
         if value < 1:
             raise BitconvertError(f"{flag} must be at least 1, got {value}")
@@ -234,7 +236,10 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     user_config = ds.read_user_config(opts.deepspeed_config) if opts.deepspeed_config else None
     micro, accum = ds.batch_shape(user_config, opts.batch_size, opts.grad_accum, opts.deepspeed_config)
     tokens_per_step = micro * accum * world * opts.seq_len
-    total_steps = opts.max_steps or (math.ceil(opts.max_tokens / tokens_per_step) if opts.max_tokens else 1000)
+    if opts.max_steps is not None:
+        total_steps = opts.max_steps
+    else:
+        total_steps = math.ceil(opts.max_tokens / tokens_per_step) if opts.max_tokens is not None else 1000
     hp = ds.TrainingHyperparameters(opts.batch_size, opts.grad_accum, opts.lr, opts.min_lr_ratio, opts.lr_warmup_steps,
                                     opts.weight_decay, opts.grad_clip, opts.optim, total_steps)
     config_name = opts.deepspeed_config or "generated"
@@ -257,7 +262,7 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
         log = StepLog(opts.save_dir / "log.jsonl", resume_step=step)
     data = batches(corpus.train(skip=step * micro * accum * world, rank=rank, world=world), micro)
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", disable=not opts.progress or rank != 0)
-    stop_at = step + opts.stop_after if opts.stop_after else total_steps
+    stop_at = step + opts.stop_after if opts.stop_after is not None else total_steps
     stopped, last_saved = "", step
 
     with StopRequest() as stop:
