@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -61,16 +62,27 @@ def _name_dims(graph) -> None:
 
 
 def _save(program, out: Path) -> None:
-    """Write ``out`` (and ``out.data`` when the initializers reach protobuf's 2 GB) and check it."""
+    """Write ``out`` (and ``out.data`` when the initializers reach protobuf's 2 GB) atomically: into a temporary
+    folder beside it, checked there, then renamed into place, so a failure leaves any earlier file untouched."""
     import onnx
 
     size = sum(value.const_value.nbytes for value in program.model.graph.initializers.values()
                if value.const_value is not None)
     external = size >= PROTOBUF_LIMIT
-    for stale in (out, out.with_name(out.name + ".data")):
-        stale.unlink(missing_ok=True)
-    program.save(str(out), external_data=external)
-    onnx.checker.check_model(str(out) if external else onnx.load(str(out)), full_check=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
+        staged = Path(tmp) / out.name
+        program.save(str(staged), external_data=external)
+        try:
+            onnx.checker.check_model(str(staged) if external else onnx.load(str(staged)), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise BitconvertError(f"the exported graph fails onnx.checker ({reason(exc)}); please report it") from None
+        data = out.with_name(out.name + ".data")
+        if external:
+            os.replace(staged.with_name(out.name + ".data"), data)
+        else:
+            data.unlink(missing_ok=True)
+        os.replace(staged, out)
 
 
 def _declare_opsets(program, op: str) -> None:
@@ -98,7 +110,6 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     out = Path(out)
     if out.suffix != ".onnx":
         raise BitconvertError(f"--out must name a .onnx file, got '{out}'")
-    out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_inference(str(model_path), dtype=torch.float32)
     model = model.eval()
     converted = is_converted_folder(model_path)
