@@ -73,11 +73,16 @@ def run(args) -> int:
     report = result.report
     zero = sum(layer["zero_fraction"] for layer in report.layers) / len(report.layers)
     error = sum(layer["relative_error"] for layer in report.layers) / len(report.layers)
+    ratio = report.bytes_before / max(report.bytes_after, 1)
+    if ratio >= 1:
+        change = f"{ratio:.1f}x smaller"
+    else:  # a quantized source (GGUF): the parts kept in high precision are stored in --dtype
+        change = f"{1 / ratio:.1f}x larger: embeddings, norms and lm_head are stored as {report.options['dtype']}"
     print(
         f"converted {report.parameters_converted:,} parameters in {len(report.layers)} projections "
         f"({zero:.1%} zeros, mean relative error {error:.3f})\n"
-        f"size {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
-        f"({report.bytes_before / max(report.bytes_after, 1):.1f}x smaller) in {report.seconds:.1f} s\n"
+        f"weights on disk {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} ({change}) "
+        f"in {report.seconds:.1f} s\n"
         f"wrote {result.out}  (load: bitconvert.load('{result.out}') or AutoModelForCausalLM.from_pretrained)"
     )
     return 0
