@@ -182,6 +182,14 @@ def int_matmul_reference(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tens
     return torch._int_mm(x_q.contiguous(), ternary.t())
 
 
+def reference_linear(x: torch.Tensor, packed: torch.Tensor, inverse_scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """BitLinear's inference output in pure torch: float x (N, in), packed codes uint8 (ceil(out/4), in), the stored
+    scale 1/g (1,) -> fp32 (N, out) = (x_q @ T^T) / (1/g) / s."""
+    x_q, act_scale = quantize_activations(x)
+    acc = int_matmul_reference(x_q, unpack_ternary(packed, out_features))
+    return acc.float() / inverse_scale / act_scale
+
+
 class ReferenceBackend:
     """Pure-torch path: unpack the 2-bit codes on every call (nothing cached), int8 x int8 -> int32 matmul."""
 
@@ -191,9 +199,7 @@ class ReferenceBackend:
         return None
 
     def linear(self, x: torch.Tensor, module: "PackedBitLinear") -> torch.Tensor:
-        x_q, act_scale = quantize_activations(x)
-        acc = int_matmul_reference(x_q, unpack_ternary(module.weight, module.out_features))
-        return acc.float() / module.weight_scale / act_scale
+        return reference_linear(x, module.weight, module.weight_scale, module.out_features)
 
 
 _backend: TernaryBackend | None = None

@@ -23,8 +23,7 @@ import onnxscript
 import torch
 from onnx import defs
 
-from ..bitlinear import int_matmul_reference, quantize_activations
-from ..packing import unpack_ternary
+from ..bitlinear import reference_linear
 
 DOMAIN = "com.bitconvert"
 OP_NAME = "TernaryMatMul"
@@ -38,9 +37,8 @@ _microsoft_opset = onnxscript.values.Opset(MS_DOMAIN, 1)
 @torch.library.custom_op("bitconvert_export::ternary_matmul", mutates_args=())
 def ternary_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_features: int) -> torch.Tensor:
     """BitLinear's inference product (pure torch, exact integer part); see the module docstring."""
-    x_q, act_scale = quantize_activations(x.reshape(-1, x.shape[-1]))
-    acc = int_matmul_reference(x_q, unpack_ternary(weight, out_features))
-    return (acc.float() / weight_scale / act_scale).reshape(*x.shape[:-1], out_features)
+    return reference_linear(x.reshape(-1, x.shape[-1]), weight, weight_scale, out_features).reshape(
+        *x.shape[:-1], out_features)
 
 
 @ternary_matmul.register_fake
