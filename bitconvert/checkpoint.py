@@ -40,6 +40,14 @@ BITNET_CONFIG_FIELDS = (
 )
 
 
+def untied_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model``'s tensors (detached) without ``lm_head.weight`` when it is tied to the embeddings (saved once)."""
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
 def is_ternary_weight(name: str) -> bool:
     """True for the weight of an attention or MLP projection inside a decoder layer."""
     return TERNARY_WEIGHT.match(name) is not None

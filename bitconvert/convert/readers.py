@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..checkpoint import untied_state_dict
 from ..errors import BitconvertError
 
 def _header(path: Path) -> dict:
@@ -68,10 +69,7 @@ class StateDictReader:
     """Walks the state dict of a model already in memory (GGUF sources, pickled checkpoints); skips tied copies."""
 
     def __init__(self, model):
-        state = model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        self.state = state
+        self.state = untied_state_dict(model)
 
     def names(self) -> list[str]:
         return list(self.state)

@@ -16,7 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import Report, output_config, save_tokenizer_and_generation_config, write_converted_tensors
+from ..checkpoint import (
+    Report,
+    output_config,
+    save_tokenizer_and_generation_config,
+    untied_state_dict,
+    write_converted_tensors,
+)
 from ..errors import BitconvertError
 
 LATENT_DIR = "latent"
@@ -25,13 +31,6 @@ SUB_NORM_RENAMES = (
     (".mlp.down_proj.sub_norm.weight", ".mlp.ffn_sub_norm.weight"),
 )
 TRAINING_SUB_NORM_SUFFIX = ".sub_norm.weight"
-
-
-def _trained_state(model) -> dict[str, torch.Tensor]:
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return state
 
 
 def converted_tensors(state: dict[str, torch.Tensor]):
@@ -46,9 +45,9 @@ def converted_tensors(state: dict[str, torch.Tensor]):
 def write_trained_model(model, folder: Path, *, tokenizer, sub_norm: bool, weight_scale_method: str, report: Report,
                         shard_bytes: int = 1 << 30) -> None:
     """Write the trained ``model`` (training-mode BitLinear inside) into ``folder``: converted format + ``latent/``."""
-    state = _trained_state(model)
+    state = untied_state_dict(model)
     source_config = model.config.to_dict()
-    dtype = next(iter(state.values())).dtype
+    dtype = model.dtype
     config = output_config(source_config, sub_norm=sub_norm, dtype=dtype)
     write_converted_tensors(folder, converted_tensors(state), report, weight_scale_method=weight_scale_method,
                             dtype=dtype, shard_bytes=shard_bytes)
