@@ -80,8 +80,12 @@ def _download_debian_headers(target: Path) -> None:
                 raise BitconvertError(
                     f"could not fetch {HEADERS_PACKAGE} from Debian {HEADERS_SUITE} ({result.stderr.strip()[-200:]}); "
                     "set ORT_INCLUDE_DIR to an onnxruntime include folder instead")
-        package = next(work.glob(f"{HEADERS_PACKAGE}_*.deb"))
-        subprocess.run(["dpkg", "-x", str(package), str(work / "root")], check=True)
+        package = next(work.glob(f"{HEADERS_PACKAGE}_*.deb"), None)
+        unpacked = package and subprocess.run(["dpkg", "-x", str(package), str(work / "root")], capture_output=True)
+        if not unpacked or unpacked.returncode != 0:
+            raise BitconvertError(
+                f"could not unpack {HEADERS_PACKAGE} from Debian {HEADERS_SUITE} (the Debian keyring and apt are "
+                "needed); set ORT_INCLUDE_DIR to an onnxruntime include folder instead")
         staged = target.with_name(target.name + ".partial")
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(work / "root" / "usr" / "include" / "onnxruntime", staged)
