@@ -48,6 +48,17 @@ def untied_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_tensors_with_suffix(folder: Path, suffix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``folder``'s safetensors shards whose name ends with ``suffix``, as stored."""
+    from safetensors import safe_open
+
+    found = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            found.update({name: handle.get_tensor(name) for name in handle.keys() if name.endswith(suffix)})
+    return found
+
+
 def is_ternary_weight(name: str) -> bool:
     """True for the weight of an attention or MLP projection inside a decoder layer."""
     return TERNARY_WEIGHT.match(name) is not None

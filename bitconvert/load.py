@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .bitlinear import PackedBitLinear, get_backend
+from .checkpoint import read_tensors_with_suffix
 from .errors import BitconvertError, reason
 
 
@@ -28,17 +28,6 @@ def is_converted_folder(path: str | Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return quantization.get("quant_method") == "bitnet"
-
-
-def _file_scales(folder: Path) -> dict[str, torch.Tensor]:
-    """Every ``*.weight_scale`` tensor of the folder's shards, as stored (fp32)."""
-    scales = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                if name.endswith(".weight_scale"):
-                    scales[name] = handle.get_tensor(name).float()
-    return scales
 
 
 def load(path: str | Path, dtype: torch.dtype | str | None = None):
@@ -60,13 +49,13 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None):
         raise BitconvertError(f"cannot load '{path}': {reason(exc)}") from None
     finally:
         quiet.setLevel(previous)
-    scales = _file_scales(folder)
+    scales = read_tensors_with_suffix(folder, ".weight_scale")  # as stored: fp32
     backend = get_backend()
     for name, module in list(model.named_modules()):
         if isinstance(module, HFBitLinear):
             packed = PackedBitLinear(module.in_features, module.out_features, module.bias is not None)
             packed.weight = module.weight
-            packed.weight_scale = scales[f"{name}.weight_scale"].reshape(1)
+            packed.weight_scale = scales[f"{name}.weight_scale"].float().reshape(1)
             if module.bias is not None:
                 packed.bias = module.bias
             backend.prepare(packed)

