@@ -16,6 +16,7 @@ same paths; :mod:`.decode` is the lean decoding loop built on both.
                                         isa=-1, threads=0) -> fp32 (n, out)
     torch.ops.bitconvert.int8_quantize_rows(w float (out, in)) -> (int8 (out, stride), fp32 (out,))
     torch.ops.bitconvert.int8_linear(x float (n, in), w_q, d, isa=-1, threads=0) -> fp32 (n, out)
+    torch.ops.bitconvert.rope_cache_write(qkv, cos, sin, keys, values, start, heads) -> q   (csrc/decode_ops.cpp)
     torch.ops.bitconvert.ternary_isa(name="") -> int          ("" = BITCONVERT_ISA or the best path)
     torch.ops.bitconvert.ternary_isa_supported(isa) -> bool
 
@@ -35,7 +36,7 @@ import torch
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512")
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp")
+SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp")
 # Exact float rounding: no fused multiply-add contraction, no fast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 

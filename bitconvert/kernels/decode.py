@@ -8,7 +8,8 @@ that model:
 - q/k/v and gate/up are each one ternary product (:func:`fuse_projections`): activation quantization is per token
   of the shared input, so the concatenated rows give the same int32 accumulators, and each row keeps its own
   projection's weight scale (``ternary_linear`` with one scale per row): bit for bit the separate products.
-- the KV cache is preallocated per layer, (kv_heads, max_len, head_dim), written in place; attention is one
+- the KV cache is preallocated per layer, (kv_heads, max_len, head_dim); one C++ call (``rope_cache_write``,
+  ``csrc/decode_ops.cpp``) applies the rotary embedding to q and k and writes k and v into it; attention is one
   ``scaled_dot_product_attention`` call with grouped-query heads (no repeated K/V).
 - the output projection is the model's own ``lm_head`` (exact float, or :class:`~.lm_head.Int8LmHead`), applied to
   the last position only unless all logits are asked for.
@@ -127,9 +128,8 @@ class Decoder:
                 fuse_projections([mlp.gate_proj, mlp.up_proj]),
                 fuse_projections([mlp.down_proj]),
             ))
-        positions = torch.arange(max_len)[None]
-        cos, sin = model.model.rotary_emb(self.embed[:1][None], positions)
-        self.cos, self.sin = cos[0, :, None, :].float(), sin[0, :, None, :].float()  # (max_len, 1, head_dim)
+        cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(max_len)[None])
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()  # (max_len, head_dim)
         shape = (len(self.layers), self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape)
         self.values = torch.zeros(shape)
@@ -139,14 +139,9 @@ class Decoder:
         self.position = 0
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """LlamaRMSNorm's exact sequence of fp32 operations."""
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-    def _rotate(self, x: torch.Tensor, start: int, count: int) -> torch.Tensor:
-        """Rotary embedding of x (T, heads, head_dim) at positions start.., as transformers' apply_rotary_pos_emb."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * self.cos[start:start + count] + rotated * self.sin[start:start + count]
+        """LlamaRMSNorm in one call (torch's fused rms_norm rounds as LlamaRMSNorm's fp32 sequence of operations;
+        the parity tests check it)."""
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, logits: str = "last") -> torch.Tensor:
@@ -155,19 +150,17 @@ class Decoder:
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {end} needed")
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        qk_width = (heads + kv_heads) * dim
+        rope_cache_write = torch.ops.bitconvert.rope_cache_write
         mask = None
         if count > 1 and start > 0:  # new queries see the whole cache and the causal part of themselves
             mask = torch.ones(count, end, dtype=torch.bool).tril(start)
         x = self.embed[ids]
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.input_norm))
-            qk = self._rotate(qkv[:, :qk_width].view(count, heads + kv_heads, dim), start, count)
             keys, values = self.keys[index], self.values[index]
-            keys[:, start:end] = qk[:, heads:].transpose(0, 1)
-            values[:, start:end] = qkv[:, qk_width:].view(count, kv_heads, dim).transpose(0, 1)
+            query = rope_cache_write(qkv, self.cos, self.sin, keys, values, start, heads)  # (heads, T, dim)
             attention = F.scaled_dot_product_attention(
-                qk[:, :heads].transpose(0, 1)[None], keys[None, :, :end], values[None, :, :end], attn_mask=mask,
+                query[None], keys[None, :, :end], values[None, :, :end], attn_mask=mask,
                 is_causal=count > 1 and start == 0, scale=dim ** -0.5, enable_gqa=kv_heads != heads)
             x = x + layer.o_proj(attention[0].transpose(0, 1).reshape(count, heads * dim))
             gate, up = layer.gate_up(self._norm(x, layer.post_norm)).split(layer.gate_up.sizes, dim=-1)
@@ -185,7 +178,11 @@ class Decoder:
         if len(prompt) + max_new_tokens > self.max_len:
             raise ValueError(f"prompt + new tokens = {len(prompt) + max_new_tokens} exceed the cache ({self.max_len})")
         self.reset()
-        logits = self.forward(torch.tensor(prompt))
+        return self.continue_from(self.forward(torch.tensor(prompt)), max_new_tokens, eos, sample)
+
+    def continue_from(self, logits: torch.Tensor, max_new_tokens: int, eos: tuple[int, ...] = (),
+                      sample=None) -> list[int]:
+        """New token ids after the positions already run, whose last logits are ``logits`` (vocab,)."""
         tokens: list[int] = []
         while True:
             token = int(logits.argmax()) if sample is None else int(sample(logits))
