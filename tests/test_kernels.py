@@ -250,3 +250,17 @@ def test_int8_lm_head_close_to_exact_and_option_of_load(tiny_ternary):
         want, got = exact(ids).logits, int8(ids).logits
     assert (got - want).abs().max() <= 0.05 * want.std()
     assert (got - want).abs().max() > 0  # it is quantized
+
+
+def test_operators_trace_in_torch_compile_without_graph_breaks():
+    """fullgraph=True fails on any graph break; the eager backend keeps the test fast (no code generation)."""
+    module = PackedBitLinear.from_bitlinear(BitLinear(40, 24))
+    w_q, d = kernels.int8_quantize_rows(torch.randn(10, 24))
+
+    def step(x):
+        y = torch.ops.bitconvert.ternary_linear(x, module.kernel_weight, 24, module.weight_scale, -1, 0)
+        return torch.ops.bitconvert.int8_linear(torch.relu(y), w_q, d, -1, 0)
+
+    x = torch.randn(3, 40)
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), step(x))

@@ -70,7 +70,30 @@ def load_library() -> None:
         is_python_module=False,
         verbose=False,
     )
+    _register_fake_kernels()
     _loaded = True
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only (fake/meta) versions of the compute operators, so ``torch.compile`` traces through them without
+    a graph break (the compiled graph then calls the real CPU kernels)."""
+    fake = torch.library.register_fake
+
+    @fake("bitconvert::ternary_linear")
+    def _(x, weight, out_features, weight_scale, isa=-1, threads=0):
+        return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+    @fake("bitconvert::ternary_matmul_int")
+    def _(x_q, weight, out_features, isa=-1, threads=0):
+        return x_q.new_empty((x_q.shape[0], out_features), dtype=torch.int32)
+
+    @fake("bitconvert::int8_linear")
+    def _(x, w_q, d, isa=-1, threads=0):
+        return x.new_empty((x.shape[0], w_q.shape[0]), dtype=torch.float32)
+
+    @fake("bitconvert::rope_cache_write")
+    def _(qkv, cos, sin, keys, values, start, heads):
+        return qkv.new_empty((heads, qkv.shape[0], keys.shape[2]))
 
 
 def isa_index(name: str | None = None) -> int:

@@ -20,7 +20,7 @@ namespace {
 constexpr int64_t kRowAlign = 64;     // row stride multiple: whole 64-byte (two-block) steps on every path
 constexpr int kRowsPerCall = 4;       // rows sharing one pass over a token's activations
 constexpr int64_t kRowsPerTask = 64;  // rows per parallel task: 64 rows x in bytes stay in L2 across tokens
-constexpr int64_t kPrefetchBytes = 512;
+constexpr int64_t kPrefetchBytes = 4096;  // ahead in the contiguous rows of a task, as the ternary kernels
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
