@@ -35,10 +35,12 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, lm_head: str 
     """Load a converted folder; returns a transformers model in eval mode whose projections are PackedBitLinear.
 
     ``dtype``: the float parts (embeddings, norms, attention, lm_head). None (default): float32, because these parts
-    run on the CPU, where float16/bfloat16 matmuls and softmax are both slower than fp32 (no native half arithmetic
-    on AVX2/AVX-512 CPUs without AMX-FP16: every op converts) and less precise (on a random 7B-shaped model fp16
-    moves the logits by ~14% of their standard deviation); the ternary products are fp32 either way. "auto" keeps
-    the checkpoint's dtype, as transformers does; any torch dtype forces that one.
+    run on the CPU, where float16/bfloat16 are imprecise (on a random 7B-shaped model fp16 moves the logits by ~14% of
+    their standard deviation) and slow for everything but the largest matmul (no native half arithmetic on
+    AVX2/AVX-512 CPUs without AMX-FP16: each op converts; measured on a 4-layer 7B-shaped model: attention 13 ms per
+    token in fp16 against 7 ms in fp32, while the memory-bound exact lm_head, half the bytes in fp16, took 49 against
+    67 ms: ``lm_head="int8"`` is the fast option for it, 21 ms). The ternary products are fp32 either way. "auto"
+    keeps the checkpoint's dtype, as transformers does; any torch dtype forces that one.
     ``lm_head``: "exact" (default: the stored float weights, ``F.linear``) or "int8" (per-row int8 weights times
     int8 activations per 32-column block on the C++ core, a quarter of the fp32 bytes per token; see
     :mod:`bitconvert.kernels.lm_head`). An inference option: the folder is not changed.

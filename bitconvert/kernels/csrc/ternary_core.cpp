@@ -214,16 +214,20 @@ void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint
         kernels.tiles[nt](weight + tile * kblocks * BC_BLOCK_BYTES, kblocks, x_q + t0 * ldx, ldx, raw);
         const int64_t row0 = tile * BC_TILE_ROWS;
         const int rows = int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0));
+        // Branch-free loops over the tile's rows, so the compiler vectorizes them (divps rounds as divss does).
         for (int t = 0; t < nt; ++t) {
             const int64_t token = t0 + t;
-            for (int r = 0; r < rows; ++r) {
-                const int32_t acc = raw[t * BC_TILE_ROWS + r] - x_sum[token];
-                const int64_t at = token * out_features + row0 + r;
-                if (out.acc)
-                    out.acc[at] = acc;
-                else
-                    out.y[at] = float(acc) / (out.row_scales ? out.row_scales[row0 + r] : out.weight_scale) /
-                                out.scale[token];
+            const int32_t *tile_acc = raw + t * BC_TILE_ROWS;
+            const int32_t sum = x_sum[token];
+            const int64_t at = token * out_features + row0;
+            if (out.acc) {
+                for (int r = 0; r < rows; ++r) out.acc[at + r] = tile_acc[r] - sum;
+            } else if (out.row_scales) {
+                const float s = out.scale[token], *ws = out.row_scales + row0;
+                for (int r = 0; r < rows; ++r) out.y[at + r] = float(tile_acc[r] - sum) / ws[r] / s;
+            } else {
+                const float s = out.scale[token], ws = out.weight_scale;
+                for (int r = 0; r < rows; ++r) out.y[at + r] = float(tile_acc[r] - sum) / ws / s;
             }
         }
     }
