@@ -28,8 +28,7 @@ import torch.nn.functional as F
 
 from ..bitlinear import PackedBitLinear
 from ..packing import pack_ternary
-from . import linear as ternary_linear
-from . import repack
+from . import load_library, repack
 
 
 @dataclass
@@ -46,7 +45,8 @@ class FusedProjection:
         return sum(self.sizes)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return ternary_linear(x, self.weight, self.out_features, self.scales)
+        # the operator's overload itself: no Python wrapper or overload resolution on the per-token path
+        return torch.ops.bitconvert.ternary_linear.default(x, self.weight, self.out_features, self.scales, -1, 0)
 
 
 def fuse_projections(modules: list[PackedBitLinear]) -> FusedProjection:
@@ -56,6 +56,7 @@ def fuse_projections(modules: list[PackedBitLinear]) -> FusedProjection:
     and each module's ``kernel_weight`` becomes a view into the fused buffer, so nothing is held twice; otherwise
     the ternary codes are concatenated and repacked.
     """
+    load_library()
     sizes = tuple(module.out_features for module in modules)
     scales = torch.cat([module.weight_scale.float().expand(module.out_features) for module in modules]).contiguous()
     parts = [getattr(module, "kernel_weight", None) for module in modules]
@@ -133,6 +134,7 @@ class Decoder:
         shape = (len(self.layers), self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape)
         self.values = torch.zeros(shape)
+        self.layer_keys, self.layer_values = list(self.keys.unbind(0)), list(self.values.unbind(0))  # views
         self.position = 0
 
     def reset(self) -> None:
@@ -157,7 +159,7 @@ class Decoder:
         x = self.embed[ids]
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.input_norm))
-            keys, values = self.keys[index], self.values[index]
+            keys, values = self.layer_keys[index], self.layer_values[index]
             query = rope_cache_write(qkv, self.cos, self.sin, keys, values, start, heads)  # (heads, T, dim)
             attention = F.scaled_dot_product_attention(
                 query[None], keys[None, :, :end], values[None, :, :end], attn_mask=mask,
