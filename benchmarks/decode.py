@@ -119,7 +119,7 @@ def measure_bitconvert(folder, threads: int, prompt_tokens: int = 128, new_token
 
     ``threads``: torch's (and the kernels') thread count. ``runtime``: "lean" (:class:`Decoder`, the fastest path) or
     "generate" (transformers' ``generate`` on the loaded model). ``load_options`` go to ``bitconvert.load`` (e.g.
-    ``lm_head="int8"``, ``dtype="auto"``). The prompt is ``prompt_tokens`` fixed random ids; prefill is one forward
+    ``lm_head="exact"``, ``dtype="auto"``); ``lm_head`` defaults to "int8" here, the fastest path. The prompt is ``prompt_tokens`` fixed random ids; prefill is one forward
     of it (last position's logits), decoding ``new_tokens`` steps after it; the best of ``repeats`` runs is kept.
 
     Returns a dict: decode_tok_s, prefill_tok_s (wall time; with threads=1 also decode_tok_s_cpu, prefill_tok_s_cpu
@@ -127,6 +127,7 @@ def measure_bitconvert(folder, threads: int, prompt_tokens: int = 128, new_token
     runtime, threads, prompt_tokens, new_tokens, load_options.
     """
     torch.set_num_threads(threads)
+    load_options.setdefault("lm_head", "int8")
     runner = Runner(folder, runtime, prompt_tokens + new_tokens + 1, **load_options)
     ids = prompt_ids(runner.model.config.vocab_size, prompt_tokens)
     runs = [measure(runner, ids, new_tokens) for _ in range(repeats)]
