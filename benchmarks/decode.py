@@ -1,118 +1,199 @@
-"""End-to-end greedy decoding speed: ternary models on bitconvert's kernels vs the baselines a user would run.
+"""End-to-end greedy decoding and prefill speed of converted folders in PyTorch (``bitconvert.load``).
 
-    python benchmarks/decode.py [--model ternary-smollm2] [--new-tokens 64] [--json bench-out/decode.json] [--skip-7b]
+    PYTHONPATH=. python benchmarks/decode.py FOLDER [FOLDER ...] [--threads 2] [--prompt-tokens 128]
+        [--new-tokens 64] [--repeats 2] [--json bench-out/decode.json]
 
-Rows (all greedy, batch 1, same prompt, `generate` with the KV cache, tokens/s of the decoding phase):
-- SmolLM2-135M-Instruct in fp32 PyTorch (the source model, loaded from the GGUF, dequantized);
-- the converted ternary SmolLM2 in stock transformers (its BitNet `BitLinear`: unpack + matmul on every call);
-- the same folder through `bitconvert.load` on the reference torch backend and on the compiled kernels;
-- a synthetic model with Llama-2-7B's shapes (random weights): ternary on the kernels (2 bits per weight) against
-  the same shapes in torch bf16 (fp32 would need 27 GB, more than this machine has).
-Prints a table and writes JSON.
+Per folder, three configurations, measured in interleaved rounds (batch 1, greedy, a fixed random prompt):
+- ``generate`` (the path before issue 12): ``bitconvert.load(folder, dtype="auto")`` (the checkpoint's float dtype)
+  and transformers' ``generate``; prefill is one forward with ``logits_to_keep=1``, decoding is
+  (time of ``generate`` for N + 1 tokens - time for 1) / N;
+- ``lean exact``: ``bitconvert.load(folder)`` (fp32 float parts) run by :class:`bitconvert.kernels.decode.Decoder`,
+  the stored float lm_head;
+- ``lean int8``: the same with ``lm_head="int8"``.
+Each row also gives the bytes read per decoded token (weights streamed once per token, plus the KV cache at the mean
+decoding position) and what that makes in GB/s, against the memory read bandwidth measured in the same run
+(``torch.sum`` over > 1 GiB). Prints a table and writes JSON. :func:`measure_bitconvert` is the one-call API other
+benchmarks import.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bitconvert import bitlinear
-from bitconvert.bitlinear import PackedBitLinear, ReferenceBackend
-from bitconvert.kernels import KernelBackend
-from bitconvert.load import load
-from bitconvert.packing import pack_ternary
-from bitconvert.quantize import ternary_projections
+import bitconvert
+from bitconvert.kernels.decode import Decoder
+from bitconvert.kernels.lm_head import Int8LmHead
 
-PROMPT = "The history of the printing press begins"
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import memory_read_bandwidth  # noqa: E402
 
 
-def decode_tokens_per_s(model, input_ids: torch.Tensor, new_tokens: int) -> float:
-    """Tokens/s of the decoding phase: (time of prefill + N tokens) - (time of prefill + 1 token), over N - 1."""
-    def timed(count: int) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(input_ids, max_new_tokens=count, min_new_tokens=count, do_sample=False)
-        return time.perf_counter() - start
-
-    timed(2)  # warm-up: first-call compilation, allocator
-    return (new_tokens - 1) / max(timed(new_tokens) - timed(1), 1e-9)
+def prompt_ids(vocab_size: int, count: int) -> list[int]:
+    """A fixed pseudo-random prompt (llama-bench's prompts are random tokens too)."""
+    return torch.randint(0, vocab_size, (count,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def synthetic_7b(ternary: bool):
-    """A LLaMA with Llama-2-7B's shapes and random weights: projections PackedBitLinear with random ternary codes
-    (``ternary``), or everything in bf16."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def bytes_per_token(model, prompt_tokens: int, new_tokens: int) -> int:
+    """Bytes one decoding step reads: every ternary product's repacked weights, the lm_head in its storage type, the
+    norms, and the KV cache (fp32 for the lean decoder, the model dtype for generate) at the mean position."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, bitconvert.PackedBitLinear):
+            total += module.kernel_weight.numel()
+    head = model.lm_head
+    if isinstance(head, Int8LmHead):
+        total += head.weight_q.numel() + 4 * head.row_scale.numel()
+    else:
+        total += head.weight.numel() * head.weight.element_size()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    mean_position = prompt_tokens + new_tokens / 2
+    total += int(2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * mean_position * 4)
+    total += (2 * config.num_hidden_layers + 1) * config.hidden_size * 4
+    return total
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-        projections = list(ternary_projections(model)) if ternary else []
-        for name, _, module in projections:
-            model.set_submodule(name, PackedBitLinear(module.in_features, module.out_features))
-    if not ternary:
-        model.to(torch.bfloat16)
-    model.to_empty(device="cpu")  # allocates (fp32 7B would need 27 GB: bf16 or 2-bit projections only)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers were on meta
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.copy_(torch.ones_like(parameter) if "norm" in name else torch.randn_like(parameter) * 0.02)
-    for name, _, module in projections:
-        packed = model.get_submodule(name)
-        codes = torch.randint(-1, 2, (module.out_features, module.in_features), dtype=torch.int8, generator=generator)
-        packed.weight = pack_ternary(codes)
-        packed.weight_scale = torch.tensor([50.0])
-        bitlinear.get_backend().prepare(packed)
-    return model.eval()
+
+class Runner:
+    """One loaded configuration: ``prefill_s(ids)`` and ``decode_s(ids, n)`` (seconds for n decoded tokens), in wall
+    time, or in this process's CPU time with ``clock = time.process_time`` (at one thread, the time a quiet machine would
+    take: a loaded machine deschedules the process, which wall time counts and CPU time does not)."""
+
+    def __init__(self, folder, runtime: str, max_len: int, **load_options):
+        self.model = bitconvert.load(folder, **load_options)
+        self.clock = time.perf_counter
+        self.runtime = runtime
+        self.decoder = Decoder(self.model, max_len=max_len) if runtime == "lean" else None
+
+    def prefill_s(self, ids: list[int]) -> float:
+        start = self.clock()
+        if self.decoder is not None:
+            self.decoder.reset()
+            self.decoder.forward(torch.tensor(ids))
+        else:
+            with torch.no_grad():
+                self.model(torch.tensor([ids]), logits_to_keep=1, use_cache=True)
+        return self.clock() - start
+
+    def decode_s(self, ids: list[int], new_tokens: int) -> float:
+        if self.decoder is not None:
+            self.decoder.reset()
+            logits = self.decoder.forward(torch.tensor(ids))
+            start = self.clock()
+            for _ in range(new_tokens):
+                logits = self.decoder.forward(logits.argmax().reshape(1))
+            return self.clock() - start
+
+        def generate_s(count: int) -> float:
+            begin = self.clock()
+            with torch.no_grad():
+                self.model.generate(torch.tensor([ids]), max_new_tokens=count, min_new_tokens=count, do_sample=False)
+            return self.clock() - begin
+
+        return generate_s(new_tokens + 1) - generate_s(1)
+
+
+def measure(runner: Runner, ids: list[int], new_tokens: int) -> dict:
+    """Wall-time rates; with one thread also the CPU-time rates (``*_cpu``), robust to a loaded machine."""
+    runner.prefill_s(ids[:8])  # warm-up: allocator, first calls
+    result = {}
+    clocks = {"": time.perf_counter}
+    if torch.get_num_threads() == 1:
+        clocks["_cpu"] = time.process_time
+    for suffix, clock in clocks.items():
+        runner.clock = clock
+        result["prefill_tok_s" + suffix] = len(ids) / runner.prefill_s(ids)
+        result["decode_tok_s" + suffix] = new_tokens / runner.decode_s(ids, new_tokens)
+    runner.clock = time.perf_counter
+    return result
+
+
+def measure_bitconvert(folder, threads: int, prompt_tokens: int = 128, new_tokens: int = 64, runtime: str = "lean",
+                       repeats: int = 1, **load_options) -> dict:
+    """Decode and prefill speed of a converted ``folder`` through ``bitconvert.load``, batch 1, greedy.
+
+    ``threads``: torch's (and the kernels') thread count. ``runtime``: "lean" (:class:`Decoder`, the fastest path) or
+    "generate" (transformers' ``generate`` on the loaded model). ``load_options`` go to ``bitconvert.load`` (e.g.
+    ``lm_head="exact"``, ``dtype="auto"``); ``lm_head`` defaults to "int8" here, the fastest path. The prompt is ``prompt_tokens`` fixed random ids; prefill is one forward
+    of it (last position's logits), decoding ``new_tokens`` steps after it; the best of ``repeats`` runs is kept.
+
+    Returns a dict: decode_tok_s, prefill_tok_s (wall time; with threads=1 also decode_tok_s_cpu, prefill_tok_s_cpu
+    from this process's CPU time), bytes_per_token, decode_gb_s (bytes_per_token x decode_tok_s / 1e9),
+    runtime, threads, prompt_tokens, new_tokens, load_options.
+    """
+    torch.set_num_threads(threads)
+    load_options.setdefault("lm_head", "int8")
+    runner = Runner(folder, runtime, prompt_tokens + new_tokens + 1, **load_options)
+    ids = prompt_ids(runner.model.config.vocab_size, prompt_tokens)
+    runs = [measure(runner, ids, new_tokens) for _ in range(repeats)]
+    result = {key: max(run[key] for run in runs) for key in runs[0]}
+    result["bytes_per_token"] = bytes_per_token(runner.model, prompt_tokens, new_tokens)
+    result["decode_gb_s"] = result["bytes_per_token"] * result["decode_tok_s"] / 1e9
+    result.update(runtime=runtime, threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                  load_options={key: str(value) for key, value in load_options.items()})
+    return result
+
+
+CONFIGURATIONS = {  # name: (runtime, load options)
+    "generate (before)": ("generate", {"dtype": "auto"}),
+    "lean exact": ("lean", {}),
+    "lean int8": ("lean", {"lm_head": "int8"}),
+}
+
+
+def add_configurations_argument(parser) -> None:
+    parser.add_argument("--configurations", default=",".join(CONFIGURATIONS),
+                        help=f"comma-separated subset of: {', '.join(CONFIGURATIONS)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("ternary-smollm2"), help="a converted SmolLM2 folder")
+    parser.add_argument("folders", nargs="+", type=Path, help="converted folders (bitconvert SOURCE --out DIR)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best is kept")
+    add_configurations_argument(parser)
     parser.add_argument("--json", type=Path, default=Path("bench-out/decode.json"))
-    parser.add_argument("--skip-7b", action="store_true", help="leave out the synthetic 7B-shape model")
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bitconvert.sources import load_full_precision, resolve_source
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    torch.set_num_threads(args.threads)
+    names = args.configurations.split(",")
     rows = []
-
-    def row(name: str, model, tokens: torch.Tensor = ids) -> None:
-        speed = decode_tokens_per_s(model, tokens, args.new_tokens)
-        rows.append({"model": name, "decode_tokens_per_s": round(speed, 2)})
-        print(f"  {name:<48} {speed:8.2f} tok/s", flush=True)
-
-    print(f"greedy decoding, batch 1, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
-    fp32, _ = load_full_precision(resolve_source("smollm2-135m"), dtype=torch.float32)
-    row("smollm2-135m fp32 (torch)", fp32)
-    del fp32
-    row("smollm2-135m ternary, stock transformers BitNet", AutoModelForCausalLM.from_pretrained(args.model))
-    bitlinear.set_backend(ReferenceBackend())
-    row("smollm2-135m ternary, bitconvert torch reference", load(args.model))
-    bitlinear.set_backend(KernelBackend())
-    row("smollm2-135m ternary, bitconvert kernels", load(args.model))
-    if not args.skip_7b:
-        prompt = torch.tensor([[1, 450, 4955, 310]])
-        args.new_tokens = min(args.new_tokens, 16)  # the bf16 7B decodes at about a token a second here
-        row("llama-2-7b shapes bf16 (random), torch", synthetic_7b(ternary=False), prompt)
-        row("llama-2-7b shapes ternary (random), bitconvert kernels", synthetic_7b(ternary=True), prompt)
-    base = rows[0]["decode_tokens_per_s"]
-    for entry in rows[:4]:
-        entry["speedup_vs_fp32"] = round(entry["decode_tokens_per_s"] / base, 2)
-    if len(rows) == 6:
-        rows[5]["speedup_vs_bf16"] = round(rows[5]["decode_tokens_per_s"] / rows[4]["decode_tokens_per_s"], 2)
+    print(f"batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, {args.threads} threads")
+    for folder in args.folders:
+        runners = {name: Runner(folder, CONFIGURATIONS[name][0], args.prompt_tokens + args.new_tokens + 1,
+                                **CONFIGURATIONS[name][1]) for name in names}
+        ids = prompt_ids(next(iter(runners.values())).model.config.vocab_size, args.prompt_tokens)
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for name, runner in runners.items():
+                run = measure(runner, ids, args.new_tokens)
+                best[name] = {key: max(value, best.get(name, {}).get(key, 0.0)) for key, value in run.items()}
+        bandwidth = memory_read_bandwidth(5) / 1e9
+        base = best[names[0]]["decode_tok_s"]
+        for name, runner in runners.items():
+            row = {"model": folder.name, "configuration": name, **{k: round(v, 2) for k, v in best[name].items()},
+                   "bytes_per_token": bytes_per_token(runner.model, args.prompt_tokens, args.new_tokens),
+                   "memory_gb_s": round(bandwidth, 2)}
+            row["decode_gb_s"] = round(row["bytes_per_token"] * row["decode_tok_s"] / 1e9, 2)
+            row["fraction_of_bandwidth"] = round(row["decode_gb_s"] / bandwidth, 3)
+            row["decode_speedup"] = round(row["decode_tok_s"] / base, 2)
+            rows.append(row)
+            cpu = (f"  [CPU time: decode {row['decode_tok_s_cpu']:.2f}, prefill {row['prefill_tok_s_cpu']:.1f} tok/s]"
+                   if "decode_tok_s_cpu" in row else "")
+            print(f"  {folder.name:<24} {name:<18} decode {row['decode_tok_s']:8.2f} tok/s ({row['decode_speedup']}x)"
+                  f"  prefill {row['prefill_tok_s']:8.1f} tok/s  {row['bytes_per_token'] / 1e6:8.1f} MB/token"
+                  f"  {row['decode_gb_s']:6.2f} GB/s = {100 * row['fraction_of_bandwidth']:.0f}% of {bandwidth:.1f}"
+                  + cpu, flush=True)
+        del runners
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "rows": rows},
-                                    indent=2))
+    args.json.write_text(json.dumps({"threads": args.threads, "prompt_tokens": args.prompt_tokens,
+                                     "new_tokens": args.new_tokens, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

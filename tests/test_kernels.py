@@ -6,6 +6,7 @@ kernels' layout) and the pure-torch :class:`ReferenceBackend` math ``acc.float()
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bitconvert import bitlinear, kernels
 from bitconvert.bitlinear import BitLinear, PackedBitLinear, ReferenceBackend, quantize_activations
@@ -179,3 +180,87 @@ def test_failed_build_falls_back_with_warning(monkeypatch):
     monkeypatch.setattr(kernels, "load_library", broken)
     with pytest.warns(RuntimeWarning, match="no compiler"):
         assert isinstance(kernels.default_backend(), ReferenceBackend)
+
+
+def int8_reference(x: torch.Tensor, w: torch.Tensor):
+    """csrc/int8_core.h's math in torch: codes (int8, exact) and y in float64 from the exact int32 block sums."""
+    amax = w.abs().amax(1, keepdim=True)
+    # 127 / amax as a true division (torch's scalar / tensor takes the reciprocal first, which rounds differently)
+    codes = torch.where(amax > 0, (w * (torch.full_like(amax, 127) / amax)).round(), 0).clamp(-127, 127)
+    pad = -w.shape[1] % 64
+    xb = F.pad(x, (0, pad)).view(x.shape[0], -1, 32)
+    xmax = xb.abs().amax(-1, keepdim=True)
+    x_q = torch.where(xmax > 0, (xb * (torch.full_like(xmax, 127) / xmax)).round(), 0).clamp(-127, 127)
+    blocks = F.pad(codes, (0, pad)).view(w.shape[0], -1, 32)
+    sums = torch.einsum("tbk,obk->tob", x_q.int(), blocks.int())
+    e = (xmax / 127).double().squeeze(-1)  # (t, blocks)
+    y = (sums.double() * e[:, None, :]).sum(-1) * (amax / 127).double().T
+    # sum over k of |x_q w_q| e d: bounds every partial sum, whatever order a path adds the products in
+    magnitude = torch.einsum("tbk,obk->tob", x_q.abs().double(), blocks.abs().double())
+    return codes.to(torch.int8), y, (magnitude * e[:, None, :]).sum(-1) * (amax / 127).double().T
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_int8_linear_matches_reference(isa):
+    """Codes bit for bit; outputs to fp32 rounding of the float sum over blocks: every path accumulates
+    e[b] * P[b] in fp32 (in a different order per path), so |error| <= ~(blocks + 8) * 2^-24 * sum |e[b] P[b]| d."""
+    index = require(isa)
+    generator = torch.Generator().manual_seed(4)
+    for in_features in (1, 31, 33, 64, 576, 1000):
+        for out_features in (1, 5, 13, 200):
+            w = torch.randn(out_features, in_features, generator=generator)
+            if out_features > 1:
+                w[1] = 0  # an all-zero row: d = 0
+            w_q, d = kernels.int8_quantize_rows(w)
+            assert w_q.shape == (out_features, -(-in_features // 64) * 64)
+            for batch in (1, 3, 9):
+                x = torch.randn(batch, in_features, generator=generator) * 3
+                x[0, : min(32, in_features)] = 0  # an all-zero activation block: e = 0
+                codes, want, magnitude = int8_reference(x, w)
+                assert torch.equal(w_q[:, :in_features], codes) and not w_q[:, in_features:].any()
+                torch.testing.assert_close(d, w.abs().amax(1) / 127, rtol=0, atol=0)
+                bound = (w_q.shape[1] // 32 + 8) * 2.0 ** -24 * magnitude + 1e-30
+                for threads in (1, 2):
+                    y = kernels.int8_linear(x, w_q, d, index, threads)
+                    assert ((y.double() - want).abs() <= bound).all(), f"{isa} {in_features} {out_features} {batch}"
+
+
+def test_int8_extremes_and_shape_errors():
+    w = torch.tensor([[1e30, -1e30, 3.0], [1e-30, 0.0, -1e-30]])
+    w_q, d = kernels.int8_quantize_rows(w)
+    assert w_q[0, :3].tolist() == [127, -127, 0] and w_q[1, :3].tolist() == [127, 0, -127]
+    y = kernels.int8_linear(torch.tensor([[1.0, 1.0, 1.0]]), w_q, d)
+    assert torch.isfinite(y).all()
+    with pytest.raises(RuntimeError, match="expected 128"):
+        kernels.int8_linear(torch.ones(1, 65), w_q, d)
+
+
+def test_int8_lm_head_close_to_exact_and_option_of_load(tiny_ternary):
+    """The int8 lm_head's logits against the exact ones: per-row int8 weights (relative error <= 1/254 of the row's
+    max) and int8 activations per 32 columns (<= 1/254 of the block's max) keep the error at ~1% of the logits'
+    spread; 5% leaves room for these random weights while catching a wrong scale or a wrong code."""
+    from bitconvert.kernels.lm_head import Int8LmHead
+    from bitconvert.load import load
+
+    exact = load(tiny_ternary)
+    int8 = load(tiny_ternary, lm_head="int8")
+    assert isinstance(int8.lm_head, Int8LmHead) and "weight_q" not in int8.state_dict()
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111]])
+    with torch.no_grad():
+        want, got = exact(ids).logits, int8(ids).logits
+    assert (got - want).abs().max() <= 0.05 * want.std()
+    assert (got - want).abs().max() > 0  # it is quantized
+
+
+def test_operators_trace_in_torch_compile_without_graph_breaks():
+    """fullgraph=True fails on any graph break; the eager backend keeps the test fast (no code generation)."""
+    module = PackedBitLinear.from_bitlinear(BitLinear(40, 24))
+    w_q, d = kernels.int8_quantize_rows(torch.randn(10, 24))
+
+    def step(x):
+        y = torch.ops.bitconvert.ternary_linear(x, module.kernel_weight, 24, module.weight_scale, -1, 0)
+        return torch.ops.bitconvert.int8_linear(torch.relu(y), w_q, d, -1, 0)
+
+    x = torch.randn(3, 40)
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), step(x))

@@ -1,4 +1,5 @@
-"""``bitconvert generate MODEL.onnx --prompt TEXT``: greedy or sampled generation in ONNX Runtime."""
+"""``bitconvert generate MODEL --prompt TEXT``: greedy or sampled generation in ONNX Runtime (an .onnx file) or in
+PyTorch (a converted folder, :mod:`bitconvert.kernels.generate`)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ import argparse
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="generate text with an exported ONNX model in ONNX Runtime",
+        help="generate text with an exported ONNX model (ONNX Runtime) or a converted folder (PyTorch)",
         description="Generate a continuation of --prompt with an ONNX model written by `bitconvert export`, in "
-        "ONNX Runtime with its KV cache, using the tokenizer saved beside it. Greedy unless --temperature > 0.",
-        epilog="example: bitconvert generate onnx/model.onnx --prompt 'The capital of France is' --max-new-tokens 20",
+        "ONNX Runtime with its KV cache, using the tokenizer saved beside it; or with a folder written by "
+        "`bitconvert SOURCE --out DIR`, in PyTorch (bitconvert.load and its lean decoding loop on the ternary "
+        "kernels). Greedy unless --temperature > 0. Prints the speed (tokens/s) at the end, on stderr.",
+        epilog="examples: bitconvert generate onnx/model.onnx --prompt 'The capital of France is' --max-new-tokens 20\n"
+        "          bitconvert generate ternary-smollm2 --prompt 'The capital of France is' --lm-head exact",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL.onnx", help="an ONNX file written by `bitconvert export`")
+    parser.add_argument("model", metavar="MODEL", help="an ONNX file written by `bitconvert export`, or a converted "
+                        "folder")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="at most N new tokens (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--lm-head", choices=("int8", "exact"), default="int8",
+                        help="converted folders only: the output projection as int8 rows on the C++ core (default; a "
+                        "quarter of the fp32 bytes per token) or exact (the stored float weights)")
     parser.set_defaults(run=run)
 
 
@@ -35,6 +43,10 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise BitconvertError("--max-new-tokens must be at least 1")
+    if Path(args.model).is_dir():
+        from ..kernels.generate import run_folder
+
+        return run_folder(args)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     decoder = OnnxDecoder(session(args.model))
     from transformers import AutoTokenizer

@@ -5,13 +5,18 @@ weights ``T`` (out, in), the exact int32 product ``acc = x_q @ T^T`` and the lay
 ``y = acc / weight_scale / s`` (fp32), bit for bit equal to :class:`bitconvert.bitlinear.ReferenceBackend`.
 It has a scalar reference path and AVX2, AVX-VNNI and AVX-512 VNNI paths, chosen from CPUID at run time or forced
 with ``BITCONVERT_ISA=scalar|avx2|avxvnni|avx512``, and runs on ``torch.get_num_threads()`` threads (OpenMP).
+``csrc/int8_core.{h,cpp}`` holds the int8 x int8 product of the optional int8 ``lm_head`` (:mod:`.lm_head`) on the
+same paths; :mod:`.decode` is the lean decoding loop built on both.
 
 ``csrc/torch_ops.cpp`` registers the operators (all CPU):
 
     torch.ops.bitconvert.ternary_repack(packed uint8 (ceil(out/4), in), out_features) -> uint8 (bytes,)
     torch.ops.bitconvert.ternary_matmul_int(x_q int8 (n, in), weight, out_features, isa=-1, threads=0) -> int32 (n, out)
-    torch.ops.bitconvert.ternary_linear(x float (n, in), weight, out_features, weight_scale fp32 (1,),
+    torch.ops.bitconvert.ternary_linear(x float (n, in), weight, out_features, weight_scale fp32 (1,) or (out,),
                                         isa=-1, threads=0) -> fp32 (n, out)
+    torch.ops.bitconvert.int8_quantize_rows(w float (out, in)) -> (int8 (out, stride), fp32 (out,))
+    torch.ops.bitconvert.int8_linear(x float (n, in), w_q, d, isa=-1, threads=0) -> fp32 (n, out)
+    torch.ops.bitconvert.rope_cache_write(qkv, cos, sin, keys, values, start, heads) -> q   (csrc/decode_ops.cpp)
     torch.ops.bitconvert.ternary_isa(name="") -> int          ("" = BITCONVERT_ISA or the best path)
     torch.ops.bitconvert.ternary_isa_supported(isa) -> bool
 
@@ -31,7 +36,7 @@ import torch
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512")
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "ternary_core.cpp", CSRC / "torch_ops.cpp")
+SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp")
 # Exact float rounding: no fused multiply-add contraction, no fast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 
@@ -41,7 +46,7 @@ _loaded = False
 def _build_directory() -> Path:
     """A build folder keyed by the sources, flags and torch version, so different checkouts never clash."""
     digest = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
-    for path in (*SOURCES, CSRC / "ternary_core.h"):
+    for path in (*SOURCES, CSRC / "ternary_core.h", CSRC / "int8_core.h"):
         digest.update(path.read_bytes())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "bitconvert" / "torch_extensions")
     directory = root / f"bitconvert_kernels_{digest.hexdigest()[:16]}"
@@ -65,7 +70,30 @@ def load_library() -> None:
         is_python_module=False,
         verbose=False,
     )
+    _register_fake_kernels()
     _loaded = True
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only (fake/meta) versions of the compute operators, so ``torch.compile`` traces through them without
+    a graph break (the compiled graph then calls the real CPU kernels)."""
+    fake = torch.library.register_fake
+
+    @fake("bitconvert::ternary_linear")
+    def _(x, weight, out_features, weight_scale, isa=-1, threads=0):
+        return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+    @fake("bitconvert::ternary_matmul_int")
+    def _(x_q, weight, out_features, isa=-1, threads=0):
+        return x_q.new_empty((x_q.shape[0], out_features), dtype=torch.int32)
+
+    @fake("bitconvert::int8_linear")
+    def _(x, w_q, d, isa=-1, threads=0):
+        return x.new_empty((x.shape[0], w_q.shape[0]), dtype=torch.float32)
+
+    @fake("bitconvert::rope_cache_write")
+    def _(qkv, cos, sin, keys, values, start, heads):
+        return qkv.new_empty((heads, qkv.shape[0], keys.shape[2]))
 
 
 def isa_index(name: str | None = None) -> int:
@@ -100,6 +128,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_features: int, weight_scal
     """Fused ``quantize_activations`` + exact product + ``acc / weight_scale / s``: float (n, in) -> fp32 (n, out)."""
     load_library()
     return torch.ops.bitconvert.ternary_linear(x, weight, out_features, weight_scale, isa, threads)
+
+
+def int8_quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: float (out, in) -> int8 (out, stride) codes and fp32 (out,) scales (``csrc/int8_core.h``)."""
+    load_library()
+    return torch.ops.bitconvert.int8_quantize_rows(weight)
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, d: torch.Tensor, isa: int = -1, threads: int = 0) -> torch.Tensor:
+    """``x`` float (n, in) quantized per 32-column block to int8, times the int8 rows: fp32 (n, out)."""
+    load_library()
+    return torch.ops.bitconvert.int8_linear(x, w_q, d, isa, threads)
 
 
 class KernelBackend:

@@ -188,10 +188,11 @@ int thread_count(int requested, int64_t tasks, int64_t work) {
 
 // What to do with the exact int32 products: store them, or scale them to the layer's fp32 output.
 struct Output {
-    int32_t *acc;        // (n, out) or null
-    float *y;            // (n, out) or null
-    const float *scale;  // per-token s (n), for y
-    float weight_scale;
+    int32_t *acc;               // (n, out) or null
+    float *y;                   // (n, out) or null
+    const float *scale;         // per-token s (n), for y
+    float weight_scale;         // for y, when row_scales is null
+    const float *row_scales;    // (out) per-row weight scales, or null
 };
 
 // x_q: n rows of ldx = 16 * kblocks int8 (zero padded); x_sum: per-token sum of x_q.
@@ -213,15 +214,20 @@ void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint
         kernels.tiles[nt](weight + tile * kblocks * BC_BLOCK_BYTES, kblocks, x_q + t0 * ldx, ldx, raw);
         const int64_t row0 = tile * BC_TILE_ROWS;
         const int rows = int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0));
+        // Branch-free loops over the tile's rows, so the compiler vectorizes them (divps rounds as divss does).
         for (int t = 0; t < nt; ++t) {
             const int64_t token = t0 + t;
-            for (int r = 0; r < rows; ++r) {
-                const int32_t acc = raw[t * BC_TILE_ROWS + r] - x_sum[token];
-                const int64_t at = token * out_features + row0 + r;
-                if (out.acc)
-                    out.acc[at] = acc;
-                else
-                    out.y[at] = float(acc) / out.weight_scale / out.scale[token];
+            const int32_t *tile_acc = raw + t * BC_TILE_ROWS;
+            const int32_t sum = x_sum[token];
+            const int64_t at = token * out_features + row0;
+            if (out.acc) {
+                for (int r = 0; r < rows; ++r) out.acc[at + r] = tile_acc[r] - sum;
+            } else if (out.row_scales) {
+                const float s = out.scale[token], *ws = out.row_scales + row0;
+                for (int r = 0; r < rows; ++r) out.y[at + r] = float(tile_acc[r] - sum) / ws[r] / s;
+            } else {
+                const float s = out.scale[token], ws = out.weight_scale;
+                for (int r = 0; r < rows; ++r) out.y[at + r] = float(tile_acc[r] - sum) / ws / s;
             }
         }
     }
@@ -238,6 +244,23 @@ int32_t row_sum(const int8_t *x, int64_t count) {
     int32_t sum = 0;
     for (int64_t k = 0; k < count; ++k) sum += x[k];
     return sum;
+}
+
+// bc_linear / bc_linear_rows: quantize x per token, then the product scaled by one or per-row weight scales.
+int scaled_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
+                  float weight_scale, const float *row_scales, float *y, int isa, int threads) {
+    if (const int err = check(isa, n, out_features, in_features)) return err;
+    const int64_t ldx = ceil_div(in_features, BC_BLOCK_COLS) * BC_BLOCK_COLS;
+    std::vector<int8_t> padded(size_t(n * ldx), 0);
+    std::vector<int32_t> sums(static_cast<size_t>(n));
+    std::vector<float> scales(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
+        bc_quantize_activations(x + t * in_features, 1, in_features, &padded[t * ldx], &scales[t]);
+        sums[t] = row_sum(&padded[t * ldx], in_features);
+    }
+    run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
+        Output{nullptr, y, scales.data(), weight_scale, row_scales}, threads);
+    return BC_OK;
 }
 
 }  // namespace
@@ -328,25 +351,19 @@ int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t o
         std::memcpy(&padded[t * ldx], x_q + t * in_features, size_t(in_features));
         sums[t] = row_sum(x_q + t * in_features, in_features);
     }
-    run(isa, padded.data(), sums.data(), n, weight, out_features, in_features, Output{acc, nullptr, nullptr, 0.0f},
-        threads);
+    run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
+        Output{acc, nullptr, nullptr, 0.0f, nullptr}, threads);
     return BC_OK;
 }
 
 int bc_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
               float weight_scale, float *y, int isa, int threads) {
-    if (const int err = check(isa, n, out_features, in_features)) return err;
-    const int64_t ldx = ceil_div(in_features, BC_BLOCK_COLS) * BC_BLOCK_COLS;
-    std::vector<int8_t> padded(size_t(n * ldx), 0);
-    std::vector<int32_t> sums(static_cast<size_t>(n));
-    std::vector<float> scales(static_cast<size_t>(n));
-    for (int64_t t = 0; t < n; ++t) {
-        bc_quantize_activations(x + t * in_features, 1, in_features, &padded[t * ldx], &scales[t]);
-        sums[t] = row_sum(&padded[t * ldx], in_features);
-    }
-    run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
-        Output{nullptr, y, scales.data(), weight_scale}, threads);
-    return BC_OK;
+    return scaled_linear(x, n, weight, out_features, in_features, weight_scale, nullptr, y, isa, threads);
+}
+
+int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
+                   const float *weight_scales, float *y, int isa, int threads) {
+    return scaled_linear(x, n, weight, out_features, in_features, 0.0f, weight_scales, y, isa, threads);
 }
 
 }  // extern "C"

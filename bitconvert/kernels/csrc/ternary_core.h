@@ -73,6 +73,12 @@ int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t o
 int bc_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
               float weight_scale, float *y, int isa, int threads);
 
+/* As bc_linear with one weight scale per output row (weight_scales (out,)): y[t][o] = (float)acc / weight_scales[o]
+ * / s[t]. Several projections of the same input concatenated row-wise (q/k/v, gate/up) become one product whose
+ * rows equal the separate products bit for bit. */
+int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
+                   const float *weight_scales, float *y, int isa, int threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "int8_core.h"
 #include "ternary_core.h"
 
 namespace {
@@ -50,17 +51,54 @@ at::Tensor ternary_matmul_int(const at::Tensor &x_q, const at::Tensor &weight, i
     return acc;
 }
 
-// x: float (n, in); weight_scale: fp32 (1,) = 1/g; returns fp32 (n, out) = (x_q @ T^T) / weight_scale / s.
+// x: float (n, in); weight_scale: fp32 (1,) = 1/g, or (out,) one per row (concatenated projections);
+// returns fp32 (n, out) = (x_q @ T^T) / weight_scale / s.
 at::Tensor ternary_linear(const at::Tensor &x, const at::Tensor &weight, int64_t out_features,
                           const at::Tensor &weight_scale, int64_t isa, int64_t threads) {
     TORCH_CHECK(x.dim() == 2, "bitconvert: x must be 2-D (tokens, in_features)");
-    TORCH_CHECK(weight_scale.numel() == 1, "bitconvert: weight_scale must hold one value");
+    TORCH_CHECK(weight_scale.numel() == 1 || weight_scale.numel() == out_features,
+                "bitconvert: weight_scale must hold one value or one per output row");
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     check_weight(weight, out_features, xf.size(1));
     at::Tensor y = at::empty({xf.size(0), out_features}, xf.options());
-    check_result(bc_linear(xf.data_ptr<float>(), xf.size(0), weight.data_ptr<uint8_t>(), out_features, xf.size(1),
-                           weight_scale.to(at::kFloat).item<float>(), y.data_ptr<float>(), int(isa),
-                           resolve_threads(threads)),
+    int code;
+    if (weight_scale.numel() == 1 && out_features != 1) {
+        code = bc_linear(xf.data_ptr<float>(), xf.size(0), weight.data_ptr<uint8_t>(), out_features, xf.size(1),
+                         weight_scale.to(at::kFloat).item<float>(), y.data_ptr<float>(), int(isa),
+                         resolve_threads(threads));
+    } else {
+        const at::Tensor scales = weight_scale.to(at::kFloat).contiguous();
+        code = bc_linear_rows(xf.data_ptr<float>(), xf.size(0), weight.data_ptr<uint8_t>(), out_features, xf.size(1),
+                              scales.data_ptr<float>(), y.data_ptr<float>(), int(isa), resolve_threads(threads));
+    }
+    check_result(code, isa);
+    return y;
+}
+
+// w: float (out, in) -> (int8 (out, bc_int8_row_stride(in)), fp32 (out,) row scales d), as int8_core.h states.
+std::tuple<at::Tensor, at::Tensor> int8_quantize_rows(const at::Tensor &w) {
+    TORCH_CHECK(w.dim() == 2, "bitconvert: int8_quantize_rows takes a 2-D weight");
+    const at::Tensor wf = w.to(at::kFloat).contiguous().cpu();
+    at::Tensor w_q = at::empty({wf.size(0), bc_int8_row_stride(wf.size(1))}, wf.options().dtype(at::kChar));
+    at::Tensor d = at::empty({wf.size(0)}, wf.options());
+    bc_int8_quantize_rows(wf.data_ptr<float>(), wf.size(0), wf.size(1), w_q.data_ptr<int8_t>(), d.data_ptr<float>());
+    return {w_q, d};
+}
+
+// x: float (n, in); w_q, d from int8_quantize_rows; returns fp32 (n, out).
+at::Tensor int8_linear(const at::Tensor &x, const at::Tensor &w_q, const at::Tensor &d, int64_t isa,
+                       int64_t threads) {
+    TORCH_CHECK(x.dim() == 2, "bitconvert: x must be 2-D (tokens, in_features)");
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    TORCH_CHECK(w_q.dtype() == at::kChar && w_q.dim() == 2 && w_q.is_contiguous() && d.dtype() == at::kFloat &&
+                    d.numel() == w_q.size(0),
+                "bitconvert: int8 weight must be contiguous int8 (out, stride) with fp32 scales (out,)");
+    TORCH_CHECK(w_q.size(1) == bc_int8_row_stride(xf.size(1)), "bitconvert: int8 weight rows hold ", w_q.size(1),
+                " bytes, expected ", bc_int8_row_stride(xf.size(1)), " for in_features ", xf.size(1));
+    const at::Tensor scales = d.contiguous();
+    at::Tensor y = at::empty({xf.size(0), w_q.size(0)}, xf.options());
+    check_result(bc_int8_linear(xf.data_ptr<float>(), xf.size(0), w_q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                                w_q.size(0), xf.size(1), y.data_ptr<float>(), int(isa), resolve_threads(threads)),
                  isa);
     return y;
 }
@@ -86,6 +124,8 @@ TORCH_LIBRARY(bitconvert, m) {
     m.def(
         "ternary_linear(Tensor x, Tensor weight, int out_features, Tensor weight_scale, int isa=-1, int threads=0)"
         " -> Tensor");
+    m.def("int8_quantize_rows(Tensor w) -> (Tensor, Tensor)");
+    m.def("int8_linear(Tensor x, Tensor w_q, Tensor d, int isa=-1, int threads=0) -> Tensor");
     m.def("ternary_isa(str name='') -> int", &ternary_isa);
     m.def("ternary_isa_supported(int isa) -> bool", &ternary_isa_supported);
 }
@@ -94,4 +134,6 @@ TORCH_LIBRARY_IMPL(bitconvert, CPU, m) {
     m.impl("ternary_repack", &ternary_repack);
     m.impl("ternary_matmul_int", &ternary_matmul_int);
     m.impl("ternary_linear", &ternary_linear);
+    m.impl("int8_quantize_rows", &int8_quantize_rows);
+    m.impl("int8_linear", &int8_linear);
 }

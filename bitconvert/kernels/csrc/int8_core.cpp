@@ -1,0 +1,225 @@
+// int8 x int8 products (int8_core.h): the scalar reference and the AVX2, AVX-VNNI and AVX-512 VNNI paths, one struct
+// each, selected like the ternary kernels (function-level target attributes, called only after a CPUID check).
+// Signed x signed products use the sign trick: x_q * w_q = |x_q| * (sign(x_q) * w_q), an unsigned x signed pair as
+// vpmaddubsw and vpdpbusd take it (|x_q| <= 127 and |w_q| <= 127, so nothing overflows).
+#include "int8_core.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRowAlign = 64;     // row stride multiple: whole 64-byte (two-block) steps on every path
+constexpr int kRowsPerCall = 4;       // rows sharing one pass over a token's activations
+constexpr int64_t kRowsPerTask = 64;  // rows per parallel task: 64 rows x in bytes stay in L2 across tokens
+constexpr int64_t kPrefetchBytes = 4096;  // ahead in the contiguous rows of a task, as the ternary kernels
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// A row function: out[r] = sum_b e[b] * (sum_{k in b} x[k] * w[r * ldw + k]) for r < R, over `blocks` blocks of 32.
+using RowsFn = void (*)(const int8_t *w, int64_t ldw, const int8_t *x, const float *e, int64_t blocks, float *out);
+
+struct Scalar {
+    template <int R>
+    static void rows(const int8_t *w, int64_t ldw, const int8_t *x, const float *e, int64_t blocks, float *out) {
+        for (int r = 0; r < R; ++r) {
+            float sum = 0.0f;
+            for (int64_t b = 0; b < blocks; ++b) {
+                int32_t p = 0;
+                for (int k = 0; k < BC_INT8_BLOCK; ++k)
+                    p += int32_t(x[b * BC_INT8_BLOCK + k]) * w[r * ldw + b * BC_INT8_BLOCK + k];
+                sum += e[b] * float(p);
+            }
+            out[r] = sum;
+        }
+    }
+};
+
+#define BC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define BC_TARGET_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
+#define BC_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+BC_TARGET_AVX2 inline float hsum256(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+// One 32-column block per step: |x| (u8) x sign(x)*w (s8) -> int32 x 8 lanes, converted and scaled by e[b].
+// The integer step is vpmaddubsw + vpmaddwd on AVX2, one vpdpbusd on AVX-VNNI.
+template <bool Vnni>
+struct Avx256 {
+    template <int R>
+    BC_TARGET_AVXVNNI static void rows_vnni(const int8_t *w, int64_t ldw, const int8_t *x, const float *e,
+                                            int64_t blocks, float *out) {
+        __m256 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < blocks; ++b) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + b * BC_INT8_BLOCK));
+            const __m256i ax = _mm256_abs_epi8(xv);
+            const __m256 scale = _mm256_set1_ps(e[b]);
+            for (int r = 0; r < R; ++r) {
+                const int8_t *row = w + r * ldw + b * BC_INT8_BLOCK;
+                _mm_prefetch((const char *)(row + kPrefetchBytes), _MM_HINT_T0);
+                const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)row), xv);
+                const __m256i p = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sw);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]);
+    }
+
+    template <int R>
+    BC_TARGET_AVX2 static void rows_avx2(const int8_t *w, int64_t ldw, const int8_t *x, const float *e,
+                                         int64_t blocks, float *out) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < blocks; ++b) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + b * BC_INT8_BLOCK));
+            const __m256i ax = _mm256_abs_epi8(xv);
+            const __m256 scale = _mm256_set1_ps(e[b]);
+            for (int r = 0; r < R; ++r) {
+                const int8_t *row = w + r * ldw + b * BC_INT8_BLOCK;
+                _mm_prefetch((const char *)(row + kPrefetchBytes), _MM_HINT_T0);
+                const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)row), xv);
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]);
+    }
+
+    template <int R>
+    static void rows(const int8_t *w, int64_t ldw, const int8_t *x, const float *e, int64_t blocks, float *out) {
+        if (Vnni)
+            rows_vnni<R>(w, ldw, x, e, blocks, out);
+        else
+            rows_avx2<R>(w, ldw, x, e, blocks, out);
+    }
+};
+
+// Two blocks (64 bytes) per step: AVX-512 has no vpsignb, so sign(x)*w is w negated under the sign mask of x; lanes
+// 0-7 of the vpdpbusd result belong to the first block, 8-15 to the second (`blocks` is even: rows are padded to 64).
+struct Avx512 {
+    template <int R>
+    BC_TARGET_AVX512 static void rows(const int8_t *w, int64_t ldw, const int8_t *x, const float *e, int64_t blocks,
+                                      float *out) {
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < blocks; b += 2) {
+            const __m512i xv = _mm512_loadu_si512(x + b * BC_INT8_BLOCK);
+            const __m512i ax = _mm512_abs_epi8(xv);
+            const __mmask64 negative = _mm512_movepi8_mask(xv);
+            const __m512 scale = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(e[b]), _mm512_set1_ps(e[b + 1]));
+            for (int r = 0; r < R; ++r) {
+                const int8_t *row = w + r * ldw + b * BC_INT8_BLOCK;
+                _mm_prefetch((const char *)(row + kPrefetchBytes), _MM_HINT_T0);
+                const __m512i wv = _mm512_loadu_si512(row);
+                const __m512i sw = _mm512_mask_sub_epi8(wv, negative, _mm512_setzero_si512(), wv);
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sw);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+    }
+};
+
+struct Kernels {
+    RowsFn rows[kRowsPerCall + 1];  // rows[R] handles R rows
+};
+
+template <class Path>
+constexpr Kernels kernels_of() {
+    return {{nullptr, &Path::template rows<1>, &Path::template rows<2>, &Path::template rows<3>,
+             &Path::template rows<4>}};
+}
+
+constexpr Kernels kKernels[BC_ISA_COUNT] = {kernels_of<Scalar>(), kernels_of<Avx256<false>>(),
+                                            kernels_of<Avx256<true>>(), kernels_of<Avx512>()};
+
+// x (in) fp32 -> x_q (ldx) int8 zero padded and e (ldx / 32) fp32, as int8_core.h states.
+void quantize_blocks(const float *x, int64_t in_features, int64_t ldx, int8_t *x_q, float *e) {
+    for (int64_t b = 0; b * BC_INT8_BLOCK < ldx; ++b) {
+        const int64_t k0 = b * BC_INT8_BLOCK, k1 = std::min<int64_t>(k0 + BC_INT8_BLOCK, in_features);
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        e[b] = amax / 127.0f;
+        for (int64_t k = k0; k < k0 + BC_INT8_BLOCK; ++k) {
+            const float q = k < k1 ? std::nearbyint(x[k] * inverse) : 0.0f;
+            x_q[k] = int8_t(std::min(std::max(q, -127.0f), 127.0f));
+        }
+    }
+}
+
+int thread_count(int requested, int64_t tasks, int64_t work) {
+#ifdef _OPENMP
+    int threads = requested > 0 ? requested : omp_get_max_threads();
+#else
+    int threads = 1;
+    (void)requested;
+#endif
+    threads = int(std::min<int64_t>({int64_t(threads), tasks, std::max<int64_t>(1, work / kMinWorkPerThread)}));
+    return std::max(threads, 1);
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t bc_int8_row_stride(int64_t in_features) { return round_up(std::max<int64_t>(in_features, 1), kRowAlign); }
+
+void bc_int8_quantize_rows(const float *w, int64_t out_features, int64_t in_features, int8_t *w_q, float *d) {
+    const int64_t ldw = bc_int8_row_stride(in_features);
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out_features; ++o) {
+        const float *row = w + o * in_features;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < in_features; ++k) amax = std::max(amax, std::fabs(row[k]));
+        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[o] = amax / 127.0f;
+        int8_t *dst = w_q + o * ldw;
+        for (int64_t k = 0; k < in_features; ++k)
+            dst[k] = int8_t(std::min(std::max(std::nearbyint(row[k] * inverse), -127.0f), 127.0f));
+        std::memset(dst + in_features, 0, size_t(ldw - in_features));
+    }
+}
+
+int bc_int8_linear(const float *x, int64_t n, const int8_t *w_q, const float *d, int64_t out_features,
+                   int64_t in_features, float *y, int isa, int threads) {
+    if (isa == BC_ISA_AUTO) isa = bc_default_isa();
+    if (!bc_isa_supported(isa)) return BC_ERR_ISA;
+    if (n < 0 || out_features < 0 || in_features < 0) return BC_ERR_SHAPE;
+    const int64_t ldw = bc_int8_row_stride(in_features), blocks = ldw / BC_INT8_BLOCK;
+    std::vector<int8_t> x_q(size_t(n * ldw));
+    std::vector<float> e(size_t(n * blocks));
+    for (int64_t t = 0; t < n; ++t) quantize_blocks(x + t * in_features, in_features, ldw, &x_q[t * ldw], &e[t * blocks]);
+    const Kernels &kernels = kKernels[isa];
+    const int64_t tasks = (out_features + kRowsPerTask - 1) / kRowsPerTask;
+    const int nthreads = thread_count(threads, tasks, out_features * n * ldw);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t row0 = task * kRowsPerTask, row1 = std::min(out_features, row0 + kRowsPerTask);
+        for (int64_t t = 0; t < n; ++t) {
+            for (int64_t o = row0; o < row1; o += kRowsPerCall) {
+                const int rows = int(std::min<int64_t>(kRowsPerCall, row1 - o));
+                float sums[kRowsPerCall];
+                kernels.rows[rows](w_q + o * ldw, ldw, &x_q[t * ldw], &e[t * blocks], blocks, sums);
+                for (int r = 0; r < rows; ++r) y[t * out_features + o + r] = d[o + r] * sums[r];
+            }
+        }
+    }
+    return BC_OK;
+}
+
+}  // extern "C"

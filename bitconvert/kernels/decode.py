@@ -1,0 +1,194 @@
+"""A lean decoding loop for converted LLaMA models: the kernels called directly, a static KV cache, fused products.
+
+``bitconvert.load`` returns a transformers model; its ``generate`` spends most of a decoding step outside the
+ternary products (module calls, cache objects, masks, per-layer Python). :class:`Decoder` runs the same LLaMA math
+(RMSNorm, rotary embedding, grouped-query attention, SwiGLU) in fp32 as one flat loop over plain tensors taken from
+that model:
+
+- q/k/v and gate/up are each one ternary product (:func:`fuse_projections`): activation quantization is per token
+  of the shared input, so the concatenated rows give the same int32 accumulators, and each row keeps its own
+  projection's weight scale (``ternary_linear`` with one scale per row): bit for bit the separate products.
+- the KV cache is preallocated per layer, (kv_heads, max_len, head_dim); one C++ call (``rope_cache_write``,
+  ``csrc/decode_ops.cpp``) applies the rotary embedding to q and k and writes k and v into it; attention is one
+  ``scaled_dot_product_attention`` call with grouped-query heads (no repeated K/V).
+- the output projection is the model's own ``lm_head`` (exact float, or :class:`~.lm_head.Int8LmHead`), applied to
+  the last position only unless all logits are asked for.
+
+Supported: transformers ``LlamaForCausalLM`` with PackedBitLinear projections, no biases, no SubLN, SiLU MLP
+(:func:`supported` says why not otherwise). Shapes: batch 1; ``forward(ids)`` takes token ids (T,) at the next T
+positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..bitlinear import PackedBitLinear
+from ..packing import pack_ternary
+from . import load_library, repack
+
+
+@dataclass
+class FusedProjection:
+    """Several PackedBitLinear of one input as one product: repacked ``weight``, fp32 ``scales`` (out,), the
+    ``sizes`` of the parts in output order."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    sizes: tuple[int, ...]
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.sizes)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # the operator's overload itself: no Python wrapper or overload resolution on the per-token path
+        return torch.ops.bitconvert.ternary_linear.default(x, self.weight, self.out_features, self.scales, -1, 0)
+
+
+def fuse_projections(modules: list[PackedBitLinear]) -> FusedProjection:
+    """One product for ``modules`` (same in_features): rows concatenated in order, each with its module's scale.
+
+    When every part has a multiple of 16 rows the repacked buffers are concatenated (their tiles are contiguous)
+    and each module's ``kernel_weight`` becomes a view into the fused buffer, so nothing is held twice; otherwise
+    the ternary codes are concatenated and repacked.
+    """
+    load_library()
+    sizes = tuple(module.out_features for module in modules)
+    scales = torch.cat([module.weight_scale.float().expand(module.out_features) for module in modules]).contiguous()
+    parts = [getattr(module, "kernel_weight", None) for module in modules]
+    if all(size % 16 == 0 for size in sizes) and all(part is not None for part in parts):
+        weight = torch.cat(parts)
+        offset = 0
+        for module, part in zip(modules, parts):
+            module.kernel_weight = weight[offset:offset + part.numel()]
+            offset += part.numel()
+    else:
+        weight = repack(pack_ternary(torch.cat([module.ternary() for module in modules])), sum(sizes))
+    return FusedProjection(weight, scales, sizes)
+
+
+def supported(model) -> str | None:
+    """None if :class:`Decoder` can run ``model``, else the reason it cannot."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llama":
+        return f"model type {getattr(config, 'model_type', None)!r} (the lean decoder runs LLaMA)"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "projection biases"
+    if config.hidden_act != "silu":
+        return f"activation {config.hidden_act!r}"
+    for layer in model.model.layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            if not isinstance(module, PackedBitLinear) or module.sub_norm is not None:
+                return "projections that are not plain PackedBitLinear (unconverted, or SubLN)"
+    return None
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: FusedProjection
+    o_proj: FusedProjection
+    post_norm: torch.Tensor
+    gate_up: FusedProjection
+    down: FusedProjection
+
+
+class Decoder:
+    """Greedy/sampled decoding of ``model`` (see the module docstring) with a KV cache of ``max_len`` positions.
+
+    ``forward(ids, logits="last"|"all")`` runs ids (T,) at positions ``position .. position + T - 1`` and returns
+    fp32 logits (vocab,) of the last one, or (T, vocab); ``reset()`` empties the cache.
+    """
+
+    def __init__(self, model, max_len: int = 2048):
+        reason = supported(model)
+        if reason is not None:
+            raise ValueError(f"the lean decoder does not support {reason}")
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.max_len = max_len
+        self.embed = model.model.embed_tokens.weight.detach().float()
+        self.final_norm = model.model.norm.weight.detach().float()
+        self.lm_head = model.lm_head
+        self.layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                layer.input_layernorm.weight.detach().float(),
+                fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj]),
+                fuse_projections([attn.o_proj]),
+                layer.post_attention_layernorm.weight.detach().float(),
+                fuse_projections([mlp.gate_proj, mlp.up_proj]),
+                fuse_projections([mlp.down_proj]),
+            ))
+        cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(max_len)[None])
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()  # (max_len, head_dim)
+        shape = (len(self.layers), self.kv_heads, max_len, self.head_dim)
+        self.keys = torch.zeros(shape)
+        self.values = torch.zeros(shape)
+        self.layer_keys, self.layer_values = list(self.keys.unbind(0)), list(self.values.unbind(0))  # views
+        self.position = 0
+
+    def reset(self) -> None:
+        self.position = 0
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """LlamaRMSNorm in one call (torch's fused rms_norm rounds as LlamaRMSNorm's fp32 sequence of operations;
+        the parity tests check it)."""
+        return F.rms_norm(x, weight.shape, weight, self.eps)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, logits: str = "last") -> torch.Tensor:
+        count, start = ids.shape[0], self.position
+        end = start + count
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {end} needed")
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        rope_cache_write = torch.ops.bitconvert.rope_cache_write
+        mask = None
+        if count > 1 and start > 0:  # new queries see the whole cache and the causal part of themselves
+            mask = torch.ones(count, end, dtype=torch.bool).tril(start)
+        x = self.embed[ids]
+        for index, layer in enumerate(self.layers):
+            qkv = layer.qkv(self._norm(x, layer.input_norm))
+            keys, values = self.layer_keys[index], self.layer_values[index]
+            query = rope_cache_write(qkv, self.cos, self.sin, keys, values, start, heads)  # (heads, T, dim)
+            attention = F.scaled_dot_product_attention(
+                query[None], keys[None, :, :end], values[None, :, :end], attn_mask=mask,
+                is_causal=count > 1 and start == 0, scale=dim ** -0.5, enable_gqa=kv_heads != heads)
+            x = x + layer.o_proj(attention[0].transpose(0, 1).reshape(count, heads * dim))
+            gate, up = layer.gate_up(self._norm(x, layer.post_norm)).split(layer.gate_up.sizes, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        self.position = end
+        if logits == "last":
+            x = x[-1:]
+        out = self.lm_head(self._norm(x, self.final_norm)).float()
+        return out[0] if logits == "last" else out
+
+    __call__ = forward
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: tuple[int, ...] = (), sample=None) -> list[int]:
+        """New token ids after ``prompt`` (the cache is reset first): greedy, or ``sample(logits) -> id``."""
+        if len(prompt) + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt + new tokens = {len(prompt) + max_new_tokens} exceed the cache ({self.max_len})")
+        self.reset()
+        return self.continue_from(self.forward(torch.tensor(prompt)), max_new_tokens, eos, sample)
+
+    def continue_from(self, logits: torch.Tensor, max_new_tokens: int, eos: tuple[int, ...] = (),
+                      sample=None) -> list[int]:
+        """New token ids after the positions already run, whose last logits are ``logits`` (vocab,)."""
+        tokens: list[int] = []
+        while True:
+            token = int(logits.argmax()) if sample is None else int(sample(logits))
+            tokens.append(token)
+            if token in eos or len(tokens) == max_new_tokens:
+                return tokens
+            logits = self.forward(torch.tensor([token]))
