@@ -109,6 +109,20 @@ def test_layer_stream_reproduces_the_model():
     torch.testing.assert_close(logits, _logits(model), rtol=1e-5, atol=1e-5)  # same ops, same order
 
 
+def test_staged_forward_of_a_calibrated_layer_equals_its_forward():
+    """calibrate_layer quantizes between the stages of one forward; its output is the converted layer's forward."""
+    model = _model()
+    stream = LayerStream(StateDictReader(model), model.config, torch.device("cpu"))
+    hidden = stream.embed(IDS.repeat(3, 1))
+    layer, _ = stream.layer(0)
+    fp_out = dict(stream.stages(layer, hidden))["output"]
+    torch.testing.assert_close(fp_out, stream.run(layer, hidden), rtol=1e-5, atol=1e-6)  # same ops, other shapes
+    info = calibrate.calibrate_layer(stream, layer, hidden, CalibrationConfig())
+    assert sum(isinstance(module, calibrate.BitLinear) for module in layer.modules()) == 7
+    torch.testing.assert_close(info["output"], stream.run(layer, hidden), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(info["output"], fp_out, rtol=1e-3, atol=1e-4)  # it did quantize
+
+
 # --- scale/threshold search -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(12))

@@ -29,12 +29,13 @@ from .calib_data import calibration_tokens
 from .device import resolve_device
 from .equalize import LayerActivations, equalize_layer
 from .gptq import gptq_fit
-from .layers import LayerStream, capture_input
+from .layers import LayerStream
 from .reconstruct import reconstruct_layer
 from .scale_search import TernaryFit, absmean_fit, hessian, search_scale
 
-PROJECTION_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-                     ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+# LayerStream.stages' names -> the projections that read that input
+PROJECTION_GROUPS = {"attention": ("self_attn", ("q_proj", "k_proj", "v_proj")), "values": ("self_attn", ("o_proj",)),
+                     "mlp": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
 SEARCH_TOKENS = 1024  # calibration tokens the equalization search measures on
 SEARCH_THRESHOLDS = (0.6, 0.8)  # the coarser scale search that scores its candidates
 
@@ -87,15 +88,10 @@ def _search_fit(config: CalibrationConfig):
 
 
 def _search_activations(stream: LayerStream, layer, hidden: torch.Tensor) -> LayerActivations:
-    attention, mlp = layer.self_attn, layer.mlp
-    gate_in = capture_input(stream, layer, mlp.gate_proj, hidden)
-    return LayerActivations(
-        attention_in=capture_input(stream, layer, attention.q_proj, hidden),
-        values_in=capture_input(stream, layer, attention.o_proj, hidden),
-        mlp_in=gate_in,
-        gate_act=mlp.act_fn(gate_in @ mlp.gate_proj.weight.t()),
-        down_in=capture_input(stream, layer, mlp.down_proj, hidden),
-    )
+    stages = dict(stream.stages(layer, hidden))
+    mlp = layer.mlp
+    return LayerActivations(attention_in=stages["attention"], values_in=stages["values"], mlp_in=stages["mlp"],
+                            gate_act=mlp.act_fn(mlp.gate_proj(stages["mlp"])), down_in=stages["down"])
 
 
 def _ternary_module(linear: nn.Linear, fit: TernaryFit) -> BitLinear:
@@ -105,7 +101,8 @@ def _ternary_module(linear: nn.Linear, fit: TernaryFit) -> BitLinear:
 
 
 def calibrate_layer(stream: LayerStream, layer, h_q: torch.Tensor, config: CalibrationConfig) -> dict:
-    """Steps 2-3 of the module docstring on ``layer`` (in place); returns per-projection fits and statistics."""
+    """Steps 2-3 of the module docstring on ``layer`` (in place); returns per-projection fits, statistics and
+    ``"output"``, the converted layer's output on ``h_q``."""
     info: dict = {}
     if config.equalize:
         search_rows = max(1, -(-SEARCH_TOKENS // h_q.shape[1]))
@@ -113,9 +110,13 @@ def calibrate_layer(stream: LayerStream, layer, h_q: torch.Tensor, config: Calib
         info["equalize"] = equalize_layer(layer, acts, _search_fit(config))
         del acts
     fits = {}
-    for block_name, names in PROJECTION_GROUPS:
+    for stage, inputs in stream.stages(layer, h_q):
+        if stage == "output":
+            info["output"] = inputs
+            break
+        block_name, names = PROJECTION_GROUPS[stage]
         block = getattr(layer, block_name)
-        x_q = fake_quantize_activations(capture_input(stream, layer, getattr(block, names[0]), h_q))
+        x_q = fake_quantize_activations(inputs)
         h = hessian(x_q)
         for name in names:
             linear = getattr(block, name)
@@ -128,7 +129,7 @@ def calibrate_layer(stream: LayerStream, layer, h_q: torch.Tensor, config: Calib
                 {"calibration_output_error": fit.error / max(output_power, 1e-30),
                  "absmean_output_error": fit.absmean_error / max(output_power, 1e-30)})
             setattr(block, name, _ternary_module(linear, fit))
-        del x_q, h
+        del x_q, h, inputs
     info["fits"] = fits
     return info
 
@@ -176,7 +177,7 @@ def calibrated_tensors(reader, model_config, tokenizer, config: CalibrationConfi
                                        lr=config.reconstruct_lr, batch_size=config.reconstruct_batch,
                                        seed=config.seed + index, progress=progress, desc=f"reconstruct layer {index}")
             record["reconstruct_mse"] = [result.mse_before, result.mse_after]
-        h_q = stream.run(layer, h_q)
+        h_q = stream.run(layer, h_q) if config.reconstruct else info["output"]
         record["output_mse"] = (h_q - y_fp).pow(2).mean().item()
         h_fp = y_fp
         prefix = stream.layer_prefix(index)

@@ -58,7 +58,8 @@ class LayerStream:
             layer = LlamaDecoderLayer(self.config, index)
         expected = {name for name, _ in layer.named_parameters()}
         names = self.layer_names[index]
-        state = {local: self.reader.get(full).float().to(self.device) for local, full in names.items() if local in expected}
+        state = {local: self.reader.get(full).to(self.device, torch.float32, copy=True)  # never the reader's own tensor
+                 for local, full in names.items() if local in expected}
         missing = expected - set(state)
         if missing:
             raise ValueError(f"layer {index} lacks {sorted(missing)}")
@@ -78,6 +79,26 @@ class LayerStream:
     def forward(self, layer, hidden: torch.Tensor) -> torch.Tensor:
         """One differentiable call of ``layer`` on (batch, seq, hidden)."""
         return layer(hidden, position_embeddings=self.position_embeddings(hidden))
+
+
+    def stages(self, layer, hidden: torch.Tensor):
+        """The inputs of the layer's projection groups, in order, computed lazily from ``layer``'s modules as they are
+        when each is asked for (so a caller may quantize a group before the next stage runs). Yields
+        ``("attention", x)`` (q/k/v input), ``("values", x)`` (o_proj input), ``("mlp", x)`` (gate/up input),
+        ``("down", x)`` (down_proj input), each (batch * seq, features), then ``("output", h)`` (batch, seq, hidden):
+        the layer's output, the same ops as ``LlamaDecoderLayer.forward`` with the attention run once."""
+        batch, seq, width = hidden.shape
+        attention, mlp = layer.self_attn, layer.mlp
+        with torch.no_grad():
+            yield "attention", layer.input_layernorm(hidden).reshape(-1, width)
+            values_in = capture_input(self, layer, attention.o_proj, hidden)
+            yield "values", values_in
+            hidden = hidden + attention.o_proj(values_in).reshape(batch, seq, -1)
+            mlp_in = layer.post_attention_layernorm(hidden).reshape(-1, width)
+            yield "mlp", mlp_in
+            down_in = mlp.act_fn(mlp.gate_proj(mlp_in)) * mlp.up_proj(mlp_in)
+            yield "down", down_in
+            yield "output", hidden + mlp.down_proj(down_in).reshape(batch, seq, -1)
 
 
 class StopForward(Exception):
