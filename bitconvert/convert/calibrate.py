@@ -53,7 +53,7 @@ class CalibrationConfig:
     gptq:               error compensation across columns on the fixed ternary grid
     reconstruct:        block-wise reconstruction after the above
     reconstruct_steps:  Adam steps per layer
-    reconstruct_lr:     Adam learning rate
+    reconstruct_lr:     Adam learning rate, relative to each projection's scale (see :mod:`.reconstruct`)
     reconstruct_batch:  sequences per reconstruction step
     device:             auto | cpu | cuda
     seed:               reconstruction batch order
@@ -67,8 +67,8 @@ class CalibrationConfig:
     equalize: bool = True
     gptq: bool = True
     reconstruct: bool = False
-    reconstruct_steps: int = 200
-    reconstruct_lr: float = 1e-4
+    reconstruct_steps: int = 100
+    reconstruct_lr: float = 0.01
     reconstruct_batch: int = 2
     device: str = "auto"
     seed: int = 0

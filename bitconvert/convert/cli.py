@@ -86,10 +86,11 @@ def register(subparsers) -> None:
     calibration.add_argument("--reconstruct", action="store_true",
                              help="then train each layer's latent weights, scales and norm gains to reproduce the "
                              "full-precision hidden states (block-wise reconstruction; minutes)")
-    calibration.add_argument("--reconstruct-steps", type=int, default=200, metavar="N",
-                             help="Adam steps per layer for --reconstruct (default: 200)")
-    calibration.add_argument("--reconstruct-lr", type=float, default=1e-4, metavar="LR",
-                             help="Adam learning rate for --reconstruct (default: 1e-4)")
+    calibration.add_argument("--reconstruct-steps", type=int, default=100, metavar="N",
+                             help="Adam steps per layer for --reconstruct (default: 100)")
+    calibration.add_argument("--reconstruct-lr", type=float, default=0.01, metavar="LR",
+                             help="Adam learning rate for --reconstruct, relative: latent weights and scale of each "
+                             "projection move with LR times its scale, norm gains with LR; cosine decay (default: 0.01)")
     calibration.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                              help="where calibration runs (default: auto = CUDA if present, else CPU)")
     parser.set_defaults(run=run)
