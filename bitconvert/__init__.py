@@ -6,9 +6,9 @@ The Python API mirrors the CLI: ``bitconvert.convert(source, out)`` and ``bitcon
 
 from . import convert, load  # modules that are also callable: bitconvert.convert(...), bitconvert.load(...)
 from .bitlinear import BitLinear, PackedBitLinear
-from .convert import ConvertOptions
+from .convert import CalibrationConfig, ConvertOptions
 from .quantize import TernaryConfig, pack_, quantize_, set_quant_lambda
 
 __version__ = "0.1.0"
 __all__ = ["BitLinear", "PackedBitLinear", "TernaryConfig", "quantize_", "pack_", "set_quant_lambda", "convert",
-           "ConvertOptions", "load"]
+           "ConvertOptions", "CalibrationConfig", "load"]

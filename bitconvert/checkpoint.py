@@ -74,6 +74,17 @@ def sub_norm_names(num_layers: int, prefix: str = "model.") -> list[tuple[str, s
 
 
 @dataclass
+class TernaryWeight:
+    """A projection weight already ternarized (by calibration or training): codes int8 (out, in), scale ``g`` (0-dim
+    fp32), the float weight they approximate (for the relative error; optional) and extra statistics to record."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    reference: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
 class TernaryTensor:
     """One projection weight after quantization: packed codes, the HF scale 1/g, and its statistics."""
 
@@ -82,26 +93,31 @@ class TernaryTensor:
     stats: dict
 
 
-def quantize_weight_tensor(name: str, weight: torch.Tensor, method: str = "absmean") -> TernaryTensor:
-    """Ternarize one ``(out, in)`` weight; stats: zero fraction, scale g, relative reconstruction error
-    ``||W - g T||_F / ||W||_F``."""
-    out_features = weight.shape[0]
+def quantize_weight_tensor(name: str, weight: torch.Tensor | TernaryWeight, method: str = "absmean") -> TernaryTensor:
+    """Ternarize one ``(out, in)`` weight (or pack a :class:`TernaryWeight` as it is); stats: zero fraction, scale g,
+    relative reconstruction error ``||W - g T||_F / ||W||_F``."""
+    if isinstance(weight, TernaryWeight):
+        ternary, scale, reference, extra = weight.codes, weight.scale.float().reshape(()), weight.reference, weight.stats
+    else:
+        reference = weight.float()
+        scale = weight_scale(reference, method)
+        ternary, extra = ternarize(reference, scale), {}
+    out_features = ternary.shape[0]
     if out_features % 4:
         raise BitconvertError(
             f"{name} has {out_features} output rows, not a multiple of 4, which the packed BitNet format needs"
         )
-    weight = weight.float()
-    scale = weight_scale(weight, method)
-    ternary = ternarize(weight, scale)
-    error = torch.linalg.vector_norm(weight - ternary.float() * scale) / torch.linalg.vector_norm(weight).clamp(min=1e-12)
     stats = {
         "name": name,
-        "shape": list(weight.shape),
+        "shape": list(ternary.shape),
         "scale": scale.item(),
         "zero_fraction": (ternary == 0).float().mean().item(),
-        "relative_error": error.item(),
     }
-    return TernaryTensor(pack_ternary(ternary), (1.0 / scale).reshape(1), stats)
+    if reference is not None:
+        reference = reference.float()
+        error = torch.linalg.vector_norm(reference - ternary.float() * scale)
+        stats["relative_error"] = (error / torch.linalg.vector_norm(reference).clamp(min=1e-12)).item()
+    return TernaryTensor(pack_ternary(ternary), (1.0 / scale).reshape(1), {**stats, **extra})
 
 
 def output_config(source_config: dict, *, sub_norm: bool, dtype: torch.dtype):
@@ -136,7 +152,8 @@ def write_converted_tensors(folder: Path, named_tensors, report: "Report", *, we
     """Write ``(name, tensor)`` pairs as the converted folder's shards: projection weights ternarized and packed (plus
     their ``weight_scale`` = 1/g), everything else cast to ``dtype``; fills ``report`` layers, sizes and counts.
 
-    Shared by conversion (tensors streamed from the source) and fine-tuning (the trained model's latent tensors).
+    Shared by conversion (tensors streamed from the source, or :class:`TernaryWeight` from calibration) and
+    fine-tuning (the trained model's latent tensors).
     """
     writer = ShardWriter(folder, shard_bytes)
     for name, tensor in named_tensors:
@@ -145,7 +162,7 @@ def write_converted_tensors(folder: Path, named_tensors, report: "Report", *, we
             writer.add(name, quantized.packed)
             writer.add(name.removesuffix("weight") + "weight_scale", quantized.inverse_scale)
             report.layers.append(quantized.stats)
-            report.parameters_converted += tensor.numel()
+            report.parameters_converted += quantized.packed.shape[1] * quantized.stats["shape"][0]
         else:
             writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         del tensor
@@ -248,6 +265,7 @@ class Report:
     bytes_after: int = 0
     parameters_converted: int = 0
     seconds: float = 0.0
+    calibration: dict | None = None
 
     def write(self, folder: Path) -> None:
         from . import __version__
@@ -262,6 +280,8 @@ class Report:
             "seconds": round(self.seconds, 2),
             "layers": self.layers,
         }
+        if self.calibration is not None:
+            doc["calibration"] = self.calibration
         (folder / REPORT_NAME).write_text(json.dumps(doc, indent=2))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import BitconvertError
+
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "B": 1}
 
 
@@ -61,14 +63,69 @@ def register(subparsers) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled .bin/.pt checkpoints (loaded with weights_only=True); only for files you trust")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    calibration = parser.add_argument_group(
+        "calibrated conversion",
+        "--calibrate runs the model layer by layer on calibration text (one decoder layer in memory at a time) and "
+        "chooses each projection's codes and scale for the layer's output error, with int8 activations as in "
+        "inference. Its three stages are on by default; each --no-* switch turns one off.")
+    calibration.add_argument("--calibrate", action="store_true",
+                             help="calibrate: optimal scale/threshold + equivalence scaling + error compensation")
+    calibration.add_argument("--calib-data", metavar="DATA", default=None,
+                             help="calibration text: .txt/.jsonl/.parquet file or folder, or a datasets name "
+                             "owner/name[:config] (as finetune --data); default: the offline LAMBADA training passages")
+    calibration.add_argument("--calib-text-field", metavar="FIELD", default="text",
+                             help="JSONL/Parquet/datasets field holding the text (default: text)")
+    calibration.add_argument("--calib-tokens", type=int, default=4096, metavar="N",
+                             help="calibration tokens, in sequences of 512 (default: 4096)")
+    calibration.add_argument("--no-optimal-scale", action="store_true",
+                             help="keep absmean scales instead of the scale/threshold of least output error")
+    calibration.add_argument("--no-equalize", action="store_true",
+                             help="no equivalence scaling (per-channel scales folded into the norms, v->o, up->down)")
+    calibration.add_argument("--no-gptq", action="store_true",
+                             help="no error compensation across columns (GPTQ on the fixed ternary grid)")
+    calibration.add_argument("--reconstruct", action="store_true",
+                             help="then train each layer's latent weights, scales and norm gains to reproduce the "
+                             "full-precision hidden states (block-wise reconstruction; minutes)")
+    calibration.add_argument("--reconstruct-steps", type=int, default=100, metavar="N",
+                             help="Adam steps per layer for --reconstruct (default: 100)")
+    calibration.add_argument("--reconstruct-lr", type=float, default=0.01, metavar="LR",
+                             help="Adam learning rate for --reconstruct, relative: latent weights and scale of each "
+                             "projection move with LR times its scale, norm gains with LR; cosine decay (default: 0.01)")
+    calibration.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                             help="where calibration runs (default: auto = CUDA if present, else CPU)")
     parser.set_defaults(run=run)
+
+
+def calibration_config(args):
+    """The :class:`CalibrationConfig` the flags ask for, or None without --calibrate (its options then refused)."""
+    from .calibrate import CalibrationConfig
+
+    calibration_flags = [flag for flag, given in (
+        ("--calib-data", args.calib_data is not None), ("--no-optimal-scale", args.no_optimal_scale),
+        ("--no-equalize", args.no_equalize), ("--no-gptq", args.no_gptq), ("--reconstruct", args.reconstruct),
+    ) if given]
+    if not args.calibrate:
+        if calibration_flags:
+            raise BitconvertError(f"{calibration_flags[0]} only applies with --calibrate; add --calibrate")
+        return None
+    for flag, value in (("--calib-tokens", args.calib_tokens), ("--reconstruct-steps", args.reconstruct_steps)):
+        if value <= 0:
+            raise BitconvertError(f"{flag} must be at least 1, got {value}")
+    if not args.reconstruct_lr > 0:
+        raise BitconvertError(f"--reconstruct-lr must be positive, got {args.reconstruct_lr}")
+    return CalibrationConfig(
+        data=args.calib_data, text_field=args.calib_text_field, tokens=args.calib_tokens,
+        optimal_scale=not args.no_optimal_scale, equalize=not args.no_equalize, gptq=not args.no_gptq,
+        reconstruct=args.reconstruct, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
+        device=args.device)
 
 
 def run(args) -> int:
     from .pipeline import ConvertOptions, convert
 
     options = ConvertOptions(weight_scale=args.weight_scale, sub_norm=args.sub_norm, dtype=args.dtype,
-                             shard_bytes=args.shard_size, allow_pickle=args.allow_pickle)
+                             shard_bytes=args.shard_size, allow_pickle=args.allow_pickle,
+                             calibration=calibration_config(args))
     result = convert(args.source, args.out, options, overwrite=args.overwrite, progress=not args.quiet)
     report = result.report
     zero = sum(layer["zero_fraction"] for layer in report.layers) / len(report.layers)

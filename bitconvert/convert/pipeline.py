@@ -27,6 +27,7 @@ from ..checkpoint import (
 )
 from ..errors import BitconvertError, reason
 from ..sources import Source, load_full_precision, read_config_dict, resolve_source
+from .calibrate import CalibrationConfig, calibrated_tensors
 from .readers import SafetensorsReader, StateDictReader
 
 
@@ -36,13 +37,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 @dataclass(frozen=True)
 class ConvertOptions:
     """weight_scale: absmean | absmedian; sub_norm: add SubLN gains (=1) and write the bitnet model type;
-    dtype: dtype of the tensors kept in high precision (auto = the source's); shard_bytes: output shard size."""
+    dtype: dtype of the tensors kept in high precision (auto = the source's); shard_bytes: output shard size;
+    calibration: None (round to nearest, tensor by tensor) or how to calibrate (:class:`CalibrationConfig`)."""
 
     weight_scale: str = "absmean"
     sub_norm: bool = False
     dtype: str = "auto"
     shard_bytes: int = 1 << 30
     allow_pickle: bool = False
+    calibration: CalibrationConfig | None = None
 
 
 @dataclass
@@ -89,6 +92,12 @@ def convert(source: str | Source, out: str | Path, options: ConvertOptions = Con
     started = time.perf_counter()
     out = Path(out)
     check_destination(out, overwrite)
+    calibration = options.calibration
+    if calibration is not None and options.sub_norm:
+        raise BitconvertError("--calibrate does not combine with --sub-norm (SubLN changes the function); "
+                              "drop one of them")
+    if calibration is not None and options.weight_scale != "absmean":
+        raise BitconvertError("--calibrate chooses its own scales; drop --weight-scale (or --calibrate)")
     if not isinstance(source, Source):
         source = resolve_source(source, allow_pickle=options.allow_pickle)
     source_config = read_config_dict(source)
@@ -109,6 +118,13 @@ def convert(source: str | Source, out: str | Path, options: ConvertOptions = Con
         raise BitconvertError(f"{source.display} has no attention/MLP projection weights to convert")
 
     def source_tensors():
+        if calibration is not None:
+            from transformers import LlamaConfig
+
+            report.calibration = {}
+            yield from calibrated_tensors(reader, LlamaConfig.from_dict(source_config), tokenizer, calibration,
+                                          progress=progress, summary=report.calibration)
+            return
         for name in tqdm(names, desc="converting", unit="tensor", disable=not progress):
             yield name, reader.get(name)
         if options.sub_norm:

@@ -1,0 +1,70 @@
+"""Block-wise reconstruction (BRECQ arXiv 2102.05426, EfficientQAT arXiv 2407.11062): train one decoder layer at a
+time to reproduce the full-precision model's hidden states.
+
+The layer's projections are learned-scale :class:`~bitconvert.bitlinear.BitLinear` (lambda = 1: ternary weights
+``s * clamp(round(W / s))``, int8 per-token activations, LSQ straight-through gradients), started from the calibrated
+codes and scales. Trained: the latent weights, the scales ``s`` and the two RMSNorm gains. Inputs: the hidden states
+the already converted layers before it produce (batch, seq, hidden); targets: the full-precision model's hidden
+states after this layer. Loss: mean squared error; Adam, ``steps`` steps of ``batch_size`` random sequences, the
+learning rate decayed to 0 on a cosine. ``lr`` is relative: each projection's latent weights and scale move with
+``lr * s`` (its own scale; SmolLM2's scales span 0.19-0.56 in one layer, so one absolute rate is too slow for some and
+too fast for others), the norm gains with ``lr``. Measured on SmolLM2-135M layer 10 (2,048 tokens, 80 steps): relative
+0.01 lowered the MSE by 8%, absolute 1e-4 by 1%. The layer is left as it was if training did not lower its error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..bitlinear import BitLinear
+
+
+@dataclass
+class ReconstructionResult:
+    """Mean squared error of the layer's output on all calibration sequences, before and after training."""
+
+    mse_before: float
+    mse_after: float
+
+
+def _mse(stream, layer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return (stream.run(layer, inputs) - targets).pow(2).mean().item()
+
+
+def reconstruct_layer(stream, layer, inputs: torch.Tensor, targets: torch.Tensor, *, steps: int, lr: float,
+                      batch_size: int = 2, seed: int = 0, progress: bool = True, desc: str = "reconstruct") -> ReconstructionResult:
+    """Train ``layer`` (its projections already learned-scale BitLinear) in place; keeps the better of before/after."""
+    groups = [{"params": [module.weight, module.learned_scale], "lr": lr * module.learned_scale.item()}
+              for module in layer.modules() if isinstance(module, BitLinear)]
+    groups.append({"params": [layer.input_layernorm.weight, layer.post_attention_layernorm.weight], "lr": lr})
+    parameters = [p for group in groups for p in group["params"]]
+    before = _mse(stream, layer, inputs, targets)
+    saved = {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    layer.train()
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        rows = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=generator)
+        rows = rows.to(inputs.device)
+        loss = (stream.forward(layer, inputs[rows]) - targets[rows]).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(mse=f"{loss.item():.3g}", refresh=False)
+    layer.eval()
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    after = _mse(stream, layer, inputs, targets)
+    if not after < before:
+        layer.load_state_dict(saved)
+        after = before
+    return ReconstructionResult(before, after)
