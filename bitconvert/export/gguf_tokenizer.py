@@ -99,8 +99,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> str
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     adds_bos, adds_eos = _adds_special(tokenizer)
     special.add_special_token.update(bos=adds_bos, eos=adds_eos)
-    if not special.merges:  # llama.cpp requires the key even when the tokenizer has no merges
-        writer.add_token_merges([])
-        special.load_merges = False
+    if not special.merges:  # llama.cpp requires the merges key, and gguf-py cannot write an empty array
+        raise BitconvertError(f"'{spec}' has no BPE merges; llama.cpp cannot load a BPE vocabulary without them")
     special.add_to_gguf(writer, quiet=True)
     return pre
