@@ -5,7 +5,8 @@
 
 GGUFs (:func:`build_ggufs`, all in ``--workdir``):
 - ``ours``: ``bitconvert export CONVERTED`` (auto type per tensor: TQ2_0, else Q2_0, else exact Q8_0/F16);
-- ``ours-q2_0``: the same with every projection Q2_0 (when every row is a multiple of 64), to compare the two layouts;
+- ``ours-q2_0``, ``ours-q8_0``: the same with every projection Q2_0 / Q8_0 (when every row fits), to compare the
+  layouts (ggml has SIMD Q2_0 dot products on ARM only; on x86 Q2_0 runs its scalar code);
 - ``llamacpp-tq2_0``: ``llama-quantize --allow-requantize ours TQ2_0``: llama.cpp's own default TQ2_0 file
   (token_embd/output as llama.cpp picks for TQ2_0, Q4_K; rows TQ2_0 cannot hold fall back to Q4_0, which is lossy);
 - ``f16`` and ``q4_0``: the full-precision SOURCE through llama.cpp's own tools: ``convert_hf_to_gguf.py --outtype f16``
@@ -75,7 +76,7 @@ def build_ggufs(converted: str | Path, source: str | Path | None, workdir: str |
     """Write (or reuse) the GGUFs of one model in ``workdir``; returns ``{name: path}``.
 
     ``converted``: a bitconvert folder; ``source``: its full-precision source (HF folder or .gguf) or None, which
-    skips the F16/Q4_0 rows. Names: ours, ours-q2_0 (when every row fits Q2_0), llamacpp-tq2_0, f16, q4_0.
+    skips the F16/Q4_0 rows. Names: ours, ours-q2_0 / ours-q8_0 (when every row fits), llamacpp-tq2_0, f16, q4_0.
     """
     from bitconvert.errors import BitconvertError
     from bitconvert.export.gguf import export_gguf
@@ -85,12 +86,14 @@ def build_ggufs(converted: str | Path, source: str | Path | None, workdir: str |
     ggufs = {"ours": workdir / "ours.gguf"}
     if not ggufs["ours"].exists():
         export_gguf(converted, ggufs["ours"], progress=False)
-    try:
-        if not (workdir / "ours-q2_0.gguf").exists():
-            export_gguf(converted, workdir / "ours-q2_0.gguf", weight_type="q2_0", progress=False)
-        ggufs["ours-q2_0"] = workdir / "ours-q2_0.gguf"
-    except BitconvertError:
-        pass  # some row is not a multiple of 64
+    for kind in ("q2_0", "q8_0"):
+        path = workdir / f"ours-{kind}.gguf"
+        try:
+            if not path.exists():
+                export_gguf(converted, path, weight_type=kind, progress=False)
+            ggufs[f"ours-{kind}"] = path
+        except BitconvertError:
+            pass  # some row does not fit the type
     ggufs["llamacpp-tq2_0"] = quantize(ggufs["ours"], workdir / "llamacpp-tq2_0.gguf", "TQ2_0")
     if source is not None:
         source, f16 = Path(source), workdir / "f16.gguf"

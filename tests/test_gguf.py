@@ -145,7 +145,7 @@ def check_projections(path, folder, type_names):
 
 
 @pytest.mark.parametrize("weight_type, kinds", [("auto", {"TQ2_0"}), ("tq2_0", {"TQ2_0"}), ("tq1_0", {"TQ1_0"}),
-                                                ("q2_0", {"Q2_0"})])
+                                                ("q2_0", {"Q2_0"}), ("q8_0", {"Q8_0"})])
 def test_wide_model_every_type_dequantizes_to_codes_times_scale(wide_ternary, tmp_path, weight_type, kinds):
     out = tmp_path / "m.gguf"
     assert export(wide_ternary, out, "--type", weight_type) == 0
@@ -190,7 +190,7 @@ def test_odd_rows_fall_back_to_exact_q8_0_and_f16(odd_ternary, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("folder_name, weight_type, block", [("small_ternary", "tq2_0", 256), ("small_ternary", "tq1_0", 256),
-                                                             ("odd_ternary", "q2_0", 64)])
+                                                             ("odd_ternary", "q2_0", 64), ("odd_ternary", "q8_0", 32)])
 def test_forced_type_refuses_rows_it_cannot_hold(request, tmp_path, capsys, folder_name, weight_type, block):
     folder = request.getfixturevalue(folder_name)
     capsys.readouterr()

@@ -63,7 +63,7 @@ def run(*command) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("weight_type", ["tq2_0", "tq1_0", "q2_0", "auto"])
+@pytest.mark.parametrize("weight_type", ["tq2_0", "tq1_0", "q2_0", "q8_0"])
 def test_llama_cpp_dequantizes_every_block_to_codes_times_scale(tmp_path, weight_type):
     folder = tiny_converted(tmp_path / "wide", hidden_size=256, intermediate_size=768, tie_word_embeddings=True)
     ours, expanded = tmp_path / "m.gguf", tmp_path / "f32.gguf"

@@ -205,8 +205,8 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, weight_ty
     """Export the converted folder ``model_path`` to the GGUF file ``out``; returns what was written.
 
     ``weight_type``: ``auto`` (per tensor: TQ2_0 when rows are a multiple of 256, else Q2_0 for multiples of 64, else the
-    exact fallbacks Q8_0 / F16) or one of ``tq2_0``, ``tq1_0``, ``q2_0`` for every projection (refused when a row
-    length does not fit). ``float_type``: ``f16``, ``bf16``, ``f32`` or ``q8_0`` for the embeddings and lm_head.
+    exact fallbacks Q8_0 / F16) or one of ``tq2_0``, ``tq1_0``, ``q2_0``, ``q8_0`` for every projection (refused when
+    a row length does not fit). ``float_type``: ``f16``, ``bf16``, ``f32`` or ``q8_0`` for the embeddings and lm_head.
     """
     folder, out = Path(model_path), Path(out)
     if weight_type not in TYPE_CHOICES:

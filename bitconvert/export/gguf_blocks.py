@@ -48,7 +48,7 @@ BLOCK_TYPES = {
     "tq1_0": BlockType("TQ1_0", int(GGMLQuantizationType.TQ1_0), 256, 54),
 }
 AUTO_ORDER = ("tq2_0", "q2_0", "q8_0", "f16")
-TYPE_CHOICES = ("auto", "tq2_0", "tq1_0", "q2_0")
+TYPE_CHOICES = ("auto", "tq2_0", "tq1_0", "q2_0", "q8_0")
 
 
 def choose_type(name: str, in_features: int, requested: str = "auto") -> BlockType:
