@@ -1,12 +1,12 @@
 """llama.cpp head to head on one model: the GGUFs a comparison needs, and llama-bench's prefill/decode tokens/s.
 
     LLAMA_CPP_DIR=/path/to/llama.cpp/build python benchmarks/llamacpp.py CONVERTED [--source SOURCE] [--threads 2]
-        [--rounds 3] [--workdir DIR] [--json bench-out/llamacpp.json]
+        [--rounds 3] [--variants q2_0,q8_0] [--workdir DIR] [--json bench-out/llamacpp.json]
 
 GGUFs (:func:`build_ggufs`, all in ``--workdir``):
 - ``ours``: ``bitconvert export CONVERTED`` (auto type per tensor: TQ2_0, else Q2_0, else exact Q8_0/F16);
-- ``ours-q2_0``, ``ours-q8_0``: the same with every projection Q2_0 / Q8_0 (when every row fits), to compare the
-  layouts (ggml has SIMD Q2_0 dot products on ARM only; on x86 Q2_0 runs its scalar code);
+- ``ours-q2_0``, ``ours-q8_0``, ``ours-auto+q8_0`` (``--variants``): the same with every projection Q2_0 / Q8_0, or
+  with Q8_0 embeddings, to compare layouts (ggml has SIMD Q2_0 dot products on ARM only; on x86 Q2_0 runs scalar code);
 - ``llamacpp-tq2_0``: ``llama-quantize --allow-requantize ours TQ2_0``: llama.cpp's own default TQ2_0 file
   (token_embd/output as llama.cpp picks for TQ2_0, Q4_K; rows TQ2_0 cannot hold fall back to Q4_0, which is lossy);
 - ``f16`` and ``q4_0``: the full-precision SOURCE through llama.cpp's own tools: ``convert_hf_to_gguf.py --outtype f16``
@@ -72,11 +72,28 @@ def quantize(source: Path, out: Path, kind: str) -> Path:
     return out
 
 
-def build_ggufs(converted: str | Path, source: str | Path | None, workdir: str | Path) -> dict[str, Path]:
+def _with_architectures(source: Path, workdir: Path) -> Path:
+    """``source``, or when its config.json names no ``architectures`` (which convert_hf_to_gguf.py needs) a folder of
+    links to its files with ``LlamaForCausalLM`` added to the config."""
+    config = json.loads((source / "config.json").read_text())
+    if config.get("architectures"):
+        return source
+    staged = workdir / "source-with-architectures"
+    staged.mkdir(exist_ok=True)
+    for item in source.iterdir():
+        if item.name != "config.json" and not (staged / item.name).exists():
+            (staged / item.name).symlink_to(item.absolute())
+    (staged / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}, indent=2))
+    return staged
+
+
+def build_ggufs(converted: str | Path, source: str | Path | None, workdir: str | Path,
+                variants: tuple[str, ...] = ("q2_0", "q8_0")) -> dict[str, Path]:
     """Write (or reuse) the GGUFs of one model in ``workdir``; returns ``{name: path}``.
 
     ``converted``: a bitconvert folder; ``source``: its full-precision source (HF folder or .gguf) or None, which
-    skips the F16/Q4_0 rows. Names: ours, ours-q2_0 / ours-q8_0 (when every row fits), llamacpp-tq2_0, f16, q4_0.
+    skips the F16/Q4_0 rows; ``variants``: more exports of ours, ``TYPE`` (``--type``) or ``TYPE+FLOAT`` (also
+    ``--float-type``). Names: ours, ours-<variant> (when every row fits), llamacpp-tq2_0, f16, q4_0.
     """
     from bitconvert.errors import BitconvertError
     from bitconvert.export.gguf import export_gguf
@@ -86,12 +103,13 @@ def build_ggufs(converted: str | Path, source: str | Path | None, workdir: str |
     ggufs = {"ours": workdir / "ours.gguf"}
     if not ggufs["ours"].exists():
         export_gguf(converted, ggufs["ours"], progress=False)
-    for kind in ("q2_0", "q8_0"):
-        path = workdir / f"ours-{kind}.gguf"
+    for variant in variants:  # "TYPE" or "TYPE+FLOAT_TYPE", e.g. "q8_0" or "auto+q8_0"
+        weight_type, _, float_type = variant.partition("+")
+        path = workdir / f"ours-{variant}.gguf"
         try:
             if not path.exists():
-                export_gguf(converted, path, weight_type=kind, progress=False)
-            ggufs[f"ours-{kind}"] = path
+                export_gguf(converted, path, weight_type=weight_type, float_type=float_type or "f16", progress=False)
+            ggufs[f"ours-{variant}"] = path
         except BitconvertError:
             pass  # some row does not fit the type
     ggufs["llamacpp-tq2_0"] = quantize(ggufs["ours"], workdir / "llamacpp-tq2_0.gguf", "TQ2_0")
@@ -102,8 +120,8 @@ def build_ggufs(converted: str | Path, source: str | Path | None, workdir: str |
         elif source.suffix == ".gguf":
             quantize(source, f16, "F16")
         else:
-            _run([sys.executable, llama_cpp_source() / "convert_hf_to_gguf.py", source, "--outtype", "f16",
-                  "--outfile", f16])
+            _run([sys.executable, llama_cpp_source() / "convert_hf_to_gguf.py", _with_architectures(source, workdir),
+                  "--outtype", "f16", "--outfile", f16])
         ggufs["f16"] = f16
         ggufs["q4_0"] = quantize(f16, workdir / "q4_0.gguf", "Q4_0")
     return ggufs
@@ -150,6 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("converted", help="a bitconvert converted folder")
     parser.add_argument("--source", help="its full-precision source (HF folder or .gguf) for the F16/Q4_0 rows")
+    parser.add_argument("--variants", default="q2_0,q8_0", help="more exports of ours: TYPE or TYPE+FLOAT_TYPE, comma-separated ('' for none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved llama-bench runs per GGUF (median)")
     parser.add_argument("--prompt", type=int, default=128)
@@ -158,7 +177,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench-out/llamacpp.json"))
     args = parser.parse_args()
     name = Path(args.converted).name
-    ggufs = build_ggufs(args.converted, args.source, args.workdir or Path("bench-out/gguf") / name)
+    variants = tuple(kind for kind in args.variants.split(",") if kind)
+    ggufs = build_ggufs(args.converted, args.source, args.workdir or Path("bench-out/gguf") / name, variants)
     results = bench_interleaved(ggufs, args.threads, args.rounds, args.prompt, args.gen)
     print_table(name, results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
