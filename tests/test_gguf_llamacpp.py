@@ -9,7 +9,8 @@
    llama-perplexity with bitconvert's perplexity on the same held-out text, scored the way llama-perplexity scores.
 
 Why llama.cpp and bitconvert differ at all: the weights are identical (1.), and here the embeddings are exported as
-F32 and the KV cache is kept in F32, so the remaining difference is the activation quantization. bitconvert
+F32 and the KV cache is kept in F32, so the remaining difference is the activation quantization (and float
+summation order). bitconvert
 (BitNet b1.58) quantizes each token's activations to int8 with one absmax scale per token; llama.cpp's ternary dot
 products quantize activations per block (Q8_0: 32 values for Q2_0; Q8_K: 256 values for TQ2_0), a finer grid. Each
 logit moves by a fraction of one int8 step, so perplexity agrees to a fraction of a percent and greedy generation
@@ -74,7 +75,7 @@ def test_llama_cpp_dequantizes_every_block_to_codes_times_scale(tmp_path, weight
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """``(converted folder, our GGUF with F32 embeddings)`` for the ternary SmolLM2."""
+    """``(converted folder, our GGUF with Q8_0 projections and F32 embeddings)`` for the ternary SmolLM2."""
     folder = os.environ.get("TERNARY_SMOLLM2")
     root = tmp_path_factory.mktemp("smollm2")
     if not folder:
@@ -83,7 +84,9 @@ def smollm2(tmp_path_factory):
         folder = root / "ternary-smollm2"
         convert("smollm2-135m", folder, progress=False)
     gguf_path = root / "smollm2.gguf"
-    export_gguf(folder, gguf_path, float_type="f32", progress=False)
+    # Q8_0 holds the same T * fp16(g) as the auto types (test 1) and multiplies them with the same Q8_0 activation
+    # blocks as Q2_0 (its vec_dot_type), but has AVX2 kernels: the Q2_0 code on x86 is scalar and ~4x slower.
+    export_gguf(folder, gguf_path, weight_type="q8_0", float_type="f32", progress=False)
     return Path(folder), gguf_path
 
 
