@@ -1,38 +1,63 @@
-"""``bitconvert export MODEL --out model.onnx [--op ternary|matmulnbits]``: the ONNX export verb."""
+"""``bitconvert export MODEL --out model.onnx [--op ternary|matmulnbits]`` (ONNX) or ``--out model.gguf`` (GGUF)."""
 
 from __future__ import annotations
 
 import argparse
 
+from .gguf_blocks import TYPE_CHOICES
+from .gguf import FLOAT_TYPES
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a converted model to ONNX (KV cache; custom TernaryMatMul op or portable MatMulNBits)",
+        help="export a converted model to ONNX (KV cache; custom TernaryMatMul op or portable MatMulNBits) or GGUF",
         description="Export MODEL to an ONNX decoder with a KV cache (inputs input_ids, attention_mask, position_ids, "
         "past_key_values.N.key/value; outputs logits, present.N.key/value) and save its tokenizer beside it. "
         "--op ternary (default) makes each BitLinear one com.bitconvert::TernaryMatMul node on its 2-bit weights, "
         "run in ONNX Runtime by bitconvert's custom-op library (bitconvert.export.session); --op matmulnbits uses "
         "the standard contrib op com.microsoft::MatMulNBits (bits=2), which plain onnxruntime runs. A full-precision "
-        "MODEL exports as fp32.",
-        epilog="example: bitconvert export ternary-smollm2 --out onnx/model.onnx && "
-        "bitconvert generate onnx/model.onnx --prompt 'Once upon a time'",
+        "MODEL exports as fp32. --format gguf (or an --out ending in .gguf) writes one GGUF file for llama.cpp with the "
+        "model's own ternary codes and tokenizer.",
+        epilog="examples: bitconvert export ternary-smollm2 --out onnx/model.onnx && "
+        "bitconvert generate onnx/model.onnx --prompt 'Once upon a time'\n"
+        "          bitconvert export ternary-smollm2 --out smollm2.gguf && llama-cli -m smollm2.gguf -p 'Hello'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", help="converted folder (or a full-precision source for an fp32 export)")
-    parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write (its folder gets the tokenizer)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write (its folder gets the "
+                        "tokenizer) or the .gguf file (must not exist)")
+    parser.add_argument("--format", choices=("onnx", "gguf"), help="default: gguf when --out ends in .gguf, else onnx")
     parser.add_argument("--op", choices=("ternary", "matmulnbits"), default="ternary",
                         help="operator for the ternary layers (default: ternary)")
     parser.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
                         help="MatMulNBits only: 0 multiplies fp32 activations, 4 quantizes them to int8 per block "
                         "(faster, less exact); default 0")
+    parser.add_argument("--type", choices=TYPE_CHOICES, default="auto", dest="weight_type",
+                        help="GGUF only: block type of the ternary projections; auto (default) picks per tensor TQ2_0 "
+                        "(rows a multiple of 256), else Q2_0 (of 64), else exact Q8_0/F16; a forced type must fit every row "
+                        "(q8_0: exact too, 4x larger than Q2_0 but with SIMD kernels on x86, where Q2_0 has none)")
+    parser.add_argument("--float-type", choices=FLOAT_TYPES, default="f16",
+                        help="GGUF only: type of the embeddings and lm_head (default f16; q8_0 is lossy); norms stay f32")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if (args.format or ("gguf" if args.out.endswith(".gguf") else "onnx")) == "gguf":
+        return _run_gguf(args)
     from .exporter import export_onnx
 
     out = export_onnx(args.model, args.out, op=args.op, accuracy_level=args.accuracy_level)
     size = sum(path.stat().st_size for path in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 2**20:.1f} MiB) and its tokenizer; run it: bitconvert generate {out} --prompt ...")
+    return 0
+
+
+def _run_gguf(args) -> int:
+    from .gguf import export_gguf
+
+    result = export_gguf(args.model, args.out, weight_type=args.weight_type, float_type=args.float_type)
+    print("\n".join([f"tensor types ({result.architecture} architecture, pre-tokenizer {result.pre_tokenizer}):",
+                     *result.summary()]))
+    print(f"wrote {result.path} ({result.path.stat().st_size / 2**20:.1f} MiB); run it: llama-cli -m {result.path} -p ...")
     return 0
