@@ -26,13 +26,21 @@ def register(subparsers) -> None:
     parser.add_argument("--accuracy-level", type=int, choices=(0, 4), default=0,
                         help="MatMulNBits only: 0 multiplies fp32 activations, 4 quantizes them to int8 per block "
                         "(faster, less exact); default 0")
+    parser.add_argument("--graph", choices=("plain", "fused"), default="plain",
+                        help="plain (default): attention and RMSNorm in standard ONNX ops; fused: ONNX Runtime's "
+                        "GroupQueryAttention and RMSNorm ops and stacked q/k/v, gate/up products (fewer nodes, "
+                        "faster; logits equal up to float rounding; positions taken from the cache length)")
+    parser.add_argument("--lm-head", choices=("exact", "int8"), default="exact",
+                        help="exact (default): fp32 lm_head; int8: MatMulNBits bits=8 with int8 activations, a "
+                        "quarter of the bytes read per token, an approximation (see docs/export.md)")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     from .exporter import export_onnx
 
-    out = export_onnx(args.model, args.out, op=args.op, accuracy_level=args.accuracy_level)
+    out = export_onnx(args.model, args.out, op=args.op, accuracy_level=args.accuracy_level, graph=args.graph,
+                      lm_head=args.lm_head)
     size = sum(path.stat().st_size for path in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 2**20:.1f} MiB) and its tokenizer; run it: bitconvert generate {out} --prompt ...")
     return 0
