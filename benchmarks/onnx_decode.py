@@ -9,6 +9,9 @@ DIR/<model name>/<variant>/model.onnx and reused when present:
     fused    --graph fused: GroupQueryAttention (rotary inside), ORT's RMSNorm ops, q/k/v and gate/up fused
     int8     --lm-head int8 on the plain graph (MatMulNBits bits=8, int8 activations)
     after    --graph fused --lm-head int8
+    fast     --graph fused --lm-head int8 --logits last (logits of the last position only: the prompt's lm_head
+             runs on one token, as llama.cpp's does)
+    fast-exact  --graph fused --logits last (the exact lm_head)
 All variants of a model run with the same session options, repeats interleaved round-robin so that drifting machine
 load hits them alike. ``--profile`` adds ONNX Runtime's per-node profile of the decode steps, grouped by component
 (:func:`profile_ort`); ``--parity`` compares greedy tokens with ``bitconvert.load`` on real prompts.
@@ -33,6 +36,8 @@ VARIANTS = {
     "fused": {"graph": "fused"},
     "int8": {"lm_head": "int8"},
     "after": {"graph": "fused", "lm_head": "int8"},
+    "fast": {"graph": "fused", "lm_head": "int8", "logits": "last"},
+    "fast-exact": {"graph": "fused", "logits": "last"},
 }
 PROMPTS = (
     "The capital of France is",
@@ -101,7 +106,7 @@ def measure_ort(onnx_path: str | Path, threads: int, prompt_tokens: int = 128, n
     busy-wait between nodes (faster on an idle machine, harmful on a loaded one).
 
     Returns ``{"decode_tok_s", "prefill_tok_s", "decode_ms_per_token", "decode_min_max", "file_bytes", "op",
-    "graph", "lm_head", "threads", "spinning", "prompt_tokens", "new_tokens", "repeats"}``; the last rows are the
+    "graph", "lm_head", "logits", "threads", "spinning", "prompt_tokens", "new_tokens", "repeats"}``; the last rows are the
     export's metadata (``bitconvert.*``) and the arguments.
     """
     decoder = decoder_for(onnx_path, threads, spinning)
@@ -119,7 +124,8 @@ def _metadata(onnx_path: str | Path) -> dict:
     meta = {prop.key.removeprefix("bitconvert."): prop.value for prop in model.metadata_props}
     path = Path(onnx_path)
     return {"file_bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")),
-            "op": meta.get("op", "?"), "graph": meta.get("graph", "plain"), "lm_head": meta.get("lm_head", "exact")}
+            "op": meta.get("op", "?"), "graph": meta.get("graph", "plain"), "lm_head": meta.get("lm_head", "exact"),
+            "logits": meta.get("logits", "all")}
 
 
 def _group(event: dict, vocab: int) -> str:

@@ -364,19 +364,22 @@ def test_int8_layout_round_trip():
 
 @pytest.fixture(scope="session")
 def tied_int8(tmp_path_factory):
-    """A tiny model with tied embeddings, converted, its PyTorch model and its fused export with the int8 lm_head."""
+    """A tiny model with tied embeddings, converted: its PyTorch model and its fused export with the int8 lm_head
+    and the last position's logits only."""
     from bitconvert.convert import convert
     from tiny import make_tiny_llama
 
     source = make_tiny_llama(tmp_path_factory.mktemp("tied") / "src", tie_word_embeddings=True)
     converted = tmp_path_factory.mktemp("tied-out") / "ternary"
     convert(source, converted, progress=False)
-    out = export_onnx(converted, tmp_path_factory.mktemp("onnx-int8") / "model.onnx", graph="fused", lm_head="int8")
+    out = export_onnx(converted, tmp_path_factory.mktemp("onnx-int8") / "model.onnx", graph="fused", lm_head="int8",
+                      logits="last")
     return load(converted, dtype=torch.float32), out
 
 
-def test_int8_lm_head(tied_int8):
-    """MatMulNBits bits=8 for lm_head, the input Gather still on the float embedding; logits within the int8 bound."""
+def test_int8_lm_head_last_logits(tied_int8):
+    """MatMulNBits bits=8 for lm_head, the input Gather still on the float embedding; logits (B, 1, V) of the last
+    position within the int8 bound, in one pass and after a cached step."""
     torch_model, path = tied_int8
     model = onnx.load(path)
     head = next(node for node in model.graph.node if node.op_type == "MatMulNBits")
@@ -388,4 +391,8 @@ def test_int8_lm_head(tied_int8):
     tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         expected = torch_model(tokens).logits.numpy()
-    assert_logits_close(decoder.step(tokens.numpy(), decoder.empty_cache())[0], expected, INT8_HEAD_TOLERANCE)
+    logits, _ = decoder.step(tokens.numpy(), decoder.empty_cache())
+    assert logits.shape == (1, 1, expected.shape[-1])
+    assert_logits_close(logits, expected[:, -1:], INT8_HEAD_TOLERANCE)
+    _, cache = decoder.step(tokens[:, :8].numpy(), decoder.empty_cache())
+    assert_logits_close(decoder.step(tokens[:, 8:].numpy(), cache)[0], expected[:, -1:], INT8_HEAD_TOLERANCE)

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--lm-head", choices=("exact", "int8"), default="exact",
                         help="exact (default): fp32 lm_head; int8: MatMulNBits bits=8 with int8 activations, a "
                         "quarter of the bytes read per token, an approximation (see docs/export.md)")
+    parser.add_argument("--logits", choices=("all", "last"), default="all",
+                        help="all (default): logits for every input position; last: only the last position's "
+                        "(B, 1, V), all that generation needs, and a much faster prompt")
     parser.set_defaults(run=run)
 
 
@@ -40,7 +43,7 @@ def run(args) -> int:
     from .exporter import export_onnx
 
     out = export_onnx(args.model, args.out, op=args.op, accuracy_level=args.accuracy_level, graph=args.graph,
-                      lm_head=args.lm_head)
+                      lm_head=args.lm_head, logits=args.logits)
     size = sum(path.stat().st_size for path in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 2**20:.1f} MiB) and its tokenizer; run it: bitconvert generate {out} --prompt ...")
     return 0

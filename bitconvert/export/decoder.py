@@ -7,6 +7,9 @@ of optimum and onnxruntime-genai:
     inputs   input_ids (B, S) int64, attention_mask (B, P + S) int64 (1 = real token, 0 = padding),
              position_ids (B, S) int64, past_key_values.{i}.key / .value (B, H_kv, P, D) fp32 for each layer i
     outputs  logits (B, S, V) fp32, present.{i}.key / .value (B, H_kv, P + S, D) fp32
+             (with ``last_logits``: logits (B, 1, V) of the last position only, all that generation reads; the
+             final norm and lm_head then run on one token per row instead of S, which is most of a prompt's cost
+             on a large vocabulary)
 
 Attention of layer i, for query t (absolute position P + t) and key j < P + S:
     scores = q k^T * D^-0.5 + mask,  mask = 0 where j <= P + t and attention_mask[b, j] = 1, else float32 min
@@ -43,9 +46,10 @@ def cache_names(num_layers: int, prefix: str) -> list[str]:
 class KVCacheDecoder(nn.Module):
     """Wraps a transformers ``LlamaForCausalLM`` or ``BitNetForCausalLM``; see the module docstring for the I/O."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, last_logits: bool = False):
         super().__init__()
         self.model = model
+        self.last_logits = last_logits
         config = model.config
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
@@ -95,6 +99,8 @@ class KVCacheDecoder(nn.Module):
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             presents += [key, value]
+        if self.last_logits:
+            hidden = hidden[:, -1:]
         logits = self.model.lm_head(inner.norm(hidden)).float()
         return (logits, *presents)
 
@@ -112,8 +118,8 @@ class FusedKVCacheDecoder(KVCacheDecoder):
     """The same decoder on ORT's fused operators (see the module docstring). Call
     :func:`~bitconvert.export.modules.fuse_projections` on the model first to stack q/k/v and gate/up."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, last_logits: bool = False):
+        super().__init__(model, last_logits)
         inner = model.model
         positions = torch.arange(model.config.max_position_embeddings).unsqueeze(0)
         with torch.no_grad():
@@ -169,6 +175,8 @@ class FusedKVCacheDecoder(KVCacheDecoder):
             x, hidden = self._norm(layer.post_attention_layernorm, attn_out, hidden)
             delta = self._mlp(layer.mlp, x)
             presents += [key, value]
+        if self.last_logits:
+            delta, hidden = delta[:, -1:], hidden[:, -1:]
         normed, _ = self._norm(inner.norm, delta, hidden)
         logits = self.model.lm_head(normed).float()
         return (logits, *presents)

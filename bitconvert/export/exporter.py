@@ -6,7 +6,8 @@ dynamo ONNX exporter (the custom ops translated by :data:`bitconvert.export.ops.
 with its initializers in one external-data file when the model is above 2 GB (protobuf's limit), check it with
 ``onnx.checker`` (full check, custom domain declared) and write the tokenizer next to it. The model's metadata
 records the operator (``bitconvert.op``: ternary, matmulnbits or fp32), the graph (``bitconvert.graph``: plain or
-fused) and the lm_head (``bitconvert.lm_head``: exact or int8). A full-precision source exports as fp32.
+fused), the lm_head (``bitconvert.lm_head``: exact or int8) and which logits it returns (``bitconvert.logits``:
+all or last). A full-precision source exports as fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .ops import DOMAIN, MS_DOMAIN, OP_VERSION, TRANSLATIONS
 
 GRAPHS = ("plain", "fused")
 LM_HEADS = ("exact", "int8")
+LOGITS = ("all", "last")
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -101,7 +103,7 @@ def _declare_opsets(program) -> None:
 
 
 def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str = "ternary",
-                accuracy_level: int = 0, graph: str = "plain", lm_head: str = "exact") -> Path:
+                accuracy_level: int = 0, graph: str = "plain", lm_head: str = "exact", logits: str = "all") -> Path:
     """Export ``model_path`` to the ONNX file ``out`` (its folder also gets the tokenizer); returns ``out``.
 
     ``op``: ``ternary`` (one com.bitconvert::TernaryMatMul per BitLinear) or ``matmulnbits`` (portable
@@ -109,6 +111,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     ``graph``: ``plain`` (attention and norms in standard ONNX ops) or ``fused`` (ORT's GroupQueryAttention and
     RMSNorm ops, q/k/v and gate/up stacked; :class:`~bitconvert.export.decoder.FusedKVCacheDecoder`).
     ``lm_head``: ``exact`` (fp32 MatMul) or ``int8`` (:class:`~bitconvert.export.modules.Int8LmHead`).
+    ``logits``: ``all`` positions (B, S, V) or the ``last`` one (B, 1, V), enough for generation and much cheaper
+    for a prompt.
     """
     from ..load import is_converted_folder, load_for_inference
 
@@ -118,6 +122,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
         raise BitconvertError(f"unknown --graph {graph!r}; choose one of {', '.join(GRAPHS)}")
     if lm_head not in LM_HEADS:
         raise BitconvertError(f"unknown --lm-head {lm_head!r}; choose one of {', '.join(LM_HEADS)}")
+    if logits not in LOGITS:
+        raise BitconvertError(f"unknown --logits {logits!r}; choose one of {', '.join(LOGITS)}")
     if accuracy_level not in (0, 4):
         raise BitconvertError(f"accuracy level must be 0 or 4, got {accuracy_level}")
     out = Path(out)
@@ -133,7 +139,7 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
         model.lm_head = Int8LmHead(model.lm_head)
     if graph == "fused":
         fuse_projections(model)
-    decoder = (FusedKVCacheDecoder if graph == "fused" else KVCacheDecoder)(model).eval()
+    decoder = (FusedKVCacheDecoder if graph == "fused" else KVCacheDecoder)(model, logits == "last").eval()
     with torch.no_grad():
         try:
             program = _trace(decoder)
@@ -146,7 +152,7 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     _name_dims(program.model.graph)
     _declare_opsets(program)
     kind = op if replaced else "fp32"
-    metadata = {"op": kind, "graph": graph, "lm_head": lm_head}
+    metadata = {"op": kind, "graph": graph, "lm_head": lm_head, "logits": logits}
     if kind == "matmulnbits":
         metadata["accuracy_level"] = str(accuracy_level)
     program.model.metadata_props.update({f"bitconvert.{key}": value for key, value in metadata.items()})
