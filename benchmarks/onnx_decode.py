@@ -106,8 +106,9 @@ def measure_ort(onnx_path: str | Path, threads: int, prompt_tokens: int = 128, n
     busy-wait between nodes (faster on an idle machine, harmful on a loaded one).
 
     Returns ``{"decode_tok_s", "prefill_tok_s", "decode_ms_per_token", "decode_min_max", "file_bytes", "op",
-    "graph", "lm_head", "logits", "threads", "spinning", "prompt_tokens", "new_tokens", "repeats"}``; the last rows are the
-    export's metadata (``bitconvert.*``) and the arguments.
+    "graph", "lm_head", "logits", "threads", "spinning", "prompt_tokens", "new_tokens", "repeats"}``: tokens/s
+    (medians), the decode range over the repeats, the file size, the export's metadata (``bitconvert.*``) and the
+    arguments.
     """
     decoder = decoder_for(onnx_path, threads, spinning)
     prompt = _random_prompt(decoder, prompt_tokens)

@@ -29,6 +29,7 @@ from .ops import DOMAIN, MS_DOMAIN, OP_VERSION, TRANSLATIONS
 GRAPHS = ("plain", "fused")
 LM_HEADS = ("exact", "int8")
 LOGITS = ("all", "last")
+FUSED_MODEL_TYPES = ("llama", "bitnet")  # rotate-half rotary on the whole head, RMSNorm, SiLU-gated MLP
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -138,6 +139,9 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     if lm_head == "int8":
         model.lm_head = Int8LmHead(model.lm_head)
     if graph == "fused":
+        if model.config.model_type not in FUSED_MODEL_TYPES:
+            raise BitconvertError(f"--graph fused supports {', '.join(FUSED_MODEL_TYPES)} models (LLaMA attention "
+                                  f"and rotary), not '{model.config.model_type}'; use --graph plain")
         fuse_projections(model)
     decoder = (FusedKVCacheDecoder if graph == "fused" else KVCacheDecoder)(model, logits == "last").eval()
     with torch.no_grad():

@@ -56,13 +56,12 @@ int run_rows(const Job &job, int64_t first, int64_t last, int64_t row0, int64_t 
     const uint8_t *weight = job.weight + row0 / BC_TILE_ROWS * kblocks * BC_BLOCK_BYTES;
     const float *x = job.x + first * job.in_features;
     const int64_t tokens = last - first, rows = row1 - row0;
+    float *y = job.y + first * job.out_features + row0;
     if (tokens == 1 || rows == job.out_features)  // y rows are contiguous: write in place
-        return bc_linear(x, tokens, weight, rows, job.in_features, job.scales[seg], job.y + first * job.out_features + row0,
-                         job.isa, 1);
+        return bc_linear(x, tokens, weight, rows, job.in_features, job.scales[seg], y, job.isa, 1);
     std::vector<float> slice(size_t(tokens * rows));
     const int err = bc_linear(x, tokens, weight, rows, job.in_features, job.scales[seg], slice.data(), job.isa, 1);
-    for (int64_t t = 0; t < tokens; ++t)
-        std::copy_n(slice.data() + t * rows, rows, job.y + (first + t) * job.out_features + row0);
+    for (int64_t t = 0; t < tokens; ++t) std::copy_n(slice.data() + t * rows, rows, y + t * job.out_features);
     return err;
 }
 
