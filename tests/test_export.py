@@ -5,7 +5,9 @@ whole model cannot be bit-exact: ORT and torch compute RMSNorm, rotary, softmax 
 kernels, so values differ by a few ulps (relative ~1e-7) and, in principle, such a difference can move an activation
 across a rounding boundary of the int8 quantization. On these fixed-seed inputs the logits differ by ~1e-7 of their
 range; the bound LOGIT_TOLERANCE (1e-5 of the range) leaves 100x margin for the ulp noise while still failing on
-any single flipped activation in the last layers (one int8 step is 1/127 of a token's range, ~1e-2).
+any single flipped activation in the last layers (one int8 step is 1/127 of a token's range, ~1e-2). The same bound
+holds for the fused graph (ORT's GroupQueryAttention and RMSNorm kernels are other float roundings of the same math;
+measured ~3e-7). The int8 lm_head is an approximation with its own bound, INT8_HEAD_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from bitconvert.cli import main
 from bitconvert.errors import BitconvertError
 from bitconvert.export import custom_op_library, export_onnx, session
 from bitconvert.export.generate import OnnxDecoder, Sampling, _pick
-from bitconvert.export.matmulnbits import dequantize, to_matmulnbits
+from bitconvert.export.matmulnbits import dequantize, to_matmulnbits, to_matmulnbits_int8
 from bitconvert.export.ops import DOMAIN, ternary_matmul
 from bitconvert.export.runtime import ort_include_dir
 from bitconvert.load import load
@@ -33,6 +35,10 @@ LOGIT_TOLERANCE = 1e-5
 # MatMulNBits at accuracy level 0 multiplies x_q/s by T*g in fp32 (not acc/weight_scale/s): same value up to float
 # rounding; level 4 re-quantizes activations per block, an error of up to half an int8 step per element.
 NBITS_TOLERANCE = {0: 1e-4, 4: 5e-2}
+# int8 lm_head: weights and (ORT, accuracy level 4) activations each rounded to half an int8 step of their block's
+# absmax (1/254); a logit sums K such products, so its error stays a few 1/254 of the logits' range: measured 1.1e-2
+# on the tiny model, 3e-2 leaves margin while failing on a wrong scale or layout (errors of order 1).
+INT8_HEAD_TOLERANCE = 3e-2
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +49,17 @@ def ternary_onnx(tiny_ternary, tmp_path_factory):
 @pytest.fixture(scope="session")
 def nbits_onnx(tiny_ternary, tmp_path_factory):
     return export_onnx(tiny_ternary, tmp_path_factory.mktemp("onnx-nbits") / "model.onnx", op="matmulnbits")
+
+
+@pytest.fixture(scope="session")
+def fused_onnx(tiny_ternary, tmp_path_factory):
+    return export_onnx(tiny_ternary, tmp_path_factory.mktemp("onnx-fused") / "model.onnx", graph="fused")
+
+
+@pytest.fixture(params=["plain", "fused"])
+def graph_onnx(request):
+    """The plain and the fused export of the tiny model, for tests that hold for both."""
+    return request.getfixturevalue("ternary_onnx" if request.param == "plain" else "fused_onnx")
 
 
 @pytest.fixture(scope="session")
@@ -148,8 +165,8 @@ def assert_logits_close(actual, expected, tolerance=LOGIT_TOLERANCE):
     assert error <= tolerance, f"relative logit error {error:.2e} > {tolerance:.0e}"
 
 
-def test_logits_match_pytorch(ternary_onnx, torch_model):
-    decoder = OnnxDecoder(session(ternary_onnx))
+def test_logits_match_pytorch(graph_onnx, torch_model):
+    decoder = OnnxDecoder(session(graph_onnx))
     tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = torch_model(tokens).logits.numpy()
@@ -164,9 +181,9 @@ def test_logits_match_pytorch(ternary_onnx, torch_model):
     assert_logits_close(np.concatenate(steps, axis=1), expected)
 
 
-def test_padding_mask(ternary_onnx):
+def test_padding_mask(graph_onnx):
     """A left-padded row gives the logits of the same tokens unpadded."""
-    decoder = OnnxDecoder(session(ternary_onnx))
+    decoder = OnnxDecoder(session(graph_onnx))
     tokens = np.array([[5, 6, 7, 8, 9]], np.int64)
     alone = decoder.session.run(["logits"], feed_for(tokens, decoder))[0]
     padded = np.array([[0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7]], np.int64)
@@ -177,12 +194,12 @@ def test_padding_mask(ternary_onnx):
     assert_logits_close(batched[0, 2:], alone[0])
 
 
-def test_greedy_matches_pytorch_32_steps(ternary_onnx, torch_model):
+def test_greedy_matches_pytorch_32_steps(graph_onnx, torch_model):
     prompt = [72, 101, 108, 108, 111]
     with torch.no_grad():
         expected = torch_model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
                                         do_sample=False)[0, len(prompt):].tolist()
-    assert OnnxDecoder(session(ternary_onnx)).generate(prompt, 32) == expected
+    assert OnnxDecoder(session(graph_onnx)).generate(prompt, 32) == expected
 
 
 def test_sampling():
@@ -273,3 +290,109 @@ def test_model_without_the_decoder_interface(tmp_path):
 
 def test_library_path_is_cached():
     assert custom_op_library() == custom_op_library()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_segmented_op_equals_separate_projections(tmp_path, threads):
+    """Stacked projections with one scale each (segments of 32, 16 and 21 rows) give, bit for bit, what three
+    separate TernaryMatMul nodes give: one token (rows split across threads) and 2 x 9 tokens (tokens split)."""
+    generator = torch.Generator().manual_seed(5)
+    sizes, in_features = [32, 16, 21], 300
+    parts = [torch.randint(-1, 2, (n, in_features), generator=generator, dtype=torch.int8) for n in sizes]
+    scales = torch.tensor([1 / 0.031, 1 / 0.047, 1 / 0.02])
+    node = helper.make_node("TernaryMatMul", ["X", "W", "S"], ["Y"], domain=DOMAIN, out_features=sum(sizes),
+                            segments=sizes)
+    model = single_node_model(sum(sizes), in_features, pack_ternary(torch.cat(parts)).numpy(), 1.0)
+    model.graph.ClearField("node")
+    model.graph.node.append(node)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(scales.numpy(), "S"))
+    x = torch.randn(2, 9, in_features, generator=generator) * 2
+    for tokens in (x, x[:1, :1]):
+        expected = torch.cat([ternary_matmul(tokens, pack_ternary(t), scales[i : i + 1], t.shape[0])
+                              for i, t in enumerate(parts)], dim=-1).numpy()
+        np.testing.assert_array_equal(run_single(tmp_path, model, {"X": tokens.numpy()}, threads), expected)
+
+
+def test_segmented_op_rejects_bad_segments(tmp_path):
+    weight = np.zeros((12, 16), np.uint8)  # 48 rows
+    for segments, message in [([20, 28], "multiple of 16"), ([16, 16], "add up to out_features")]:
+        model = single_node_model(48, 16, weight, 1.0)
+        model.graph.node[0].attribute.append(helper.make_attribute("segments", segments))
+        with pytest.raises(BitconvertError, match=message):
+            run_single(tmp_path, model, {"X": np.zeros((1, 1, 16), np.float32)})
+    model = single_node_model(48, 16, weight, 1.0)  # two segments, one scale
+    model.graph.node[0].attribute.append(helper.make_attribute("segments", [32, 16]))
+    with pytest.raises(Exception, match="one value per segment"):
+        run_single(tmp_path, model, {"X": np.zeros((1, 1, 16), np.float32)})
+
+
+def test_fused_graph(fused_onnx, torch_model):
+    """One GroupQueryAttention and four TernaryMatMul nodes (qkv, o, gate_up, down) per layer, no attention in
+    standard ops, the same I/O as the plain export."""
+    model = onnx.load(fused_onnx)
+    onnx.checker.check_model(model, full_check=True)
+    layers = torch_model.config.num_hidden_layers
+    count = lambda op: sum(node.op_type == op for node in model.graph.node)  # noqa: E731
+    assert count("GroupQueryAttention") == layers and count("TernaryMatMul") == 4 * layers
+    assert count("Softmax") == 0 and count("ReduceMean") == 0
+    assert count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert [i.name for i in model.graph.input][:4] == ["input_ids", "attention_mask", "position_ids",
+                                                       "past_key_values.0.key"]
+    assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert {p.key: p.value for p in model.metadata_props}["bitconvert.graph"] == "fused"
+
+
+def test_fused_chunked_prompt_after_cache(fused_onnx, torch_model):
+    """Batch 1: a prompt fed in two chunks (the second with a cache) gives the one-pass logits."""
+    decoder = OnnxDecoder(session(fused_onnx))
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = torch_model(tokens).logits.numpy()
+    first, cache = decoder.step(tokens[:, :4].numpy(), decoder.empty_cache())
+    second, _ = decoder.step(tokens[:, 4:].numpy(), cache)
+    assert_logits_close(np.concatenate([first, second], axis=1), expected)
+
+
+def test_int8_layout_round_trip():
+    weight = torch.randn(6, 80) * torch.logspace(-3, 1, 80)  # blocks of very different magnitudes
+    b, scales, zero_points = to_matmulnbits_int8(weight, 32)  # K padded to 96
+    assert b.shape == (6, 3, 32) and scales.shape == (18,) and zero_points.shape == (18,)
+    restored = dequantize(b, scales, zero_points, 80, 6, 32, bits=8)
+    step = scales.reshape(6, 3).repeat_interleave(32, dim=1)[:, :80]
+    assert (restored - weight).abs().le(step / 2 * (1 + 1e-6)).all()  # within half a step of its block
+
+
+@pytest.fixture(scope="session")
+def tied_int8(tmp_path_factory):
+    """A tiny model with tied embeddings, converted: its PyTorch model and its fused export with the int8 lm_head
+    and the last position's logits only."""
+    from bitconvert.convert import convert
+    from tiny import make_tiny_llama
+
+    source = make_tiny_llama(tmp_path_factory.mktemp("tied") / "src", tie_word_embeddings=True)
+    converted = tmp_path_factory.mktemp("tied-out") / "ternary"
+    convert(source, converted, progress=False)
+    out = export_onnx(converted, tmp_path_factory.mktemp("onnx-int8") / "model.onnx", graph="fused", lm_head="int8",
+                      logits="last")
+    return load(converted, dtype=torch.float32), out
+
+
+def test_int8_lm_head_last_logits(tied_int8):
+    """MatMulNBits bits=8 for lm_head, the input Gather still on the float embedding; logits (B, 1, V) of the last
+    position within the int8 bound, in one pass and after a cached step."""
+    torch_model, path = tied_int8
+    model = onnx.load(path)
+    head = next(node for node in model.graph.node if node.op_type == "MatMulNBits")
+    assert next(a.i for a in head.attribute if a.name == "bits") == 8
+    gather = next(node for node in model.graph.node if node.op_type == "Gather")
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    assert initializers[gather.input[0]].data_type == TensorProto.FLOAT
+    decoder = OnnxDecoder(session(path))
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = torch_model(tokens).logits.numpy()
+    logits, _ = decoder.step(tokens.numpy(), decoder.empty_cache())
+    assert logits.shape == (1, 1, expected.shape[-1])
+    assert_logits_close(logits, expected[:, -1:], INT8_HEAD_TOLERANCE)
+    _, cache = decoder.step(tokens[:, :8].numpy(), decoder.empty_cache())
+    assert_logits_close(decoder.step(tokens[:, 8:].numpy(), cache)[0], expected[:, -1:], INT8_HEAD_TOLERANCE)

@@ -39,6 +39,16 @@ def register(subparsers) -> None:
                         "(q8_0: exact too, 4x larger than Q2_0 but with SIMD kernels on x86, where Q2_0 has none)")
     parser.add_argument("--float-type", choices=FLOAT_TYPES, default="f16",
                         help="GGUF only: type of the embeddings and lm_head (default f16; q8_0 is lossy); norms stay f32")
+    parser.add_argument("--graph", choices=("plain", "fused"), default="plain",
+                        help="plain (default): attention and RMSNorm in standard ONNX ops; fused: ONNX Runtime's "
+                        "GroupQueryAttention and RMSNorm ops and stacked q/k/v, gate/up products (fewer nodes, "
+                        "faster; logits equal up to float rounding; positions taken from the cache length)")
+    parser.add_argument("--lm-head", choices=("exact", "int8"), default="exact",
+                        help="exact (default): fp32 lm_head; int8: MatMulNBits bits=8 with int8 activations, a "
+                        "quarter of the bytes read per token, an approximation (see docs/export.md)")
+    parser.add_argument("--logits", choices=("all", "last"), default="all",
+                        help="all (default): logits for every input position; last: only the last position's "
+                        "(B, 1, V), all that generation needs, and a much faster prompt")
     parser.set_defaults(run=run)
 
 
@@ -47,7 +57,8 @@ def run(args) -> int:
         return _run_gguf(args)
     from .exporter import export_onnx
 
-    out = export_onnx(args.model, args.out, op=args.op, accuracy_level=args.accuracy_level)
+    out = export_onnx(args.model, args.out, op=args.op, accuracy_level=args.accuracy_level, graph=args.graph,
+                      lm_head=args.lm_head, logits=args.logits)
     size = sum(path.stat().st_size for path in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 2**20:.1f} MiB) and its tokenizer; run it: bitconvert generate {out} --prompt ...")
     return 0

@@ -7,12 +7,24 @@ of optimum and onnxruntime-genai:
     inputs   input_ids (B, S) int64, attention_mask (B, P + S) int64 (1 = real token, 0 = padding),
              position_ids (B, S) int64, past_key_values.{i}.key / .value (B, H_kv, P, D) fp32 for each layer i
     outputs  logits (B, S, V) fp32, present.{i}.key / .value (B, H_kv, P + S, D) fp32
+             (with ``last_logits``: logits (B, 1, V) of the last position only, all that generation reads; the
+             final norm and lm_head then run on one token per row instead of S, which is most of a prompt's cost
+             on a large vocabulary)
 
 Attention of layer i, for query t (absolute position P + t) and key j < P + S:
     scores = q k^T * D^-0.5 + mask,  mask = 0 where j <= P + t and attention_mask[b, j] = 1, else float32 min
     out = softmax(scores) v,  keys/values of the H_kv heads shared by H / H_kv query heads each (GQA)
 with rotary embedding applied to q and k at ``position_ids``. BitNet models (SubLN) apply ``attn_sub_norm`` before
 ``o_proj``; their MLP module (with ``ffn_sub_norm``) runs unchanged.
+
+:class:`FusedKVCacheDecoder` (``--graph fused``) has the same I/O and math with ONNX Runtime's fused CPU operators
+(:mod:`bitconvert.export.fused_ops`): one GroupQueryAttention per layer (rotary inside, cos/sin tables as
+initializers), RMSNorm as SimplifiedLayerNormalization and each residual add + the next norm as one
+SkipSimplifiedLayerNormalization, q/k/v (gate/up) as one stacked projection where the model has them. Positions are
+the cache's: token i of a step is at past_sequence_length + i for every row, and ``position_ids`` is accepted but
+not read. For an unpadded batch that is what position_ids holds; for a left-padded row all its positions shift by the
+padding, which rotary embedding cancels (q.k depends on the difference of positions only), so the logits agree up
+to float rounding. ORT's CPU kernel runs a multi-token step after a non-empty cache only at batch size 1.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .fused_ops import group_query_attention, rms_norm, skip_rms_norm
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 
@@ -32,9 +46,10 @@ def cache_names(num_layers: int, prefix: str) -> list[str]:
 class KVCacheDecoder(nn.Module):
     """Wraps a transformers ``LlamaForCausalLM`` or ``BitNetForCausalLM``; see the module docstring for the I/O."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, last_logits: bool = False):
         super().__init__()
         self.model = model
+        self.last_logits = last_logits
         config = model.config
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
@@ -84,6 +99,8 @@ class KVCacheDecoder(nn.Module):
             hidden = hidden + attn_out
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             presents += [key, value]
+        if self.last_logits:
+            hidden = hidden[:, -1:]
         logits = self.model.lm_head(inner.norm(hidden)).float()
         return (logits, *presents)
 
@@ -95,3 +112,71 @@ class KVCacheDecoder(nn.Module):
         position_ids = torch.arange(past, past + length).expand(batch, length).contiguous()
         cache = [torch.zeros(batch, self.num_kv_heads, past, self.head_dim) for _ in range(2 * self.num_layers)]
         return (input_ids, attention_mask, position_ids, *cache)
+
+
+class FusedKVCacheDecoder(KVCacheDecoder):
+    """The same decoder on ORT's fused operators (see the module docstring). Call
+    :func:`~bitconvert.export.modules.fuse_projections` on the model first to stack q/k/v and gate/up."""
+
+    def __init__(self, model: nn.Module, last_logits: bool = False):
+        super().__init__(model, last_logits)
+        inner = model.model
+        positions = torch.arange(model.config.max_position_embeddings).unsqueeze(0)
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(inner.embed_tokens.weight[:1].float(), positions)  # (1, max, D), halves equal
+        half = self.head_dim // 2
+        self.register_buffer("cos_cache", cos[0, :, :half].float().contiguous())
+        self.register_buffer("sin_cache", sin[0, :, :half].float().contiguous())
+
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor, skip: torch.Tensor | None = None):
+        """``norm(x + skip)`` and ``x + skip`` (just ``norm(x)`` and ``x`` without skip), an RMSNorm's weight and
+        epsilon on ORT's fused ops."""
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+        if skip is None:
+            return rms_norm(x, norm.weight.float(), eps), x
+        return skip_rms_norm(x, skip, norm.weight.float(), eps)
+
+    def _attention_block(self, attn: nn.Module, x, past_key, past_value, seqlens, total, bias):
+        qkv = attn.qkv_proj(x) if hasattr(attn, "qkv_proj") else torch.cat(
+            [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        out, key, value = group_query_attention(qkv, past_key, past_value, seqlens, total, self.cos_cache,
+                                                self.sin_cache, bias, self.num_heads, self.num_kv_heads)
+        sub_norm = getattr(attn, "attn_sub_norm", None)
+        if sub_norm is not None:
+            out = sub_norm(out)
+        return attn.o_proj(out), key, value
+
+    @staticmethod
+    def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(mlp, "gate_up_proj"):
+            return mlp(x)
+        gate, up = mlp.gate_up_proj(x).split(mlp.gate_up_proj.segments, dim=-1)
+        hidden = mlp.act_fn(gate) * up
+        sub_norm = getattr(mlp, "ffn_sub_norm", None)
+        return mlp.down_proj(hidden if sub_norm is None else sub_norm(hidden))
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        inner = self.model.model
+        batch, length = input_ids.shape
+        total = attention_mask.shape[1]
+        seqlens = torch.full((batch,), total - 1, dtype=torch.int32)
+        total_length = torch.full((), total, dtype=torch.int32)
+        blocked = torch.full((), torch.finfo(torch.float32).min)
+        padding = torch.where(attention_mask.bool(), torch.zeros(()), blocked)  # (B, P + S)
+        bias = padding[:, None, None, :].expand(batch, 1, length, total)
+        hidden, delta = inner.embed_tokens(input_ids), None
+        presents = []
+        for index, layer in enumerate(inner.layers):
+            x, hidden = self._norm(layer.input_layernorm, hidden if delta is None else delta,
+                                   None if delta is None else hidden)
+            attn_out, key, value = self._attention_block(layer.self_attn, x, past[2 * index], past[2 * index + 1],
+                                                         seqlens, total_length, bias)
+            x, hidden = self._norm(layer.post_attention_layernorm, attn_out, hidden)
+            delta = self._mlp(layer.mlp, x)
+            presents += [key, value]
+        if self.last_logits:
+            delta, hidden = delta[:, -1:], hidden[:, -1:]
+        normed, _ = self._norm(inner.norm, delta, hidden)
+        logits = self.model.lm_head(normed).float()
+        return (logits, *presents)

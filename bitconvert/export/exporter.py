@@ -5,7 +5,9 @@ stand-in (:mod:`bitconvert.export.modules`), trace :class:`~bitconvert.export.de
 dynamo ONNX exporter (the custom ops translated by :data:`bitconvert.export.ops.TRANSLATIONS`), then save the model
 with its initializers in one external-data file when the model is above 2 GB (protobuf's limit), check it with
 ``onnx.checker`` (full check, custom domain declared) and write the tokenizer next to it. The model's metadata
-records the operator (``bitconvert.op``: ternary, matmulnbits or fp32). A full-precision source exports as fp32.
+records the operator (``bitconvert.op``: ternary, matmulnbits or fp32), the graph (``bitconvert.graph``: plain or
+fused), the lm_head (``bitconvert.lm_head``: exact or int8) and which logits it returns (``bitconvert.logits``:
+all or last). A full-precision source exports as fp32.
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ from pathlib import Path
 import torch
 
 from ..errors import BitconvertError, reason
-from .decoder import INPUT_NAMES, KVCacheDecoder, cache_names
-from .modules import OPS, replace_bitlinears
+from .decoder import INPUT_NAMES, FusedKVCacheDecoder, KVCacheDecoder, cache_names
+from .fused_ops import TRANSLATIONS as FUSED_TRANSLATIONS
+from .modules import OPS, Int8LmHead, fuse_projections, replace_bitlinears
 from .ops import DOMAIN, MS_DOMAIN, OP_VERSION, TRANSLATIONS
+
+GRAPHS = ("plain", "fused")
+LM_HEADS = ("exact", "int8")
+LOGITS = ("all", "last")
+FUSED_MODEL_TYPES = ("llama", "bitnet")  # rotate-half rotary on the whole head, RMSNorm, SiLU-gated MLP
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -37,7 +45,7 @@ def _trace(decoder: KVCacheDecoder):
         return torch.onnx.export(
             decoder, decoder.example_inputs(), dynamo=True, opset_version=OPSET, input_names=names,
             output_names=["logits", *cache_names(decoder.num_layers, "present")], dynamic_shapes=dynamic,
-            custom_translation_table=TRANSLATIONS, optimize=True, verbose=False,
+            custom_translation_table={**TRANSLATIONS, **FUSED_TRANSLATIONS}, optimize=True, verbose=False,
         )
 
 
@@ -85,26 +93,38 @@ def _save(program, out: Path) -> None:
         os.replace(staged, out)
 
 
-def _declare_opsets(program, op: str) -> None:
+def _declare_opsets(program) -> None:
     """Declare the custom domains the graph uses (the checker needs every domain's version)."""
     imports = program.model.opset_imports
-    if op == "ternary":
+    domains = {node.domain for node in program.model.graph.all_nodes()}
+    if DOMAIN in domains:
         imports[DOMAIN] = OP_VERSION
-    elif op == "matmulnbits":
+    if MS_DOMAIN in domains:
         imports[MS_DOMAIN] = 1
 
 
 def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str = "ternary",
-                accuracy_level: int = 0) -> Path:
+                accuracy_level: int = 0, graph: str = "plain", lm_head: str = "exact", logits: str = "all") -> Path:
     """Export ``model_path`` to the ONNX file ``out`` (its folder also gets the tokenizer); returns ``out``.
 
     ``op``: ``ternary`` (one com.bitconvert::TernaryMatMul per BitLinear) or ``matmulnbits`` (portable
     com.microsoft::MatMulNBits, bits=2, with ``accuracy_level`` 0 or 4). A full-precision source exports as fp32.
+    ``graph``: ``plain`` (attention and norms in standard ONNX ops) or ``fused`` (ORT's GroupQueryAttention and
+    RMSNorm ops, q/k/v and gate/up stacked; :class:`~bitconvert.export.decoder.FusedKVCacheDecoder`).
+    ``lm_head``: ``exact`` (fp32 MatMul) or ``int8`` (:class:`~bitconvert.export.modules.Int8LmHead`).
+    ``logits``: ``all`` positions (B, S, V) or the ``last`` one (B, 1, V), enough for generation and much cheaper
+    for a prompt.
     """
     from ..load import is_converted_folder, load_for_inference
 
     if op not in OPS:
         raise BitconvertError(f"unknown --op {op!r}; choose one of {', '.join(OPS)}")
+    if graph not in GRAPHS:
+        raise BitconvertError(f"unknown --graph {graph!r}; choose one of {', '.join(GRAPHS)}")
+    if lm_head not in LM_HEADS:
+        raise BitconvertError(f"unknown --lm-head {lm_head!r}; choose one of {', '.join(LM_HEADS)}")
+    if logits not in LOGITS:
+        raise BitconvertError(f"unknown --logits {logits!r}; choose one of {', '.join(LOGITS)}")
     if accuracy_level not in (0, 4):
         raise BitconvertError(f"accuracy level must be 0 or 4, got {accuracy_level}")
     out = Path(out)
@@ -116,7 +136,14 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     replaced = replace_bitlinears(model, op, accuracy_level)
     if converted and replaced == 0:
         raise BitconvertError(f"'{model_path}' has no BitLinear layers to export")
-    decoder = KVCacheDecoder(model).eval()
+    if lm_head == "int8":
+        model.lm_head = Int8LmHead(model.lm_head)
+    if graph == "fused":
+        if model.config.model_type not in FUSED_MODEL_TYPES:
+            raise BitconvertError(f"--graph fused supports {', '.join(FUSED_MODEL_TYPES)} models (LLaMA attention "
+                                  f"and rotary), not '{model.config.model_type}'; use --graph plain")
+        fuse_projections(model)
+    decoder = (FusedKVCacheDecoder if graph == "fused" else KVCacheDecoder)(model, logits == "last").eval()
     with torch.no_grad():
         try:
             program = _trace(decoder)
@@ -127,10 +154,9 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
             raise BitconvertError(f"the ONNX exporter failed on '{model_path}': {type(root).__name__}: "
                                   f"{reason(root)}") from exc
     _name_dims(program.model.graph)
-    if replaced:
-        _declare_opsets(program, op)
+    _declare_opsets(program)
     kind = op if replaced else "fp32"
-    metadata = {"op": kind}
+    metadata = {"op": kind, "graph": graph, "lm_head": lm_head, "logits": logits}
     if kind == "matmulnbits":
         metadata["accuracy_level"] = str(accuracy_level)
     program.model.metadata_props.update({f"bitconvert.{key}": value for key, value in metadata.items()})

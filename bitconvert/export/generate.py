@@ -5,6 +5,10 @@ so far, ``position_ids`` counting on from the cache length, and the previous ste
 ``past_key_values.*`` (empty, length 0, at the first step). The next token is the argmax of the last logits (greedy)
 or a sample from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and to the smallest
 set whose probability reaches ``top_p``.
+
+The cache stays in ONNX Runtime between steps (``OrtValue``s through an I/O binding): only the logits are copied out,
+not the (layers x 2 x B x H_kv x T x D) floats of ``present.*`` that ``InferenceSession.run`` would convert to numpy
+and back on every token.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnxruntime import OrtValue
 
 from ..errors import BitconvertError
 
@@ -62,22 +67,26 @@ class OnnxDecoder:
         _, self.kv_heads, _, self.head_dim = inputs["past_key_values.0.key"].shape
         self.output_names = ["logits", *self.present_names]
 
-    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+    def empty_cache(self, batch: int = 1) -> dict[str, OrtValue]:
         shape = (batch, self.kv_heads, 0, self.head_dim)
-        return {name: np.zeros(shape, dtype=np.float32) for name in self.past_names}
+        return {name: OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32)) for name in self.past_names}
 
-    def step(self, tokens: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(self, tokens: np.ndarray, cache: dict[str, OrtValue]) -> tuple[np.ndarray, dict[str, OrtValue]]:
         """Run ``tokens`` (B, S) int64 after ``cache``; returns logits (B, S, V) and the grown cache."""
         batch, length = tokens.shape
-        past = next(iter(cache.values())).shape[2]
-        feed = {
-            "input_ids": tokens.astype(np.int64),
-            "attention_mask": np.ones((batch, past + length), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past, past + length, dtype=np.int64), (batch, length)).copy(),
-            **cache,
-        }
-        logits, *presents = self.session.run(self.output_names, feed)
-        return logits, dict(zip(self.past_names, presents))
+        past = next(iter(cache.values())).shape()[2]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((batch, past + length), dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.broadcast_to(np.arange(past, past + length, dtype=np.int64),
+                                                               (batch, length)).copy())
+        for name, value in cache.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()
+        return logits.numpy(), dict(zip(self.past_names, presents))
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  eos_token_ids: tuple[int, ...] = ()) -> list[int]:

@@ -12,6 +12,10 @@ past K (when bs does not divide K) hold code 1, weight 0. The difference to BitL
 MatMulNBits multiplies float activations (accuracy_level 0), or at accuracy_level 4 quantizes them to int8 per block
 of ``bs`` columns, not per token; :class:`~bitconvert.export.modules.MatMulNBitsLinear` therefore quantizes per token
 in the graph first and documents what level 4 changes.
+
+``bits=8`` (:func:`to_matmulnbits_int8`, the ``--lm-head int8`` option) stores any float matrix: B uint8
+(N, ceil(K/bs), bs) holds one code per byte, zero points one byte per block (128), and each block's scale is its
+absmax / 127, so W[n, k] = (code - 128) * scale with |code - 128| <= 127 (symmetric, round half to even).
 """
 
 from __future__ import annotations
@@ -54,11 +58,31 @@ def to_matmulnbits(weight: torch.Tensor, weight_scale: torch.Tensor, out_feature
     return b.contiguous(), scales, zero_points.contiguous()
 
 
+INT8_ZERO_POINT = 128
+
+
+def to_matmulnbits_int8(weight: torch.Tensor, block_size: int):
+    """A float matrix (N, K) -> MatMulNBits bits=8 (B, scales, zero_points); see the module docstring."""
+    out_features, in_features = weight.shape
+    blocks = -(-in_features // block_size)
+    padded = torch.zeros((out_features, blocks * block_size), dtype=torch.float32)
+    padded[:, :in_features] = weight.float()
+    padded = padded.reshape(out_features, blocks, block_size)
+    scales = padded.abs().amax(-1) / 127
+    safe = torch.where(scales > 0, scales, torch.ones(()))
+    codes = (torch.round(padded / safe.unsqueeze(-1)).clamp(-127, 127) + INT8_ZERO_POINT).to(torch.uint8)
+    zero_points = torch.full((out_features * blocks,), INT8_ZERO_POINT, dtype=torch.uint8)
+    return codes.contiguous(), scales.reshape(-1).contiguous(), zero_points
+
+
 def dequantize(b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, k: int, n: int,
-               block_size: int) -> torch.Tensor:
-    """The float matrix W (N, K) that MatMulNBits multiplies by, from its 2-bit blocks."""
+               block_size: int, bits: int = 2) -> torch.Tensor:
+    """The float matrix W (N, K) that MatMulNBits multiplies by, from its 2-bit (or 8-bit) blocks."""
     blocks = b.shape[1]
-    codes = _unpack_codes(b).float()  # (N, blocks, bs)
-    zeros = _unpack_codes(zero_points.reshape(n, -1))[:, :blocks].float()
+    if bits == 8:
+        codes, zeros = b.float(), zero_points.reshape(n, blocks).float()
+    else:
+        codes = _unpack_codes(b).float()  # (N, blocks, bs)
+        zeros = _unpack_codes(zero_points.reshape(n, -1))[:, :blocks].float()
     weight = (codes - zeros.unsqueeze(-1)) * scales.reshape(n, blocks, 1)
     return weight.reshape(n, blocks * block_size)[:, :k]

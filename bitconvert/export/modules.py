@@ -2,6 +2,8 @@
 
 Both keep the packed weights as buffers (they become 2-bit initializers) and call one custom torch op that the
 exporter translates to one ONNX node (:mod:`bitconvert.export.ops`). Shapes: x (..., in) -> y (..., out), fp32.
+Also: :func:`fuse_projections` stacks q/k/v and gate/up into one TernaryMatMul each (exact: per-segment scales),
+and :class:`Int8LmHead` replaces the float ``lm_head`` by MatMulNBits bits=8 (the ``--lm-head int8`` option).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from ..bitlinear import PackedBitLinear, fake_quantize_activations
+from ..packing import pack_ternary, unpack_ternary
 from . import ops  # noqa: F401  (registers torch.ops.bitconvert_export)
-from .matmulnbits import block_size_for, to_matmulnbits
+from .matmulnbits import block_size_for, to_matmulnbits, to_matmulnbits_int8
 
 OPS = ("ternary", "matmulnbits")
 
@@ -46,6 +49,72 @@ class TernaryMatMulLinear(_ExportLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.bitconvert_export.ternary_matmul(x, self.weight, self.weight_scale, self.out_features)
+
+
+class FusedTernaryMatMulLinear(nn.Module):
+    """Several TernaryMatMulLinear of one input stacked into one node: y = [y_1 | ... | y_m], each y_i bit for bit
+    its own projection (one weight_scale per segment, see ``segments`` in :mod:`bitconvert.export.ops`)."""
+
+    def __init__(self, parts: list[TernaryMatMulLinear]):
+        super().__init__()
+        self.segments = [part.out_features for part in parts]
+        self.out_features = sum(self.segments)
+        ternary = torch.cat([unpack_ternary(part.weight, part.out_features) for part in parts])
+        self.register_buffer("weight", pack_ternary(ternary))
+        self.register_buffer("weight_scale", torch.cat([part.weight_scale for part in parts]))
+
+    @staticmethod
+    def can_fuse(parts: list[nn.Module]) -> bool:
+        """Same input, no sub-norm or bias, and every segment but the last a whole number of the op's 16-row tiles."""
+        return (all(isinstance(part, TernaryMatMulLinear) and part.sub_norm is None and part.bias is None
+                    for part in parts)
+                and all(part.out_features % 16 == 0 for part in parts[:-1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.bitconvert_export.ternary_matmul(x, self.weight, self.weight_scale, self.out_features,
+                                                          self.segments)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Give every decoder layer whose q/k/v (gate/up) can be fused a ``qkv_proj`` (``gate_up_proj``) module and
+    drop the separate ones (in place); returns how many fused modules were made."""
+    fused = 0
+    for layer in model.model.layers:
+        for owner, names, target in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                     (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+            parts = [getattr(owner, name, None) for name in names]
+            if FusedTernaryMatMulLinear.can_fuse(parts):
+                setattr(owner, target, FusedTernaryMatMulLinear(parts))
+                for name in names:
+                    delattr(owner, name)
+                fused += 1
+    return fused
+
+
+class Int8LmHead(nn.Module):
+    """``lm_head`` as ``com.microsoft::MatMulNBits`` bits=8, accuracy_level 4: weights int8 per block of
+    ``block_size`` columns (absmax scale, :func:`~bitconvert.export.matmulnbits.to_matmulnbits_int8`), and ORT
+    quantizes the activations to int8 per block too, so the product is int8 x int8 with float scales. A quarter of
+    the fp32 bytes (plus one fp32 scale per block); an approximation, measured in docs/export.md. A tied embedding
+    keeps its float table for the input Gather: this module holds its own int8 copy."""
+
+    ACCURACY_LEVEL = 4
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.block_size = block_size_for(self.in_features)
+        b, scales, zero_points = to_matmulnbits_int8(linear.weight.detach(), self.block_size)
+        self.register_buffer("b", b)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_points", zero_points)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.bitconvert_export.matmul_nbits(x.float(), self.b, self.scales, self.zero_points,
+                                                     self.in_features, self.out_features, self.block_size,
+                                                     self.ACCURACY_LEVEL, 8)
+        return y if self.bias is None else y + self.bias
 
 
 class MatMulNBitsLinear(_ExportLinear):

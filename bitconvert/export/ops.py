@@ -7,7 +7,7 @@
     by the custom-op library (:mod:`bitconvert.export.runtime`).
 
 ``torch.ops.bitconvert_export.matmul_nbits(x, b, scales, zero_points, k, n, block_size, accuracy_level)``
-    The standard contrib op ``com.microsoft::MatMulNBits`` with ``bits=2`` (layout in
+    The standard contrib op ``com.microsoft::MatMulNBits`` with ``bits=2`` (or 8, for the int8 lm_head; layouts in
     :mod:`bitconvert.export.matmulnbits`): ``y = x @ ((c - z) * scale)^T`` per block of ``block_size`` columns.
 
 The eager implementations are the reference math (they run only while tracing and in tests); the fake (meta)
@@ -23,7 +23,8 @@ import onnxscript
 import torch
 from onnx import defs
 
-from ..bitlinear import reference_linear
+from ..bitlinear import int_matmul_reference, quantize_activations, reference_linear
+from ..packing import unpack_ternary
 
 DOMAIN = "com.bitconvert"
 OP_NAME = "TernaryMatMul"
@@ -35,37 +36,47 @@ _microsoft_opset = onnxscript.values.Opset(MS_DOMAIN, 1)
 
 
 @torch.library.custom_op("bitconvert_export::ternary_matmul", mutates_args=())
-def ternary_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_features: int) -> torch.Tensor:
-    """BitLinear's inference product (pure torch, exact integer part); see the module docstring."""
-    return reference_linear(x.reshape(-1, x.shape[-1]), weight, weight_scale, out_features).reshape(
-        *x.shape[:-1], out_features)
+def ternary_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_features: int,
+                   segments: list[int] | None = None) -> torch.Tensor:
+    """BitLinear's inference product (pure torch, exact integer part); see the module docstring. With ``segments``
+    (N_1, ..., N_m), rows are m stacked projections and ``weight_scale`` (m,) holds each one's 1/g."""
+    flat = x.reshape(-1, x.shape[-1])
+    if not segments:
+        return reference_linear(flat, weight, weight_scale, out_features).reshape(*x.shape[:-1], out_features)
+    x_q, act_scale = quantize_activations(flat)
+    acc = int_matmul_reference(x_q, unpack_ternary(weight, out_features)).float()
+    parts = [part / weight_scale[i] / act_scale for i, part in enumerate(acc.split(list(segments), dim=-1))]
+    return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], out_features)
 
 
 @ternary_matmul.register_fake
-def _ternary_matmul_fake(x, weight, weight_scale, out_features):
+def _ternary_matmul_fake(x, weight, weight_scale, out_features, segments=None):
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
 
 
 @torch.library.custom_op("bitconvert_export::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, k: int, n: int,
-                 block_size: int, accuracy_level: int) -> torch.Tensor:
-    """``x @ W^T`` with W dequantized from MatMulNBits' 2-bit blocks (fp32 activations; accuracy level ignored)."""
+                 block_size: int, accuracy_level: int, bits: int = 2) -> torch.Tensor:
+    """``x @ W^T`` with W dequantized from MatMulNBits' blocks (fp32 activations; accuracy level ignored)."""
     from .matmulnbits import dequantize
 
-    return x.float() @ dequantize(b, scales, zero_points, k, n, block_size).t()
+    return x.float() @ dequantize(b, scales, zero_points, k, n, block_size, bits).t()
 
 
 @matmul_nbits.register_fake
-def _matmul_nbits_fake(x, b, scales, zero_points, k, n, block_size, accuracy_level):
+def _matmul_nbits_fake(x, b, scales, zero_points, k, n, block_size, accuracy_level, bits=2):
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 
-def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int):
+def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int, segments=None):
+    if segments:
+        return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale, out_features=out_features,
+                                               segments=list(segments))
     return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale, out_features=out_features)
 
 
-def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: int, accuracy_level: int):
-    return _microsoft_opset.MatMulNBits(x, b, scales, zero_points, K=k, N=n, bits=2, block_size=block_size,
+def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: int, accuracy_level: int, bits: int = 2):
+    return _microsoft_opset.MatMulNBits(x, b, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size,
                                         accuracy_level=accuracy_level)
 
 
@@ -98,10 +109,13 @@ def _ternary_matmul_schema() -> defs.OpSchema:
         "(s = 127 / max|x|), T ternary, packed 2 bits per weight (code T+1) in HF transformers' BitNet layout.",
         inputs=[parameter("X", "T", "activations (..., K)"),
                 parameter("W", "tensor(uint8)", "packed ternary weights (ceil(N/4), K)"),
-                parameter("scale", "tensor(float)", "weight_scale = 1/g, shape (1,)")],
+                parameter("scale", "tensor(float)", "weight_scale = 1/g, shape (1,), or (m,): one per segment")],
         outputs=[parameter("Y", "T", "(..., N)")],
         type_constraints=[("T", ["tensor(float)"], "float32 activations")],
-        attributes=[defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of T")],
+        attributes=[defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of T"),
+                    defs.OpSchema.Attribute("segments", defs.OpSchema.AttrType.INTS,
+                                            "optional: rows of each stacked projection (sum N), each divided by its "
+                                            "own scale; all but the last a multiple of 16", required=False)],
     )
     return schema.set_type_and_shape_inference_function(_infer_last_dim("out_features"))
 

@@ -1,10 +1,15 @@
 // ONNX Runtime custom operator com.bitconvert::TernaryMatMul (version 1), on bitconvert's ternary kernel core.
 //
-//   Y = TernaryMatMul(X, W, scale; out_features = N)
+//   Y = TernaryMatMul(X, W, scale; out_features = N [, segments = (N_1, ..., N_m)])
 //   X      float (..., K)        activations, quantized inside the op to int8 per token (per row of K)
 //   W      uint8 (ceil(N/4), K)  ternary codes T + 1, 2 bits each, in HF transformers' BitNet layout
-//   scale  float (1,)            weight_scale = 1 / g
+//   scale  float (m,)            weight_scale = 1 / g of each segment (m = 1 without `segments`)
 //   Y      float (..., N)        y = (x_q @ T^T) / scale / s, the int32 product exact (bc_linear in ternary_core.h)
+//
+// `segments` (optional) stacks m projections of the same input into one node (q/k/v, gate/up): rows
+// [N_1 + ... + N_{i-1}, N_1 + ... + N_i) of T are projection i and are divided by scale[i], so every output equals
+// that projection's own TernaryMatMul bit for bit. Every segment but the last must be a multiple of 16 rows (the
+// kernel's tile), so that no tile straddles two scales. Models without the attribute are unchanged.
 //
 // W is repacked into the kernel layout once, when the kernel is created, if ONNX Runtime gives it as a constant
 // initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
@@ -38,30 +43,51 @@ struct Job {
     const float *x;
     const uint8_t *weight;  // repacked
     float *y;
-    float weight_scale;
+    const float *scales;            // one per segment
+    const std::vector<int64_t> *ends;  // exclusive end row of each segment
     int64_t n, out_features, in_features, parts;
     int isa;
     std::atomic<int> error{BC_OK};  // set by a failing part
 };
 
+// Rows [row0, row1) of the output for tokens [first, last), all inside segment `seg`, into y (row stride N).
+int run_rows(const Job &job, int64_t first, int64_t last, int64_t row0, int64_t row1, size_t seg) {
+    const int64_t kblocks = ceil_div(job.in_features, BC_BLOCK_COLS);
+    const uint8_t *weight = job.weight + row0 / BC_TILE_ROWS * kblocks * BC_BLOCK_BYTES;
+    const float *x = job.x + first * job.in_features;
+    const int64_t tokens = last - first, rows = row1 - row0;
+    float *y = job.y + first * job.out_features + row0;
+    if (tokens == 1 || rows == job.out_features)  // y rows are contiguous: write in place
+        return bc_linear(x, tokens, weight, rows, job.in_features, job.scales[seg], y, job.isa, 1);
+    std::vector<float> slice(size_t(tokens * rows));
+    const int err = bc_linear(x, tokens, weight, rows, job.in_features, job.scales[seg], slice.data(), job.isa, 1);
+    for (int64_t t = 0; t < tokens; ++t) std::copy_n(slice.data() + t * rows, rows, y + t * job.out_features);
+    return err;
+}
+
 void run_part(void *data, size_t index) {
     Job &job = *static_cast<Job *>(data);
     const int64_t part = int64_t(index);
-    int err;
+    int64_t first = 0, last = job.n, lo = 0, hi = job.out_features;
     if (job.n == 1) {  // split the rows: tiles [t0, t1) are contiguous in the repacked layout
         const int64_t tiles = ceil_div(job.out_features, BC_TILE_ROWS);
-        const int64_t t0 = part * tiles / job.parts, t1 = (part + 1) * tiles / job.parts;
-        const int64_t row0 = t0 * BC_TILE_ROWS, rows = std::min(t1 * BC_TILE_ROWS, job.out_features) - row0;
-        const uint8_t *weight = job.weight + t0 * ceil_div(job.in_features, BC_BLOCK_COLS) * BC_BLOCK_BYTES;
-        err = bc_linear(job.x, 1, weight, rows, job.in_features, job.weight_scale, job.y + row0, job.isa, 1);
+        lo = part * tiles / job.parts * BC_TILE_ROWS;
+        hi = std::min((part + 1) * tiles / job.parts * BC_TILE_ROWS, job.out_features);
     } else {  // split the tokens
         const int64_t groups = ceil_div(job.n, kTokensPerGroup);
-        const int64_t first = part * groups / job.parts * kTokensPerGroup;
-        const int64_t last = std::min((part + 1) * groups / job.parts * kTokensPerGroup, job.n);
-        err = bc_linear(job.x + first * job.in_features, last - first, job.weight, job.out_features, job.in_features,
-                        job.weight_scale, job.y + first * job.out_features, job.isa, 1);
+        first = part * groups / job.parts * kTokensPerGroup;
+        last = std::min((part + 1) * groups / job.parts * kTokensPerGroup, job.n);
     }
-    if (err != BC_OK) job.error = err;
+    int64_t start = 0;
+    for (size_t seg = 0; seg < job.ends->size(); ++seg) {
+        const int64_t end = (*job.ends)[seg];
+        const int64_t row0 = std::max(start, lo), row1 = std::min(end, hi);
+        if (row0 < row1 && first < last) {
+            const int err = run_rows(job, first, last, row0, row1, seg);
+            if (err != BC_OK) job.error = err;
+        }
+        start = end;
+    }
 }
 
 struct OpError : std::exception {
@@ -86,6 +112,7 @@ void check_weight_shape(const std::vector<int64_t> &shape, int64_t out_features)
 
 struct TernaryMatMulKernel {
     int64_t out_features = 0;
+    std::vector<int64_t> segment_ends;  // exclusive end row of each segment; {out_features} without `segments`
     int isa = BC_ISA_SCALAR;
     std::vector<uint8_t> repacked;  // empty unless W was a constant initializer
     int64_t repacked_in = 0;
@@ -94,6 +121,7 @@ struct TernaryMatMulKernel {
         Ort::ConstKernelInfo kernel_info(info);
         out_features = kernel_info.GetAttribute<int64_t>("out_features");
         if (out_features < 1) throw OpError("TernaryMatMul: attribute out_features must be >= 1");
+        read_segments(kernel_info);
         isa = bc_default_isa();
         if (isa == -2) throw OpError("TernaryMatMul: BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
         if (isa == -3) throw OpError("TernaryMatMul: this CPU cannot run the path BITCONVERT_ISA names");
@@ -108,6 +136,26 @@ struct TernaryMatMulKernel {
         }
     }
 
+    void read_segments(const Ort::ConstKernelInfo &kernel_info) {
+        std::vector<int64_t> segments;
+        try {
+            segments = kernel_info.GetAttributes<int64_t>("segments");
+        } catch (const Ort::Exception &) {  // absent: one segment
+            segments = {out_features};
+        }
+        int64_t end = 0;
+        for (size_t i = 0; i < segments.size(); ++i) {
+            const bool last = i + 1 == segments.size();
+            if (segments[i] < 1 || (!last && segments[i] % BC_TILE_ROWS != 0))
+                throw OpError("TernaryMatMul: every segment must be >= 1 rows and all but the last a multiple of " +
+                              std::to_string(BC_TILE_ROWS));
+            end += segments[i];
+            segment_ends.push_back(end);
+        }
+        if (segments.empty() || end != out_features)
+            throw OpError("TernaryMatMul: the segments must add up to out_features = " + std::to_string(out_features));
+    }
+
     void Compute(OrtKernelContext *context) {
         Ort::KernelContext ctx(context);
         Ort::ConstValue x = ctx.GetInput(0), w = ctx.GetInput(1), scale = ctx.GetInput(2);
@@ -118,8 +166,9 @@ struct TernaryMatMulKernel {
         if (x_shape.empty() || x_shape.back() != in_features)
             throw OpError("TernaryMatMul: X has shape " + shape_string(x_shape) + ", its last dimension must be K = " +
                           std::to_string(in_features));
-        if (scale.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
-            throw OpError("TernaryMatMul: scale must hold exactly one value");
+        if (scale.GetTensorTypeAndShapeInfo().GetElementCount() != segment_ends.size())
+            throw OpError("TernaryMatMul: scale must hold one value per segment (" +
+                          std::to_string(segment_ends.size()) + ")");
         int64_t n = 1;
         for (size_t i = 0; i + 1 < x_shape.size(); ++i) n *= x_shape[i];
         std::vector<int64_t> y_shape = x_shape;
@@ -137,8 +186,8 @@ struct TernaryMatMulKernel {
         const int64_t work = tiles * BC_TILE_ROWS * n * in_features;
         const int64_t pieces = n == 1 ? tiles : ceil_div(n, kTokensPerGroup);
         const int64_t parts = std::max<int64_t>(1, std::min(work / kMinWorkPerPart, pieces));
-        Job job{x.GetTensorData<float>(), weight, y.GetTensorMutableData<float>(), *scale.GetTensorData<float>(),
-                n, out_features, in_features, parts, isa, {BC_OK}};
+        Job job{x.GetTensorData<float>(), weight, y.GetTensorMutableData<float>(), scale.GetTensorData<float>(),
+                &segment_ends, n, out_features, in_features, parts, isa, {BC_OK}};
         ctx.ParallelFor(run_part, size_t(parts), 0, &job);
         if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));
     }

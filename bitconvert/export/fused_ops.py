@@ -1,0 +1,173 @@
+"""ONNX Runtime's fused CPU operators for the ``fused`` decoder graph, as torch custom ops the exporter translates.
+
+``torch.ops.bitconvert_export.group_query_attention(qkv, past_key, past_value, seqlens_k, total_length, cos_cache,
+sin_cache, attention_bias, num_heads, kv_num_heads)`` -> (out, present_key, present_value)
+    ``com.microsoft::GroupQueryAttention`` with packed QKV and rotary inside (``do_rotary=1``, halves not
+    interleaved, as LLaMA). qkv (B, S, (H + 2 H_kv) D) = [q | k | v] per token; past_key/value (B, H_kv, P, D);
+    seqlens_k int32 (B,) = P + S - 1; total_length int32 scalar = P + S; cos/sin_cache (max_positions, D/2);
+    attention_bias (B, 1, S, P + S) additive. Token i of row b sits at position p = seqlens_k[b] + 1 - S + i: q and
+    k are rotated by p (x1 cos - x2 sin, x2 cos + x1 sin on the halves x1, x2), present = [past, k] along the
+    sequence, and out = softmax(q k^T / sqrt(D) + bias, causal over positions) v per query head, head h reading
+    KV head h // (H / H_kv). ORT's CPU kernel refuses S > 1 with P > 0 unless B = 1.
+
+``torch.ops.bitconvert_export.rms_norm(x, weight, eps)`` -> ``SimplifiedLayerNormalization`` (ONNX domain,
+    an ORT contrib op): weight * x / sqrt(mean(x^2) + eps) over the last dimension, in fp32.
+``torch.ops.bitconvert_export.skip_rms_norm(x, skip, weight, eps)`` -> (rms_norm(x + skip), x + skip):
+    ``com.microsoft::SkipSimplifiedLayerNormalization`` (outputs 0 and 3), the residual add and the next norm in one.
+
+The eager implementations are the reference math (tracing and tests only). Importing this module registers ONNX
+schemas for the three ops with the ``onnx`` package (which has none), for the checker and shape inference.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+from onnx import defs
+
+from .ops import MS_DOMAIN
+
+_microsoft_opset = onnxscript.values.Opset(MS_DOMAIN, 1)
+_onnx_opset = onnxscript.values.Opset("", 18)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on halves: x (..., D), cos/sin (..., D/2) broadcastable."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@torch.library.custom_op("bitconvert_export::group_query_attention", mutates_args=())
+def group_query_attention(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+                          seqlens_k: torch.Tensor, total_length: torch.Tensor, cos_cache: torch.Tensor,
+                          sin_cache: torch.Tensor, attention_bias: torch.Tensor, num_heads: int,
+                          kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See the module docstring."""
+    batch, length, _ = qkv.shape
+    head_dim = past_key.shape[-1]
+    q, k, v = qkv.split([num_heads * head_dim, kv_num_heads * head_dim, kv_num_heads * head_dim], dim=-1)
+    q, k, v = (t.reshape(batch, length, heads, head_dim).transpose(1, 2)
+               for t, heads in ((q, num_heads), (k, kv_num_heads), (v, kv_num_heads)))
+    positions = seqlens_k.long().unsqueeze(1) + 1 - length + torch.arange(length)  # (B, S)
+    cos, sin = cos_cache[positions].unsqueeze(1), sin_cache[positions].unsqueeze(1)  # (B, 1, S, D/2)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    key, value = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    group = num_heads // kv_num_heads
+    scores = q @ key.repeat_interleave(group, dim=1).transpose(2, 3) / head_dim**0.5 + attention_bias
+    key_pos = torch.arange(key.shape[2])
+    scores = scores.masked_fill(key_pos > positions[:, None, :, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ value.repeat_interleave(group, dim=1)
+    return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim), key, value
+
+
+@group_query_attention.register_fake
+def _gqa_fake(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, attention_bias, num_heads,
+              kv_num_heads):
+    batch, length, _ = qkv.shape
+    present = past_key.new_empty((batch, kv_num_heads, past_key.shape[2] + length, past_key.shape[3]))
+    return qkv.new_empty((batch, length, num_heads * past_key.shape[3])), present, torch.empty_like(present)
+
+
+@torch.library.custom_op("bitconvert_export::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm in fp32: weight * (x * rsqrt(mean(x^2) + eps))."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("bitconvert_export::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + skip), x + skip)."""
+    total = x + skip
+    return rms_norm(total, weight, eps), total
+
+
+@skip_rms_norm.register_fake
+def _skip_rms_norm_fake(x, skip, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _gqa_onnx(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, attention_bias,
+              num_heads: int, kv_num_heads: int):
+    return _microsoft_opset.GroupQueryAttention(
+        qkv, None, None, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, None, attention_bias,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0, _outputs=3)
+
+
+def _rms_norm_onnx(x, weight, eps: float):
+    return _onnx_opset.SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
+
+
+def _skip_rms_norm_onnx(x, skip, weight, eps: float):
+    out, _, _, total = _microsoft_opset.SkipSimplifiedLayerNormalization(x, skip, weight, epsilon=eps, _outputs=4)
+    return out, total
+
+
+TRANSLATIONS = {
+    torch.ops.bitconvert_export.group_query_attention.default: _gqa_onnx,
+    torch.ops.bitconvert_export.rms_norm.default: _rms_norm_onnx,
+    torch.ops.bitconvert_export.skip_rms_norm.default: _skip_rms_norm_onnx,
+}
+
+
+def _schemas() -> list[defs.OpSchema]:
+    """The subsets of ONNX Runtime's schemas that the fused graph uses (shape inference: output 0 like input 0)."""
+    parameter, attribute = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    integer, real = defs.OpSchema.AttrType.INT, defs.OpSchema.AttrType.FLOAT
+    optional = defs.OpSchema.FormalParameterOption.Optional
+    floats = [("T", ["tensor(float)"], "float32")]
+    gqa = defs.OpSchema(
+        "GroupQueryAttention", MS_DOMAIN, 1, "ONNX Runtime contrib op: grouped-query attention with a KV cache.",
+        inputs=[parameter("query", "T"), parameter("key", "T", param_option=optional),
+                parameter("value", "T", param_option=optional), parameter("past_key", "T", param_option=optional),
+                parameter("past_value", "T", param_option=optional), parameter("seqlens_k", "M"),
+                parameter("total_sequence_length", "M"), parameter("cos_cache", "T", param_option=optional),
+                parameter("sin_cache", "T", param_option=optional),
+                parameter("position_ids", "tensor(int64)", param_option=optional),
+                parameter("attention_bias", "T", param_option=optional)],
+        outputs=[parameter("output", "T"), parameter("present_key", "T"), parameter("present_value", "T")],
+        type_constraints=[*floats, ("M", ["tensor(int32)"], "int32")],
+        attributes=[attribute("num_heads", integer, "query heads"), attribute("kv_num_heads", integer, "KV heads"),
+                    attribute("do_rotary", integer, "rotary inside", required=False),
+                    attribute("rotary_interleaved", integer, "rotary layout", required=False)],
+    )
+    norm = defs.OpSchema(
+        "SimplifiedLayerNormalization", "", 1, "ONNX Runtime contrib op: RMSNorm.",
+        inputs=[parameter("X", "T"), parameter("scale", "T")], outputs=[parameter("Y", "T")],
+        type_constraints=floats,
+        attributes=[attribute("axis", integer, "", required=False), attribute("epsilon", real, "", required=False),
+                    attribute("stash_type", integer, "", required=False)],
+    )
+    skip_norm = defs.OpSchema(
+        "SkipSimplifiedLayerNormalization", MS_DOMAIN, 1, "ONNX Runtime contrib op: residual add + RMSNorm.",
+        inputs=[parameter("input", "T"), parameter("skip", "T"), parameter("gamma", "T")],
+        outputs=[parameter("output", "T"), parameter("mean", "U", param_option=optional),
+                 parameter("inv_std_var", "U", param_option=optional),
+                 parameter("input_skip_bias_sum", "T", param_option=optional)],
+        type_constraints=[*floats, ("U", ["tensor(float)"], "float32")],
+        attributes=[attribute("epsilon", real, "", required=False)],
+    )
+    return [gqa, norm, skip_norm]
+
+
+def _copy_input_shape(ctx) -> None:
+    """Output 0 (and SkipSimplifiedLayerNormalization's sum, output 3) have input 0's type and shape."""
+    for index in (0, 3) if ctx.get_num_outputs() == 4 else (0,):
+        ctx.set_output_type(index, ctx.get_input_type(0))
+
+
+def register_onnx_schemas() -> None:
+    """Register the three schemas unless the onnx package already has them (idempotent)."""
+    for schema in _schemas():
+        if not defs.has(schema.name, schema.since_version, schema.domain):
+            if schema.name != "GroupQueryAttention":  # its present length P + S is not input 0's shape
+                schema = schema.set_type_and_shape_inference_function(_copy_input_shape)
+            defs.register_schema(schema)
+
+
+register_onnx_schemas()
