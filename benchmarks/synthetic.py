@@ -102,7 +102,7 @@ def make_checkpoint(folder: Path, config: dict, tokenizer_from: Path | None = No
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    LlamaConfig(**config, dtype="float16").save_pretrained(folder)
+    LlamaConfig(**config, dtype="float16", architectures=["LlamaForCausalLM"]).save_pretrained(folder)
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer_from / name).is_file():

@@ -120,10 +120,17 @@ def llama_greedy(gguf_path: Path, prompt: str) -> str:
 
 
 def test_greedy_generation_agrees_with_bitconvert_until_a_near_tie(smollm2, model_and_tokenizer):
-    """Same first token on every prompt; where a continuation diverges, bitconvert's own logits there show a near tie
-    between its token and llama.cpp's (the margin is printed: compare it with the logits' spread)."""
+    """Greedy continuations agree token for token, or diverge only where bitconvert's own logits show a near tie.
+
+    llama.cpp quantizes activations per 32-value block (Q8_0), bitconvert per token: each product differs by about
+    one activation quantization step, which moves this unrecovered model's logits by a few percent of their spread
+    (measured: 0.26 at a logit std of 4.3 on the first prompt). So where the texts part, bitconvert's margin of its
+    own token over llama.cpp's must be below ``NEAR_TIE`` = 0.15 of the logits' standard deviation; a layout,
+    permutation or scale error gives margins of whole standard deviations from the first token on.
+    llama.cpp's token at the divergence is the first token of its text after the agreed prefix (tokenizing its whole
+    text again would let BPE merge across the boundary, e.g. "ext" + "ext" -> "extext", and misalign the ids)."""
+    near_tie = 0.15
     model, tokenizer = model_and_tokenizer
-    agreed = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True).input_ids
         with torch.no_grad():
@@ -132,18 +139,17 @@ def test_greedy_generation_agrees_with_bitconvert_until_a_near_tie(smollm2, mode
         same = 0  # tokens of ours whose text is a prefix of llama.cpp's continuation
         while same < len(ours) and theirs.startswith(tokenizer.decode(ours[: same + 1])):
             same += 1
-        agreed.append(same)
-        note = ""
-        if same < len(ours):
-            their_ids = tokenizer(theirs, add_special_tokens=False).input_ids
-            with torch.no_grad():
-                logits = model(torch.cat([ids[0], ours[:same]]).unsqueeze(0)).logits[0, -1]
-            if same < len(their_ids):
-                margin = (logits[ours[same]] - logits[their_ids[same]]).item()
-                note = f"; at the divergence bitconvert's margin over llama.cpp's token: {margin:.3f} (logit std {logits.std():.2f})"
-        print(f"\n{prompt!r}: {same}/{NEW_TOKENS} tokens agree{note}\n  bitconvert: {tokenizer.decode(ours)[:160]!r}\n"
+        print(f"\n{prompt!r}: {same}/{NEW_TOKENS} tokens agree\n  bitconvert: {tokenizer.decode(ours)[:160]!r}\n"
               f"  llama.cpp:  {theirs[:160]!r}")
-    assert min(agreed) >= 1, agreed
+        rest = theirs[len(tokenizer.decode(ours[:same])):]
+        if same == len(ours) or not rest:
+            continue
+        their_next = tokenizer(rest, add_special_tokens=False).input_ids[0]
+        with torch.no_grad():
+            logits = model(torch.cat([ids[0], ours[:same]]).unsqueeze(0)).logits[0, -1]
+        margin = (logits[ours[same]] - logits[their_next]).item() / logits.std().item()
+        print(f"  diverges at token {same}: bitconvert's margin over llama.cpp's token = {margin:.3f} logit std")
+        assert margin < near_tie, (prompt, same, margin)
 
 
 def chunked_perplexity(model, ids: torch.Tensor, context: int, chunks: int) -> float:

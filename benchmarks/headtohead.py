@@ -1,0 +1,195 @@
+"""Decode and prefill speed, head to head, in one run: bitconvert.load, ONNX Runtime + TernaryMatMul, llama.cpp.
+
+    LLAMA_CPP_DIR=/path/to/llama.cpp/build python benchmarks/headtohead.py \
+        --model smollm2=ternary-smollm2:smollm2-135m \
+        --model llama-192m=/models/llama-192m-ternary:/models/llama-192m-fp16 \
+        --threads 2 --rounds 2 --json bench-out/headtohead.json
+
+Each ``--model NAME=CONVERTED[:SOURCE]`` names a converted folder and, optionally, its full-precision source (a HF
+folder or an alias), from which llama.cpp's own converter makes the F16 and Q4_0 GGUFs a user would otherwise run.
+Per model the engines are:
+- ``bitconvert``: ``bitconvert.load`` and its decode path (``benchmarks/decode.py: measure_bitconvert``);
+- ``ort``: ``bitconvert export`` to ONNX, run in ONNX Runtime with the TernaryMatMul op
+  (``benchmarks/onnx_decode.py: measure_ort``);
+- llama.cpp (when ``LLAMA_CPP_DIR`` names a build): our GGUF export (``ours``), llama.cpp's default TQ2_0 types
+  (``tq2_0-default``), F16 and Q4_0 of the source (``benchmarks/llamacpp.py``).
+All engines use the same thread count, a 128-token prompt and 64 generated tokens, greedy, batch 1. Engines are
+interleaved round by round (every engine once per round), so a slow spell of the shared machine hits all of them;
+the best round per engine is reported, with the spread.
+
+Each decode figure is also given as a fraction of its physical bound: bytes of weights read per generated token
+(every weight tensor but the embedding table, which is gathered one row at a time, unless it doubles as the output
+matrix) times tokens/s, over the memory bandwidth measured in the same run (``torch.sum`` over a 1.5 GiB fp32
+tensor with the same threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import decode  # noqa: E402  (benchmarks/ siblings)
+import llamacpp  # noqa: E402
+import onnx_decode  # noqa: E402
+
+BANDWIDTH_BYTES = 3 * 2**29  # 1.5 GiB: far beyond any L3 here
+
+
+def memory_bandwidth(threads: int, repeats: int = 5) -> float:
+    """Bytes/s that ``torch.sum`` reads from a 1.5 GiB fp32 tensor, best of ``repeats``."""
+    torch.set_num_threads(threads)
+    data = torch.ones(BANDWIDTH_BYTES // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return BANDWIDTH_BYTES / best
+
+
+def gguf_tensor_bytes(path: Path) -> dict[str, int]:
+    """Bytes of every tensor in a GGUF file, by name, from its tensor infos (block counts x block bytes). Q2_0
+    (type 42: 64 values in 18 bytes) is added to gguf-py's size table, which (<= 0.19) lacks it."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class TensorSizes(GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            self.sizes = {}
+            for info in fields:
+                _, name, _, dims, kind, _ = info.parts
+                kind = int(kind[0])
+                block, block_bytes = (64, 18) if kind == 42 else GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+                self.sizes[bytes(name).decode()] = int(np.prod(dims)) // block * block_bytes
+            self.tensors = []
+
+    return TensorSizes(path).sizes
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of every tensor in a GGUF file but ``token_embd.weight``, which is counted only when the file has no
+    ``output.weight`` (tied embeddings: the table is then the output matrix, read whole every token)."""
+    tensors = gguf_tensor_bytes(path)
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
+def onnx_bytes_per_token(path: Path) -> int:
+    """Bytes of the ONNX graph's initializers, less a table that is only ever the data input of a ``Gather``
+    (the embedding lookup reads one row per token)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            consumers.setdefault(name, set()).add(node.op_type if position == 0 else f"{node.op_type}:{position}")
+    total = 0
+    for tensor in model.graph.initializer:
+        if consumers.get(tensor.name) == {"Gather"}:
+            continue
+        if uses_external_data(tensor):
+            total += int(next(entry.value for entry in tensor.external_data if entry.key == "length"))
+        else:
+            total += len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+    return total
+
+
+def parse_model(spec: str) -> tuple[str, Path, str | None]:
+    """``NAME=CONVERTED[:SOURCE]`` -> (name, converted folder, source or None)."""
+    name, _, rest = spec.partition("=")
+    converted, _, source = rest.partition(":")
+    if not name or not converted:
+        raise SystemExit(f"--model {spec!r}: expected NAME=CONVERTED[:SOURCE]")
+    if not Path(converted).is_dir():
+        raise SystemExit(f"--model {spec!r}: no folder {converted}")
+    return name, Path(converted), source or None
+
+
+def engines_for(name: str, converted: Path, source: str | None, workdir: Path, threads: int,
+                prompt: int, gen: int, ort: bool = True, gguf_variants: tuple[str, ...] = ()) -> dict:
+    """Engine name -> a callable returning ``{'decode_tok_s', 'prefill_tok_s', 'bytes_per_token'}``."""
+    from bitconvert.export.exporter import export_onnx
+
+    def with_bytes(measure, count: int):
+        return lambda: {"bytes_per_token": count, **measure()}
+
+    engines = {"bitconvert": lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen)}
+    if ort:
+        onnx_path = workdir / name / "model.onnx"
+        if not onnx_path.exists():
+            export_onnx(converted, onnx_path, graph="fused", lm_head="int8", logits="last")  # the fastest ORT path
+        engines["ort"] = with_bytes(lambda: onnx_decode.measure_ort(onnx_path, threads, prompt, gen, repeats=1),
+                                    onnx_bytes_per_token(onnx_path))
+    if os.environ.get("LLAMA_CPP_DIR"):
+        for label, path in llamacpp.build_ggufs(converted, source, workdir / name, variants=gguf_variants).items():
+            engines[f"llama.cpp {label}"] = with_bytes(lambda path=path: llamacpp.bench_gguf(path, threads, prompt, gen),
+                                                       gguf_bytes_per_token(path))
+    return engines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, help="NAME=CONVERTED[:SOURCE], repeatable")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-ort", action="append", default=[], metavar="NAME",
+                        help="leave ONNX Runtime out for this model (a 7B export takes minutes and GBs)")
+    parser.add_argument("--gguf-variants", action="append", default=[], metavar="NAME=V1,V2",
+                        help="more exports of ours for this model, as benchmarks/llamacpp.py's --variants "
+                        "(e.g. q8_0: exact Q8_0 projections, which have x86 SIMD kernels; auto+q8_0: Q8_0 embeddings)")
+    parser.add_argument("--workdir", type=Path, default=Path("bench-out/headtohead"), help="exported files go here")
+    parser.add_argument("--json", type=Path, default=Path("bench-out/headtohead.json"))
+    args = parser.parse_args()
+    if not os.environ.get("LLAMA_CPP_DIR"):
+        print("LLAMA_CPP_DIR is not set: llama.cpp rows are left out", file=sys.stderr)
+
+    variants = dict(spec.split("=", 1) for spec in args.gguf_variants)
+    results = {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+               "bandwidth_gb_s": [], "models": {}}
+    for spec in args.model:
+        name, converted, source = parse_model(spec)
+        engines = engines_for(name, converted, source, args.workdir, args.threads, args.prompt_tokens,
+                              args.new_tokens, ort=name not in args.skip_ort,
+                              gguf_variants=tuple(variants.get(name, "").split(",")) if name in variants else ())
+        runs = {engine: [] for engine in engines}
+        for round_index in range(args.rounds):
+            results["bandwidth_gb_s"].append(memory_bandwidth(args.threads) / 1e9)
+            for engine, measure in engines.items():
+                runs[engine].append(measure())
+                figures = runs[engine][-1]
+                print(f"  [{name} round {round_index + 1}] {engine:<26} decode {figures['decode_tok_s']:8.2f} "
+                      f"prefill {figures['prefill_tok_s']:8.2f} tok/s", flush=True)
+        results["models"][name] = {engine: {"runs": runs[engine], "bytes_per_token": runs[engine][0]["bytes_per_token"]}
+                                   for engine in engines}
+
+    bandwidth = max(results["bandwidth_gb_s"]) * 1e9
+    print(f"\n{args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+          f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (best in this run)")
+    print(f"{'model':<12} {'engine':<26} {'decode tok/s':>13} {'prefill tok/s':>14} {'MB/token':>9} {'of bound':>9}")
+    for name, per_engine in results["models"].items():
+        for engine, entry in per_engine.items():
+            decode_best = max(run["decode_tok_s"] for run in entry["runs"])
+            prefill_best = max(run["prefill_tok_s"] for run in entry["runs"])
+            fraction = entry["bytes_per_token"] * decode_best / bandwidth
+            entry.update(decode_tok_s=decode_best, prefill_tok_s=prefill_best, fraction_of_bandwidth=fraction)
+            print(f"{name:<12} {engine:<26} {decode_best:13.2f} {prefill_best:14.2f} "
+                  f"{entry['bytes_per_token'] / 1e6:9.1f} {fraction:9.0%}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
