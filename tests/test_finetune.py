@@ -37,7 +37,7 @@ from bitconvert.errors import BitconvertError  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on a mat and then it ran to the big red house where a dog was sleeping".split()
 FAST = dict(seq_len=32, batch_size=4, lr=3e-3, lr_warmup_steps=2, warmup_quant_steps=4, heldout_sequences=4,
-            progress=False)
+            distill=False, progress=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -225,7 +225,7 @@ def test_two_processes_with_zero2(tiny_src, text_file, tmp_path):
                "-m", "bitconvert.cli", "finetune", str(tiny_src), "--data", str(text_file), "--out", str(out),
                "--deepspeed", str(config), "--max-steps", "6", "--seq-len", "32", "--batch-size", "2",
                "--lr", "3e-3", "--lr-warmup-steps", "1", "--warmup-quant-steps", "2", "--heldout-sequences", "4",
-               "--eval-every", "3", "--quiet"]
+               "--eval-every", "3", "--no-distill", "--quiet"]
     # own process group, so that a hang kills torchrun's workers too instead of orphaning them
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
@@ -245,16 +245,17 @@ def test_two_processes_with_zero2(tiny_src, text_file, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "jsonl-field", "bad-json-config", "rejected-config",
-                                  "seq-len", "existing-out", "zero-steps"])
+                                  "seq-len", "existing-out", "zero-steps", "zero-tokens", "long-warmup"])
 def test_bad_inputs_fail_with_one_line_and_write_nothing(case, tiny_src, text_file, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["finetune", str(tiny_src), "--out", str(out), "--data", str(text_file), "--max-steps", "2",
-            "--seq-len", "32", "--heldout-sequences", "2", "--quiet"]
+            "--seq-len", "32", "--heldout-sequences", "2", "--no-distill", "--quiet"]
     expected = {
         "missing": "does not exist", "empty": "fewer than 32 training tokens", "jsonl-field": "no 'text' field",
         "bad-json-config": "not valid JSON", "rejected-config": "DeepSpeed rejected config",
         "seq-len": "exceeds the model's maximum of 256", "existing-out": "already exists",
-        "zero-steps": "--max-steps must be at least 1",
+        "zero-steps": "--max-steps must be at least 1", "zero-tokens": "--max-tokens must be at least 1",
+        "long-warmup": "--warmup-quant-steps 5 does not finish within the run's 2 steps",
     }[case]
     if case == "missing":
         args[args.index("--data") + 1] = str(tmp_path / "nope.txt")
@@ -276,6 +277,10 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(case, tiny_src, text_fi
         out.mkdir()
     elif case == "zero-steps":
         args[args.index("--max-steps") + 1] = "0"
+    elif case == "zero-tokens":
+        args[args.index("--max-steps"):args.index("--max-steps") + 2] = ["--max-tokens", "0"]
+    elif case == "long-warmup":
+        args += ["--warmup-quant-steps", "5"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
