@@ -8,6 +8,10 @@ Activations (per token, i.e. per row of the last dimension):
     x_q = clamp(round(x * s), -128, 127)     int8, shape (..., in)
 Training (straight-through estimator, lambda in [0, 1] interpolates for warm-up):
     W_eff = W + lambda * (T * g - W).detach(),   x_eff = x + lambda * (x_q / s - x).detach(),   y = x_eff @ W_eff^T + b
+Learned scale (``weight_scale_method="learned"``, LSQ, arXiv 1902.08153): ``g = s``, an fp32 parameter of shape (1,),
+    Q(W, s) = s * clamp(round(W / s), -1, 1),   W_eff = (1 - lambda) * W + lambda * Q(W, s)
+    with straight-through gradients  dQ/dW = 1 where |W / s| <= 1 else 0,
+                                      dQ/ds = round(W / s) - W / s where |W / s| <= 1 else sign(W / s).
 Inference (exact integers, then scaled; the stored scale is ``weight_scale = 1 / g`` as in HF transformers' format):
     acc = x_q @ T^T                   int32, exact
     y = acc / weight_scale / s + b    fp32, the two scales divided one after the other (no overflowing product)
@@ -35,6 +39,8 @@ from .packing import pack_ternary, packed_rows, unpack_ternary
 EPS = 1e-5
 ACT_QMAX = 127.0
 WEIGHT_SCALE_METHODS = ("absmean", "absmedian")
+LEARNED_SCALE = "learned"
+BITLINEAR_SCALE_METHODS = WEIGHT_SCALE_METHODS + (LEARNED_SCALE,)
 
 
 def weight_scale(weight: torch.Tensor, method: str = "absmean") -> torch.Tensor:
@@ -70,6 +76,18 @@ def fake_quantize_weight(weight: torch.Tensor, method: str = "absmean") -> torch
     return (ternarize(weight, scale).float() * scale).to(weight.dtype)
 
 
+def learned_fake_quantize_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``s * clamp(round(W / s), -1, 1)`` (in ``weight``'s dtype) with LSQ's straight-through gradients to ``W`` and
+    ``s`` (see the module docstring); ``scale`` fp32 (1,) is clamped to >= 1e-5.
+
+    ``v + (round(v) - v).detach()`` equals ``round(v)`` exactly for ``|v| <= 1`` in fp32 (Sterbenz), so the forward
+    value is the ternary code times ``s`` bit for bit."""
+    scale = scale.clamp(min=EPS)
+    ratio = (weight.float() / scale).clamp(-1, 1)
+    codes = ratio + (ratio.round() - ratio).detach()
+    return (codes * scale).to(weight.dtype)
+
+
 def fake_quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """Dequantized 8-bit activations ``x_q / s`` in ``x``'s dtype."""
     x_q, scale = quantize_activations(x)
@@ -95,6 +113,8 @@ class BitLinear(nn.Linear):
     """Training-mode BitLinear: full-precision latent weights, ternary/int8 forward through the STE.
 
     ``quant_lambda`` in [0, 1] interpolates between the full-precision forward (0) and the quantized one (1).
+    ``weight_scale_method`` "absmean" / "absmedian" recompute ``g`` from the weights on every call; "learned" holds it
+    in the fp32 parameter ``learned_scale`` (1,), initialised to absmean (or by :meth:`init_from_ternary`).
     With ``sub_norm`` an :class:`RMSNorm` (SubLN, BitNet b1.58 2B4T) normalises the input first.
     Shapes: x (..., in) -> y (..., out).
     """
@@ -113,9 +133,14 @@ class BitLinear(nn.Linear):
         dtype=None,
     ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        if weight_scale_method not in WEIGHT_SCALE_METHODS:
-            raise ValueError(f"weight_scale_method must be one of {WEIGHT_SCALE_METHODS}, got {weight_scale_method!r}")
+        if weight_scale_method not in BITLINEAR_SCALE_METHODS:
+            raise ValueError(f"weight_scale_method must be one of {BITLINEAR_SCALE_METHODS}, got {weight_scale_method!r}")
         self.weight_scale_method = weight_scale_method
+        self.learned_scale = None
+        if weight_scale_method == LEARNED_SCALE:
+            self.learned_scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device))
+            if self.weight.device.type != "meta":
+                self.learned_scale.data.copy_(weight_scale(self.weight).reshape(1))
         self.sub_norm = RMSNorm(in_features, sub_norm_eps).to(device=device, dtype=dtype) if sub_norm else None
         self.quant_lambda = quant_lambda
 
@@ -135,9 +160,29 @@ class BitLinear(nn.Linear):
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **options)
         module.weight = linear.weight
         module.bias = linear.bias
+        if module.learned_scale is not None:
+            module.learned_scale = nn.Parameter(weight_scale(linear.weight).reshape(1).to(linear.weight.device))
         if module.sub_norm is not None:
             module.sub_norm = RMSNorm(linear.in_features, module.sub_norm.eps).to(linear.weight.device, linear.weight.dtype)
         return module
+
+    @torch.no_grad()
+    def init_from_ternary(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Learned mode: set the latent weights to ``codes * scale`` and ``s = scale``, so that the quantized forward
+        reproduces ``codes`` (int (out, in), values in {-1, 0, 1}) and ``scale`` (> 0, one element) exactly."""
+        if self.learned_scale is None:
+            raise ValueError("init_from_ternary needs weight_scale_method='learned'")
+        scale = scale.detach().float().reshape(1).to(self.learned_scale.device)
+        self.learned_scale.copy_(scale)
+        self.weight.copy_((codes.float().to(scale.device) * scale).to(self.weight.dtype))
+
+    def ternary_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights at lambda = 1: codes ``T`` int8 (out, in) and the scale ``g`` fp32 (0-dim)."""
+        if self.learned_scale is None:
+            scale = weight_scale(self.weight, self.weight_scale_method)
+        else:
+            scale = self.learned_scale.detach().float().clamp(min=EPS).reshape(())
+        return ternarize(self.weight.detach(), scale), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sub_norm is not None:
@@ -145,7 +190,10 @@ class BitLinear(nn.Linear):
         lam = self._quant_lambda
         weight = self.weight
         if lam > 0.0:
-            weight = weight + lam * (fake_quantize_weight(weight, self.weight_scale_method) - weight).detach()
+            if self.learned_scale is not None:
+                weight = (1.0 - lam) * weight + lam * learned_fake_quantize_weight(weight, self.learned_scale)
+            else:
+                weight = weight + lam * (fake_quantize_weight(weight, self.weight_scale_method) - weight).detach()
             x = x + lam * (fake_quantize_activations(x) - x).detach()
         return F.linear(x, weight, self.bias)
 
@@ -251,8 +299,8 @@ class PackedBitLinear(nn.Module):
         """Freeze a training-mode :class:`BitLinear` into its packed inference form (the result of lambda = 1)."""
         eps = module.sub_norm.eps if module.sub_norm is not None else None
         packed = cls(module.in_features, module.out_features, module.bias is not None, sub_norm_eps=eps)
-        scale = weight_scale(module.weight, module.weight_scale_method)
-        packed.weight = pack_ternary(ternarize(module.weight, scale))
+        codes, scale = module.ternary_and_scale()
+        packed.weight = pack_ternary(codes)
         packed.weight_scale = (1.0 / scale).reshape(1)
         if module.bias is not None:
             packed.bias = module.bias.detach().clone()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .bitlinear import WEIGHT_SCALE_METHODS, BitLinear, PackedBitLinear
+from .bitlinear import BITLINEAR_SCALE_METHODS, BitLinear, PackedBitLinear
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -31,7 +31,8 @@ class TernaryConfig:
     """How to swap a model's projections.
 
     mode:          "train" (latent weights + straight-through estimator) or "packed" (2-bit inference weights)
-    weight_scale:  "absmean" (BitNet b1.58) or "absmedian" (BitNet b1.58 Reloaded)
+    weight_scale:  "absmean" (BitNet b1.58), "absmedian" (BitNet b1.58 Reloaded), or "learned" (an fp32 parameter per
+                   projection trained with LSQ gradients, initialised to absmean; train mode)
     sub_norm:      insert SubLN (RMSNorm, gain 1) before o_proj and down_proj
     sub_norm_eps:  that norm's epsilon (1e-5, as BitNet b1.58 2B4T)
     quant_lambda:  initial interpolation between full precision (0) and ternary (1), train mode only
@@ -48,8 +49,8 @@ class TernaryConfig:
     def __post_init__(self):
         if self.mode not in ("train", "packed"):
             raise ValueError(f"TernaryConfig.mode must be 'train' or 'packed', got {self.mode!r}")
-        if self.weight_scale not in WEIGHT_SCALE_METHODS:
-            raise ValueError(f"TernaryConfig.weight_scale must be one of {WEIGHT_SCALE_METHODS}")
+        if self.weight_scale not in BITLINEAR_SCALE_METHODS:
+            raise ValueError(f"TernaryConfig.weight_scale must be one of {BITLINEAR_SCALE_METHODS}")
         unknown = set(self.projections) - set(TERNARY_PROJECTIONS)
         if unknown:
             raise ValueError(f"unknown projections {sorted(unknown)}; known: {', '.join(TERNARY_PROJECTIONS)}")

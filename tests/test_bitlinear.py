@@ -194,3 +194,89 @@ def test_sub_norm_keeps_a_bfloat16_model_in_bfloat16():
         assert model(ids).logits.dtype == torch.bfloat16
         pack_(model)
         assert model(ids).logits.dtype == torch.bfloat16
+
+
+def _learned(weight, scale, **options) -> BitLinear:
+    layer = _bitlinear(weight, weight_scale_method="learned", **options)
+    layer.learned_scale.data.fill_(scale)
+    return layer
+
+
+def test_learned_scale_starts_at_absmean_and_is_an_fp32_parameter():
+    layer = _bitlinear(W, weight_scale_method="learned")
+    assert isinstance(layer.learned_scale, nn.Parameter) and layer.learned_scale.shape == (1,)
+    assert layer.learned_scale.dtype == torch.float32
+    assert layer.learned_scale.item() == pytest.approx(0.45, rel=1e-6)
+    assert "learned_scale" in dict(layer.named_parameters())
+
+
+def test_learned_scale_forward_is_codes_times_scale_exactly():
+    layer = _learned(W, 0.5)
+    # W / 0.5 = [[0.8, -0.4, 0, 2.4], [-1.2, 0.4, 1.8, -0.2]] -> codes [[1, 0, 0, 1], [-1, 0, 1, 0]]
+    codes = torch.tensor([[1.0, 0, 0, 1], [-1, 0, 1, 0]])
+    y = layer(X)
+    assert torch.equal(y, F.linear(fake_quantize_activations(X), codes * 0.5))
+
+
+def test_learned_scale_lsq_gradients_by_hand():
+    layer = _learned(W, 0.5)
+    x = X.clone().requires_grad_(True)
+    upstream = torch.tensor([[1.0, -2.0]])
+    (layer(x) * upstream).sum().backward()
+    grad_w_eff = upstream.t() @ fake_quantize_activations(X)  # dL/dW_eff, (2, 4)
+    # dQ/dW = 1 where |W/s| <= 1: [[0.8, -0.4, 0, 2.4], [-1.2, 0.4, 1.8, -0.2]]
+    inside = torch.tensor([[1.0, 1, 1, 0], [0, 1, 0, 1]])
+    torch.testing.assert_close(layer.weight.grad, grad_w_eff * inside)
+    # dQ/ds = round(v) - v inside, sign(v) outside
+    d_scale = torch.tensor([[1 - 0.8, 0.4, 0.0, 1.0], [-1.0, -0.4, 1.0, 0.2]])
+    torch.testing.assert_close(layer.learned_scale.grad, (grad_w_eff * d_scale).sum().reshape(1))
+    # the activations still pass straight through
+    torch.testing.assert_close(x.grad, upstream @ (torch.tensor([[1.0, 0, 0, 1], [-1, 0, 1, 0]]) * 0.5))
+
+
+def test_learned_scale_lambda_interpolates():
+    torch.manual_seed(4)
+    weight, x = torch.randn(5, 16), torch.randn(4, 16)
+    layer = _learned(weight, 0.7, quant_lambda=0.0)
+    assert torch.equal(layer(x), F.linear(x, weight))
+    layer.quant_lambda = 0.25
+    quantized = (weight / 0.7).round().clamp(-1, 1) * 0.7
+    w_mix = 0.75 * weight + 0.25 * quantized
+    x_mix = x + 0.25 * (fake_quantize_activations(x) - x)
+    torch.testing.assert_close(layer(x), F.linear(x_mix, w_mix))
+    upstream = torch.randn(4, 5)
+    (layer(x) * upstream).sum().backward()
+    inside = ((weight / 0.7).abs() <= 1).float()
+    torch.testing.assert_close(layer.weight.grad, (upstream.t() @ x_mix) * (0.75 + 0.25 * inside))
+
+
+def test_init_from_ternary_reproduces_codes_and_scale_and_exports_them():
+    torch.manual_seed(5)
+    codes = torch.randint(-1, 2, (8, 16), dtype=torch.int8)
+    layer = _bitlinear(torch.randn(8, 16), weight_scale_method="learned")
+    layer.init_from_ternary(codes, torch.tensor(0.037))
+    got_codes, got_scale = layer.ternary_and_scale()
+    assert torch.equal(got_codes, codes) and got_scale.item() == pytest.approx(0.037, rel=1e-7)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(fake_quantize_activations(x), codes.float() * layer.learned_scale))
+    # every latent weight sits on |W / s| in {0, 1}, inside the LSQ range: all of them get a gradient at step 0
+    (layer(x) ** 2).sum().backward()
+    assert (layer.weight.grad != 0).float().mean() > 0.9
+    packed = PackedBitLinear.from_bitlinear(layer)
+    assert torch.equal(packed.ternary(), codes)
+    assert packed.weight_scale.item() == pytest.approx(1 / 0.037, rel=1e-6)
+
+
+def test_learned_scale_config_swaps_and_packs():
+    torch.manual_seed(6)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    quantize_(model, TernaryConfig(weight_scale="learned"))
+    scales = [name for name, _ in model.named_parameters() if name.endswith("learned_scale")]
+    assert len(scales) == 7 * model.config.num_hidden_layers
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        pack_(model)
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # fp32 sum order only (see the parity test above)
