@@ -19,7 +19,8 @@ Stages per row, each cached in ``OUT_DIR/<row>.json`` as soon as it finishes (a 
     eval       `bitconvert eval`: ARC-Easy (all 570) and PIQA (first 500), acc and acc_norm with stderr
     eval-full  ARC-Challenge (all 299), PIQA (all 1,838), HellaSwag (first 2,000); by default only for fp, direct and
                the best row (lowest perplexity among those with one)
-Then ``docs/quality.md`` is (re)written from whatever rows exist, rows and cells not run marked so, with the commands
+Stages run in that order across all selected rows (every row's model, then every row's perplexity, ...), so
+the cheap columns fill first. Then ``docs/quality.md`` is (re)written from whatever rows exist, rows and cells not run marked so, with the commands
 that finish them, and the perplexity-vs-tokens plot beside it (``docs/quality-ppl.png``).
 
     PYTHONPATH=. python benchmarks/quality.py --source smollm2-135m --rows fp,direct --stages ppl,eval
@@ -141,7 +142,15 @@ class Bench:
             raise RuntimeError(f"{rid}: its start '{self.models / self.args.qat_from}' is not built yet "
                                f"(run --rows {self.args.qat_from} first, or pick --qat-from)")
         command, tokens = self.model_command(row, rid)
-        seconds = self.run(rid, "model", command)
+        folder = self.models / rid
+        if (folder / "bitconvert.json").is_file():  # built earlier (e.g. by hand, with the same command): adopt it
+            print(f"{rid} model: adopting the existing {folder}", flush=True)
+            log = training_log(self.models, rid)
+            seconds = (sum(r["seconds"] for r in log if r.get("kind") == "train") if row.budgeted
+                       else json.loads((folder / "bitconvert.json").read_text()).get("seconds", 0.0))
+            command = [word for word in command if word != "--resume"]
+        else:
+            seconds = self.run(rid, "model", command)
         record["model"] = {"command": shlex.join(command), "tokens": tokens, "seconds": round(seconds, 1),
                            "start": self.args.qat_from if row.budgeted else None,
                            "start_tokens": start_tokens(self.models / self.args.qat_from) if row.budgeted else 0}
@@ -324,14 +333,13 @@ def main() -> int:
         unknown = [s for s in stages if s not in STAGES] + [r for r in args.rows.split(",") if r not in BY_KEY]
         if unknown:
             parser.error(f"unknown stage or row {unknown[0]!r}")
-        for key in args.rows.split(","):
-            row = BY_KEY[key]
-            rid = row_id(row, args.budget)
-            try:
-                bench.do(rid, row, [s for s in stages if s != "eval-full"])
-            except RuntimeError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-            write_doc(bench.out_dir, bench.models, Path(args.doc), args.source)
+        for stage in (s for s in stages if s != "eval-full"):  # cheap columns of every row first
+            for key in args.rows.split(","):
+                try:
+                    bench.do(row_id(BY_KEY[key], args.budget), BY_KEY[key], [stage])
+                except RuntimeError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                write_doc(bench.out_dir, bench.models, Path(args.doc), args.source)
         if "eval-full" in stages:
             for rid in full_eval_rows(bench.out_dir, args.rows.split(","), args.budget):
                 try:

@@ -19,15 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ..bitlinear import BitLinear
+from ..bitlinear import LEARNED_SCALE, BitLinear
 from ..checkpoint import REPORT_NAME, is_ternary_weight
 from ..errors import BitconvertError
 from ..packing import unpack_ternary
 from ..quantize import SUB_NORM_PROJECTIONS, ternary_projections
 from .export import SUB_NORM_RENAMES
-
-LEARNED = "learned"
-
 
 def recorded_source(folder: Path) -> str | None:
     """The full-precision source recorded in the folder's ``bitconvert.json`` (the conversion's SOURCE), if any."""
@@ -72,7 +69,7 @@ def _training_config(folder: Path):
 def learned_bitlinear(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, sub_norm_eps: float | None):
     """A learned-scale BitLinear whose forward at step 0 is ``codes * scale`` (codes int8 (out, in), scale 0-dim)."""
     out_features, in_features = codes.shape
-    module = BitLinear(in_features, out_features, bias is not None, weight_scale_method=LEARNED,
+    module = BitLinear(in_features, out_features, bias is not None, weight_scale_method=LEARNED_SCALE,
                        sub_norm=sub_norm_eps is not None, sub_norm_eps=sub_norm_eps or 1e-5, quant_lambda=1.0)
     module.init_from_ternary(codes, scale)
     if bias is not None:
