@@ -47,8 +47,8 @@ STAGES = ("model", "ppl", "eval", "eval-full")
 EVAL_TASKS = (("arc_easy", None), ("piqa", 500))
 EVAL_FULL_TASKS = (("arc_challenge", None), ("piqa", None), ("hellaswag", 2000))
 TASK_LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "piqa": "PIQA", "hellaswag": "HellaSwag"}
-# recipe of the QAT rows (docs/finetune.md: the short-run sweep)
-QAT_ARGS = ["--seq-len", "256", "--batch-size", "4", "--lr", "1e-3", "--eval-every", "25", "--save-every", "25",
+# the QAT rows run the defaults (the recommended recipe), 1,024 tokens per step, a held-out point every 10 steps
+QAT_ARGS = ["--seq-len", "256", "--batch-size", "4", "--eval-every", "10", "--save-every", "10",
             "--heldout-sequences", "16", "--quiet"]
 
 
@@ -130,6 +130,8 @@ class Bench:
         command = ["bitconvert", "finetune", str(start), "--out", out, "--max-tokens", str(tokens), *QAT_ARGS]
         if not row.distill:
             command.append("--no-distill")
+        elif self.args.teacher:
+            command += ["--teacher", self.args.teacher]
         if (self.models / f"{rid}-checkpoints" / "latest").is_file():
             command.append("--resume")
         return command, tokens
@@ -222,7 +224,7 @@ def training_log(models: Path, rid: str) -> list[dict]:
     return []
 
 
-def write_doc(out_dir: Path, models: Path, doc: Path, source: str) -> None:
+def write_doc(out_dir: Path, models: Path, doc: Path, source: str, notes: Path | None = None) -> None:
     rows = []
     for row in ROWS:
         for budget in (BUDGETS if row.budgeted else [None]):
@@ -265,6 +267,8 @@ def write_doc(out_dir: Path, models: Path, doc: Path, source: str) -> None:
             command += f" --budget {budget}" if budget else ""
             missing.append((label, todo, command, training_log(models, rid) if row.budgeted else []))
     lines += ["", "![held-out perplexity vs training tokens](quality-ppl.png)", ""]
+    if notes is not None and notes.is_file():
+        lines += [notes.read_text().strip(), ""]
     if missing:
         lines += ["## Not run in this session, and how to finish", ""]
         for label, todo, command, log in missing:
@@ -320,10 +324,14 @@ def main() -> int:
     parser.add_argument("--stages", default="model,ppl,eval", help=f"comma-separated, of {','.join(STAGES)} "
                         "(default model,ppl,eval; eval-full runs for fp, direct and the best row when listed here)")
     parser.add_argument("--qat-from", default="reconstruct", help="row whose folder the QAT rows start from")
+    parser.add_argument("--teacher", help="teacher of the distillation row (default: the start folder's recorded "
+                        "source); the same weights saved as a safetensors folder load much faster than a GGUF")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--out-dir", default=str(REPO / "bench-out" / "quality"))
     parser.add_argument("--models-dir", default=None, help="where the rows' folders go (default OUT_DIR/models)")
     parser.add_argument("--doc", default=str(REPO / "docs" / "quality.md"))
+    parser.add_argument("--notes", default=str(REPO / "benchmarks" / "quality_notes.md"),
+                        help="Markdown placed after the table and plot (the reading of the results)")
     parser.add_argument("--write-only", action="store_true", help="only rewrite the document from the cached rows")
     args = parser.parse_args()
     args.models_dir = args.models_dir or str(Path(args.out_dir) / "models")
@@ -339,15 +347,15 @@ def main() -> int:
                     bench.do(row_id(BY_KEY[key], args.budget), BY_KEY[key], [stage])
                 except RuntimeError as exc:
                     print(f"error: {exc}", file=sys.stderr)
-                write_doc(bench.out_dir, bench.models, Path(args.doc), args.source)
+                write_doc(bench.out_dir, bench.models, Path(args.doc), args.source, Path(args.notes))
         if "eval-full" in stages:
             for rid in full_eval_rows(bench.out_dir, args.rows.split(","), args.budget):
                 try:
                     bench.do(rid, BY_KEY[rid.rsplit("-", 1)[0] if rid not in BY_KEY else rid], ["eval-full"])
                 except RuntimeError as exc:
                     print(f"error: {exc}", file=sys.stderr)
-                write_doc(bench.out_dir, bench.models, Path(args.doc), args.source)
-    write_doc(bench.out_dir, bench.models, Path(args.doc), args.source)
+                write_doc(bench.out_dir, bench.models, Path(args.doc), args.source, Path(args.notes))
+    write_doc(bench.out_dir, bench.models, Path(args.doc), args.source, Path(args.notes))
     print(f"wrote {args.doc}")
     return 0
 

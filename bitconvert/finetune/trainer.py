@@ -67,7 +67,7 @@ class FinetuneOptions:
     distill_temperature: float = 1.0
     distill_alpha: float = 1.0
     distill_hidden: float = 0.0
-    lr: float = 1e-4
+    lr: float = 3e-4
     min_lr_ratio: float = 0.1
     lr_warmup_steps: int | None = None  # None: fit the run
     weight_decay: float = 0.0
