@@ -271,6 +271,11 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     stop_at = step + opts.stop_after if opts.stop_after is not None else total_steps
     stopped, last_saved = "", step
 
+    if step == 0:  # the curve's starting point: what the student scores before any training
+        value = heldout_loss(engine.module, corpus.heldout, device, rank, world, micro)
+        if rank == 0:
+            log.write(kind="eval", step=0, tokens=0, heldout_loss=value, heldout_ppl=math.exp(value),
+                      quant_lambda=quant_lambda(0, quant_warmup))
     with StopRequest() as stop:
         while step < min(total_steps, stop_at):
             lam = quant_lambda(step, quant_warmup)
