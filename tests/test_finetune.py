@@ -186,6 +186,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_src, text_file, 
     real = trainer.cross_entropy
 
     def poisoned(logits, ids):
+        if not torch.is_grad_enabled():  # held-out evaluation (step 0 and --eval-every), not a training step
+            return real(logits, ids)
         calls.append(1)
         loss = real(logits, ids)
         return loss * float("nan") if len(calls) == 4 else loss
@@ -202,6 +204,8 @@ def test_interrupt_saves_a_checkpoint_and_stops(tiny_src, text_file, tmp_path, m
     real = trainer.cross_entropy
 
     def interrupting(logits, ids):
+        if not torch.is_grad_enabled():  # held-out evaluation, not a training step
+            return real(logits, ids)
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)
