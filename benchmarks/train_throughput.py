@@ -1,9 +1,10 @@
-"""Training throughput: QAT (BitLinear fake quantization + STE, lambda = 1) vs a plain full-precision fine-tune.
+"""Training throughput: QAT (BitLinear fake quantization + STE, lambda = 1) vs a plain full-precision fine-tune,
+and (``--distill``) QAT with the frozen full-precision teacher's forward and the logit KL (the recommended recipe).
 
-Same model, same batches, same DeepSpeed config (bitconvert's generated default), in one process: two DeepSpeed
-engines whose optimizer steps alternate (FP, QAT, FP, QAT, ...) so that a machine shared with other work slows both
-alike. Reports tokens/s from the fastest timed step of each (the least disturbed by other work; the median is
-printed too) and the overhead ``1 - qat / fp``; the target is < 30%.
+Same model, same batches, same DeepSpeed config (bitconvert's generated default), in one process: DeepSpeed engines
+whose optimizer steps alternate (FP, QAT, [QAT + teacher], FP, ...) so that a machine shared with other work slows
+them alike. Reports tokens/s from the fastest timed step of each (the least disturbed by other work; the median is
+printed too), the overhead ``1 - qat / fp`` (target < 30%) and the teacher's cost ``1 - distill / qat``.
 
     PYTHONPATH=. python benchmarks/train_throughput.py --model smollm2-135m --seq-len 256 --batch-size 4 --steps 4
 """
@@ -26,6 +27,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--distill", action="store_true", help="also time QAT with the teacher and the logit KL")
     parser.add_argument("--json", default="train_throughput.json", help="where to write the results")
     return parser.parse_args()
 
@@ -37,9 +39,17 @@ def make_engine(model, hp, config):
     return engine
 
 
-def timed_step(engine, ids) -> float:
+def timed_step(engine, ids, teacher=None) -> float:
+    from bitconvert.finetune.loss import cross_entropy, distillation_kl
+
     started = time.perf_counter()
-    loss = torch.nn.functional.cross_entropy(engine(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    logits = engine(ids).logits
+    if teacher is None:
+        loss = cross_entropy(logits, ids)
+    else:
+        with torch.no_grad():
+            target = teacher(ids).logits
+        loss = distillation_kl(logits, target, 1.0)
     engine.backward(loss)
     engine.step()
     return time.perf_counter() - started
@@ -62,13 +72,23 @@ def main():
     total = args.warmup + args.steps
     hp = ds.TrainingHyperparameters(args.batch_size, 1, 1e-4, 0.1, 1, 0.0, 1.0, "adamw", 2 * total)
     config = ds.resolve_config(None, hp, world_size=1, cuda=torch.cuda.is_available())
+    teacher = None
+    if args.distill:
+        teacher = type(full)(full.config)
+        teacher.load_state_dict(full.state_dict())
+        teacher.eval().requires_grad_(False)
+        student = type(full)(full.config)
+        student.load_state_dict(full.state_dict())
+        quantize_(student, TernaryConfig(mode="train", quant_lambda=1.0))
     engines = {"full precision": make_engine(full.train(), hp, config), "QAT (BitLinear)": make_engine(qat.train(), hp, config)}
+    if teacher is not None:
+        engines["QAT + teacher KL"] = make_engine(student.train(), hp, config)
     data = batches(PackedCorpus(None, tokenizer, args.seq_len, heldout=0).train(), args.batch_size)
     times = {name: [] for name in engines}
     for step in range(total):
         ids = next(data)
         for name, engine in engines.items():
-            seconds = timed_step(engine, ids)
+            seconds = timed_step(engine, ids, teacher if name == "QAT + teacher KL" else None)
             if step >= args.warmup:
                 times[name].append(seconds)
     tokens = args.batch_size * args.seq_len
@@ -82,6 +102,9 @@ def main():
     for name in rates:
         print(f"{name:<18}{rates[name]:>16.1f}{medians[name]:>19.1f}")
     print(f"QAT overhead: {100 * result['overhead']:.1f}% (target < 30%)")
+    if teacher is not None:
+        result["teacher_cost"] = 1 - rates["QAT + teacher KL"] / q
+        print(f"teacher cost (1 - distill / QAT tokens/s): {100 * result['teacher_cost']:.1f}%")
     Path(args.json).write_text(json.dumps(result, indent=2))
 
 

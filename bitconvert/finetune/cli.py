@@ -6,7 +6,9 @@ import argparse
 
 EPILOG = """\
 examples:
-  bitconvert finetune smollm2-135m --out qat --max-steps 300 --seq-len 256 --lr 3e-4 --warmup-quant-steps 100 --distill
+  bitconvert smollm2-135m --out ternary --calibrate         convert first (calibrated), then distil it back:
+  bitconvert finetune ternary --out distilled --max-tokens 250000     (teacher: the source recorded in ternary/)
+  bitconvert finetune smollm2-135m --out qat --max-steps 300 --no-distill   plain QAT from the full-precision model
   bitconvert finetune ./llama --data corpus.jsonl --text-field content --out qat --deepspeed ds_zero2.json
   bitconvert finetune ./llama --out qat --resume                          continue from qat-checkpoints/
   deepspeed --num_gpus 8 $(which bitconvert) finetune ./llama --out qat   8 GPUs (see docs/finetune.md for 2 nodes)
@@ -26,7 +28,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("source", metavar="SOURCE", help="full-precision model: folder, .gguf file, hub id, or alias")
+    add("source", metavar="SOURCE", help="a converted folder (the recommended start: its model is trained as saved, "
+        "learned scales initialised from its codes and scales) or a full-precision model: folder, .gguf file, hub id, "
+        "or alias")
     add("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
     add("--overwrite", action="store_true", help="replace DIR at the end if it exists")
     data = parser.add_argument_group("data")
@@ -37,23 +41,34 @@ def register(subparsers) -> None:
     data.add_argument("--heldout-sequences", type=int, default=16,
                       help="held-out sequences for --eval-every (taken from the start of --data; default 16)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=int, help="optimizer steps (default 1000)")
+    length.add_argument("--max-steps", type=int, help="optimizer steps (default 1000); warm-ups scale to the run")
     length.add_argument("--max-tokens", type=int, help="training tokens; steps = ceil(T / tokens per step)")
     recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--warmup-quant-steps", type=int, default=1000,
-                        help="lambda goes linearly from 0 (full precision) to 1 (ternary) over these steps (default "
-                        "1000; 0 = ternary from the start)")
+    recipe.add_argument("--warmup-quant-steps", type=int,
+                        help="lambda goes linearly from 0 (full precision) to 1 (ternary) over these steps (default: "
+                        "10%% of the run, at most 1000, from a full-precision SOURCE; 0 from a converted folder, which "
+                        "is ternary already); a warm-up that does not end before the last step is refused")
     recipe.add_argument("--sub-norm", action="store_true", help="insert SubLN (RMSNorm) before o_proj and down_proj")
-    recipe.add_argument("--weight-scale", choices=("absmean", "absmedian"), default="absmean")
-    recipe.add_argument("--distill", action="store_true", help="distil from the frozen full-precision model (logit KL)")
-    recipe.add_argument("--distill-temperature", type=float, default=5.0, help="KL temperature tau (default 5)")
-    recipe.add_argument("--distill-alpha", type=float, default=0.5,
-                        help="loss = (1 - alpha) CE + alpha tau^2 KL (default 0.5)")
+    recipe.add_argument("--weight-scale", choices=("absmean", "absmedian", "learned"), default="absmean",
+                        help="scale of a full-precision SOURCE's projections: recomputed from the weights (absmean, "
+                        "absmedian) or a learned parameter (LSQ); a converted folder always trains learned scales")
+    recipe.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                        help="distil from the frozen full-precision teacher (logit KL; default on: the recommended "
+                        "recipe); --no-distill trains on next-token cross-entropy alone")
+    recipe.add_argument("--teacher", metavar="SOURCE", help="the full-precision teacher (default: the source recorded "
+                        "in a converted folder's bitconvert.json, or SOURCE itself)")
+    recipe.add_argument("--distill-temperature", type=float, default=1.0, help="KL temperature tau (default 1)")
+    recipe.add_argument("--distill-alpha", type=float, default=1.0,
+                        help="loss = (1 - alpha) CE + alpha tau^2 KL (default 1: KL alone)")
+    recipe.add_argument("--distill-hidden", type=float, default=0.0, metavar="BETA",
+                        help="add BETA x mean over layers of 1 - cos(student, teacher hidden state) (default 0)")
     optim = parser.add_argument_group("optimization (flags fill a DeepSpeed config's \"auto\" values)")
-    optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    optim.add_argument("--lr-warmup-steps", type=int, default=100, help="linear LR warm-up steps (default 100)")
+    optim.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4; docs/finetune.md)")
+    optim.add_argument("--lr-warmup-steps", type=int,
+                       help="linear LR warm-up steps (default: 5%% of the run, at least 1, at most 100)")
     optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at lr * this (default 0.1)")
-    optim.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
+    optim.add_argument("--weight-decay", type=float, default=0.0,
+                       help="AdamW weight decay on matrices (default 0: decay pulls latent weights into the zero code)")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (default 1.0)")
     optim.add_argument("--optim", choices=("adamw", "adamw8bit"), default="adamw",
                        help="adamw, or bitsandbytes' 8-bit AdamW where it supports the device")

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..bitlinear import BitLinear, PackedBitLinear
 from ..checkpoint import (
     Report,
+    ShardWriter,
     output_config,
     read_tensors_with_suffix,
     save_tokenizer_and_generation_config,
     untied_state_dict,
-    write_converted_tensors,
 )
 from ..errors import BitconvertError
 
@@ -33,24 +34,58 @@ SUB_NORM_RENAMES = (
 TRAINING_SUB_NORM_SUFFIX = ".sub_norm.weight"
 
 
-def converted_tensors(state: dict[str, torch.Tensor]):
-    """``(name, tensor)`` in the converted folder's naming (SubLN gains renamed)."""
-    for name, tensor in state.items():
+def converted_tensors(named_tensors):
+    """``(name, tensor)`` pairs in the converted folder's naming (SubLN gains renamed)."""
+    for name, tensor in named_tensors:
         for old, new in SUB_NORM_RENAMES:
             if name.endswith(old):
                 name = name.removesuffix(old) + new
         yield name, tensor
 
 
-def write_trained_model(model, folder: Path, *, tokenizer, sub_norm: bool, weight_scale_method: str, report: Report,
+def _frozen(name: str, module: BitLinear, report: Report):
+    """Freeze one BitLinear (:meth:`PackedBitLinear.from_bitlinear`: the codes and scale of its lambda = 1 forward)
+    into ``(weight, packed codes)`` and ``(weight_scale, 1/g)``; adds its statistics to ``report``."""
+    packed = PackedBitLinear.from_bitlinear(module)
+    weight, codes = module.weight.detach().float(), packed.ternary().float()
+    scale = 1.0 / packed.weight_scale.item()
+    error = torch.linalg.vector_norm(weight - codes * scale) / torch.linalg.vector_norm(weight).clamp(min=1e-12)
+    report.layers.append({"name": name, "shape": list(weight.shape), "scale": scale,
+                          "zero_fraction": (codes == 0).float().mean().item(), "relative_error": error.item()})
+    report.parameters_converted += weight.numel()
+    return [(name, packed.weight), (name.removesuffix("weight") + "weight_scale", packed.weight_scale)]
+
+
+def frozen_tensors(model, report: Report, dtype: torch.dtype):
+    """``(name, tensor)`` of ``model`` in the converted format: each BitLinear's weight frozen into packed codes and
+    ``weight_scale`` (absmean/absmedian of the latent weights, or the learned scale ``s``), training-only state (``s``)
+    dropped, everything else cast to ``dtype``; SubLN gains renamed; fills ``report``'s layer stats and counts."""
+    bitlinears = {name: module for name, module in model.named_modules() if isinstance(module, BitLinear)}
+
+    def named():
+        for name, tensor in untied_state_dict(model).items():
+            owner, _, key = name.rpartition(".")
+            if owner not in bitlinears:
+                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+            elif key == "weight":
+                yield from _frozen(name, bitlinears[owner], report)
+            elif key == "bias":
+                yield name, tensor.to(dtype)
+
+    return converted_tensors(named())
+
+
+def write_trained_model(model, folder: Path, *, tokenizer, sub_norm: bool, report: Report,
                         shard_bytes: int = 1 << 30) -> None:
     """Write the trained ``model`` (training-mode BitLinear inside) into ``folder``: converted format + ``latent/``."""
     state = untied_state_dict(model)
-    source_config = model.config.to_dict()
     dtype = model.dtype
-    config = output_config(source_config, sub_norm=sub_norm, dtype=dtype)
-    write_converted_tensors(folder, converted_tensors(state), report, weight_scale_method=weight_scale_method,
-                            dtype=dtype, shard_bytes=shard_bytes)
+    config = output_config(model.config.to_dict(), sub_norm=sub_norm, dtype=dtype)
+    writer = ShardWriter(folder, shard_bytes)
+    for name, tensor in frozen_tensors(model, report, dtype):
+        writer.add(name, tensor)
+    writer.finish()
+    report.bytes_after = writer.total_bytes
     config.save_pretrained(folder)
     save_tokenizer_and_generation_config(folder, tokenizer, model.generation_config)
     latent = folder / LATENT_DIR

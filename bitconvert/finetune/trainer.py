@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import Report, atomic_output_dir, check_destination
 from ..errors import BitconvertError
-from ..quantize import TernaryConfig, quantize_, set_quant_lambda
+from ..quantize import set_quant_lambda
 from . import engine as ds
 from .data import PackedCorpus, batches
-from .export import load_latent_sub_norms, write_trained_model
-from .loss import cross_entropy, distillation_kl
+from .export import write_trained_model
+from .loss import cross_entropy, distillation_kl, hidden_cosine
 from .runlog import StepLog, plot_loss_curve, read_log
-from .schedule import quant_lambda
+from .schedule import quant_lambda, resolve_warmups
+from .student import run_models
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -58,16 +59,18 @@ class FinetuneOptions:
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
-    warmup_quant_steps: int = 1000
+    warmup_quant_steps: int | None = None  # None: fit the run (:func:`.schedule.resolve_warmups`)
     sub_norm: bool = False
     weight_scale: str = "absmean"
-    distill: bool = False
-    distill_temperature: float = 5.0
-    distill_alpha: float = 0.5
-    lr: float = 1e-4
+    teacher: str | None = None
+    distill: bool = True
+    distill_temperature: float = 1.0
+    distill_alpha: float = 1.0
+    distill_hidden: float = 0.0
+    lr: float = 3e-4
     min_lr_ratio: float = 0.1
-    lr_warmup_steps: int = 100
-    weight_decay: float = 0.1
+    lr_warmup_steps: int | None = None  # None: fit the run
+    weight_decay: float = 0.0
     grad_clip: float = 1.0
     optim: str = "adamw"
     save_every: int = 500
@@ -127,10 +130,13 @@ def _validate(opts: FinetuneOptions) -> None:
             raise BitconvertError(f"{flag} must be at least 1, got {value}")
     if opts.max_steps is not None and opts.max_tokens is not None:
         raise BitconvertError("give --max-steps or --max-tokens, not both")
-    if not 0.0 <= opts.distill_alpha <= 1.0 or opts.distill_temperature <= 0:
-        raise BitconvertError("--distill-alpha must lie in [0, 1] and --distill-temperature be positive")
-    if opts.lr <= 0 or opts.warmup_quant_steps < 0:
-        raise BitconvertError("--lr must be positive and --warmup-quant-steps at least 0")
+    if not 0.0 <= opts.distill_alpha <= 1.0 or opts.distill_temperature <= 0 or opts.distill_hidden < 0:
+        raise BitconvertError("--distill-alpha must lie in [0, 1], --distill-temperature be positive and "
+                              "--distill-hidden at least 0")
+    if opts.lr <= 0 or (opts.warmup_quant_steps or 0) < 0 or (opts.lr_warmup_steps or 0) < 0:
+        raise BitconvertError("--lr must be positive and --warmup-quant-steps / --lr-warmup-steps at least 0")
+    if opts.teacher and not opts.distill:
+        raise BitconvertError("--teacher is only used with distillation; drop --no-distill or --teacher")
 
 
 def _checkpoints(save_dir: Path) -> list[Path]:
@@ -169,27 +175,33 @@ def heldout_loss(model, sequences: list[torch.Tensor], device, rank: int, world:
 
 
 def train_step(engine, teacher, data, accum: int, world: int, device, opts: FinetuneOptions) -> list[float]:
-    """One optimizer step over ``accum`` micro-batches; returns ``[loss, ce, kl]`` averaged over micro-batches and
-    processes. Raises ``FloatingPointError(loss)`` before any backward pass on a non-finite loss on any process."""
-    sums = [0.0, 0.0, 0.0]
+    """One optimizer step over ``accum`` micro-batches; returns ``[loss, ce, kl, hidden, teacher seconds]``, the
+    losses averaged over micro-batches and processes, the teacher's forward time summed on this process. Raises
+    ``FloatingPointError(loss)`` before any backward pass on a non-finite loss on any process."""
+    sums, teacher_seconds = [0.0, 0.0, 0.0, 0.0], 0.0
+    hidden_states = opts.distill_hidden > 0
     for _ in range(accum):
         ids = next(data).to(device)
-        logits = engine(ids).logits
-        ce = cross_entropy(logits, ids)
+        output = engine(ids, output_hidden_states=hidden_states)
+        ce = cross_entropy(output.logits, ids)
+        zero = torch.zeros((), device=device)
+        kl, hidden, loss = zero, zero, ce
         if teacher is not None:
+            started = time.perf_counter()
             with torch.no_grad():
-                teacher_logits = teacher(ids).logits
-            kl = distillation_kl(logits, teacher_logits, opts.distill_temperature)
-            loss = (1 - opts.distill_alpha) * ce + opts.distill_alpha * kl
-        else:
-            kl, loss = torch.zeros(()), ce
-        values = _all_reduce([loss.item(), ce.item(), kl.item()])
+                target = teacher(ids, output_hidden_states=hidden_states)
+            teacher_seconds += time.perf_counter() - started
+            kl = distillation_kl(output.logits, target.logits, opts.distill_temperature)
+            if hidden_states:
+                hidden = hidden_cosine(output.hidden_states, target.hidden_states)
+            loss = (1 - opts.distill_alpha) * ce + opts.distill_alpha * kl + opts.distill_hidden * hidden
+        values = _all_reduce([loss.item(), ce.item(), kl.item(), hidden.item()])
         if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(values[0])
         engine.backward(loss)
         engine.step()
         sums = [total + value / world / accum for total, value in zip(sums, values)]
-    return sums
+    return sums + [teacher_seconds]
 
 
 def _save(engine, opts: FinetuneOptions, step: int, rank: int) -> None:
@@ -203,8 +215,6 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     """Run QAT as described in the module docstring; returns where the model went and how the run ended."""
     from transformers.utils import logging as transformers_logging
 
-    from ..sources import load_full_precision, read_config_dict, resolve_source
-
     _validate(opts)
     check_destination(opts.out, opts.overwrite)
     _check_save_dir(opts)
@@ -212,25 +222,15 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(opts.seed)
 
-    source = resolve_source(opts.source)
-    max_positions = read_config_dict(source).get("max_position_embeddings")
-    if max_positions and opts.seq_len > max_positions:
-        raise BitconvertError(f"--seq-len {opts.seq_len} exceeds the model's maximum of {max_positions} positions")
     if not opts.progress:
         transformers_logging.disable_progress_bar()
-    model, tokenizer = load_full_precision(source, dtype=torch.float32)
+    models = run_models(opts.source, distill=opts.distill, teacher=opts.teacher, sub_norm=opts.sub_norm,
+                        weight_scale=opts.weight_scale)
+    model, tokenizer, teacher = models.student, models.tokenizer, models.teacher
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and opts.seq_len > max_positions:
+        raise BitconvertError(f"--seq-len {opts.seq_len} exceeds the model's maximum of {max_positions} positions")
     corpus = PackedCorpus(opts.data, tokenizer, opts.seq_len, opts.text_field, opts.heldout_sequences)
-    model.config.use_cache = False
-    teacher = None
-    if opts.distill:
-        teacher = type(model)(model.config)
-        teacher.load_state_dict(model.state_dict())
-        teacher.eval().requires_grad_(False)
-    # SubLN eps = the model's rms_norm_eps: what the exported bitnet model type uses for attn/ffn_sub_norm
-    quantize_(model, TernaryConfig(mode="train", weight_scale=opts.weight_scale, sub_norm=opts.sub_norm,
-                                   sub_norm_eps=model.config.rms_norm_eps,
-                                   quant_lambda=quant_lambda(0, opts.warmup_quant_steps)))
-    load_latent_sub_norms(model, None if source.gguf_file else source.folder, opts.sub_norm)
     model.train()
 
     user_config = ds.read_user_config(opts.deepspeed_config) if opts.deepspeed_config else None
@@ -240,7 +240,13 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
         total_steps = opts.max_steps
     else:
         total_steps = math.ceil(opts.max_tokens / tokens_per_step) if opts.max_tokens is not None else 1000
-    hp = ds.TrainingHyperparameters(opts.batch_size, opts.grad_accum, opts.lr, opts.min_lr_ratio, opts.lr_warmup_steps,
+    try:
+        quant_warmup, lr_warmup = resolve_warmups(total_steps, opts.warmup_quant_steps, opts.lr_warmup_steps,
+                                                  student_is_ternary=models.converted)
+    except ValueError as exc:
+        raise BitconvertError(str(exc)) from None
+    set_quant_lambda(model, quant_lambda(0, quant_warmup))
+    hp = ds.TrainingHyperparameters(opts.batch_size, opts.grad_accum, opts.lr, opts.min_lr_ratio, lr_warmup,
                                     opts.weight_decay, opts.grad_clip, opts.optim, total_steps)
     config_name = opts.deepspeed_config or "generated"
     config = ds.resolve_config(user_config, hp, world_size=world, cuda=torch.cuda.is_available(), path=config_name)
@@ -265,9 +271,14 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     stop_at = step + opts.stop_after if opts.stop_after is not None else total_steps
     stopped, last_saved = "", step
 
+    if step == 0:  # the curve's starting point: what the student scores before any training
+        value = heldout_loss(engine.module, corpus.heldout, device, rank, world, micro)
+        if rank == 0:
+            log.write(kind="eval", step=0, tokens=0, heldout_loss=value, heldout_ppl=math.exp(value),
+                      quant_lambda=quant_lambda(0, quant_warmup))
     with StopRequest() as stop:
         while step < min(total_steps, stop_at):
-            lam = quant_lambda(step, opts.warmup_quant_steps)
+            lam = quant_lambda(step, quant_warmup)
             set_quant_lambda(engine.module, lam)
             lr = engine.optimizer.param_groups[0]["lr"]  # what this step uses
             started = time.perf_counter()
@@ -281,8 +292,9 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
                 ) from None
             step += 1
             seconds = time.perf_counter() - started
-            record = dict(kind="train", step=step, loss=sums[0], ce=sums[1], kl=sums[2], lr=lr, quant_lambda=lam,
-                          tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / seconds, seconds=seconds)
+            record = dict(kind="train", step=step, loss=sums[0], ce=sums[1], kl=sums[2], hidden=sums[3], lr=lr,
+                          quant_lambda=lam, tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / seconds,
+                          seconds=seconds, teacher_seconds=sums[4])
             if rank == 0:
                 log.write(**record)
                 bar.update(1)
@@ -309,22 +321,23 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     history = []
     if rank == 0:
         training = {"steps": step, "tokens": step * tokens_per_step, "world_size": world, "deepspeed_config": config}
-        history = _write_output(engine.module, tokenizer, opts, source.display, training)
+        training.update(lr_warmup_steps=lr_warmup, warmup_quant_steps=quant_warmup, teacher=models.teacher_source,
+                        sub_norm=models.sub_norm, started_from="converted folder" if models.converted else "source")
+        history = _write_output(engine.module, tokenizer, opts, models.source, training, models.sub_norm)
     dist.barrier()
     return FinetuneResult(opts.out, step, "", history)
 
 
-def _write_output(model, tokenizer, opts: FinetuneOptions, source: str, training: dict) -> list[dict]:
+def _write_output(model, tokenizer, opts: FinetuneOptions, source: str, training: dict, sub_norm: bool) -> list[dict]:
     """Write ``opts.out`` atomically (the model at lambda = 1, latent/, loss curve, step log, report); returns the log."""
     set_quant_lambda(model, 1.0)
     model.config.use_cache = True
     history = read_log(opts.save_dir / "log.jsonl")
-    options = json.loads(json.dumps({**asdict(opts), "training": training}, default=str))
+    options = json.loads(json.dumps({**asdict(opts), "teacher": training["teacher"], "training": training}, default=str))
     report = Report(source=source, options=options)
     started = time.perf_counter()
     with atomic_output_dir(opts.out, opts.overwrite) as tmp:
-        write_trained_model(model, tmp, tokenizer=tokenizer, sub_norm=opts.sub_norm,
-                            weight_scale_method=opts.weight_scale, report=report)
+        write_trained_model(model, tmp, tokenizer=tokenizer, sub_norm=sub_norm, report=report)
         plot_loss_curve(history, tmp / "loss_curve.png")
         shutil.copy(opts.save_dir / "log.jsonl", tmp / "train_log.jsonl")
         report.seconds = time.perf_counter() - started
