@@ -146,9 +146,13 @@ def _logits_match_latent_model_at_lambda_one(out: Path, sub_norm: bool):
         expected = trained.eval()(ids).logits
         ours = load(out)(ids).logits
         stock = AutoModelForCausalLM.from_pretrained(out)(ids).logits
-    # float fake quantization vs the integer path: rounding differences only (a renamed/missing tensor is O(1))
-    assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3)
-    assert torch.allclose(stock, expected, atol=2e-3, rtol=1e-3)
+    # Float fake quantization vs the integer path: they differ by fp32 summation order only, but an activation that
+    # lands on an int8 rounding boundary can round the other way in one path (the order depends on the CPU's SIMD
+    # width), which moves the following logits by about one quantization step, ~1e-3 of their spread (measured 1.6e-3
+    # on AMD Zen 3). A renamed or missing tensor moves them by O(spread): 2% of the spread separates the two.
+    bound = 0.02 * expected.std().item()
+    assert (ours - expected).abs().max().item() < bound
+    assert (stock - expected).abs().max().item() < bound
     if sub_norm:  # the trained SubLN gains moved, so a name mix-up would show
         assert type(load(out)).__name__ == "BitNetForCausalLM"
 
