@@ -17,55 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import LLAMA2_7B, make_checkpoint as make_synthetic  # noqa: E402  (benchmarks/ sibling)
 
 
-def layer_shapes(layer: int, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
-    prefix = f"model.layers.{layer}."
-    return {
-        prefix + "self_attn.q_proj.weight": (hidden, hidden),
-        prefix + "self_attn.k_proj.weight": (hidden, hidden),
-        prefix + "self_attn.v_proj.weight": (hidden, hidden),
-        prefix + "self_attn.o_proj.weight": (hidden, hidden),
-        prefix + "mlp.gate_proj.weight": (intermediate, hidden),
-        prefix + "mlp.up_proj.weight": (intermediate, hidden),
-        prefix + "mlp.down_proj.weight": (hidden, intermediate),
-        prefix + "input_layernorm.weight": (hidden,),
-        prefix + "post_attention_layernorm.weight": (hidden,),
-    }
-
-
-def make_checkpoint(folder: Path, layers: int, shards: int = 2) -> int:
-    """Write a random fp16 LLaMA checkpoint (Llama-2-7B shapes, ``layers`` layers); returns its size in bytes."""
-    from transformers import LlamaConfig
-
-    config = dict(LLAMA2_7B, num_hidden_layers=layers)
-    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
-    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
-    for layer in range(layers):
-        shapes.update(layer_shapes(layer, hidden, intermediate))
-    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (config["vocab_size"], hidden)})
-    names = list(shapes)
-    per_shard = -(-len(names) // shards)
-    weight_map, total = {}, 0
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    for index in range(shards):
-        shard_name = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {}
-        for name in names[index * per_shard:(index + 1) * per_shard]:
-            tensors[name] = torch.empty(shapes[name], dtype=torch.float16).normal_(0, 0.02, generator=generator)
-            weight_map[name] = shard_name
-            total += tensors[name].numel() * 2
-        save_file(tensors, str(folder / shard_name), metadata={"format": "pt"})
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    LlamaConfig(**config, dtype="float16").save_pretrained(folder)
-    return total
+def make_checkpoint(folder: Path, layers: int) -> int:
+    """Write a random fp16 LLaMA with Llama-2-7B's shapes (its 32,000-token vocab) and ``layers`` layers, in shards
+    of at most 2 GiB (``benchmarks/synthetic.py``); returns its size in bytes."""
+    return make_synthetic(folder, dict(LLAMA2_7B, vocab_size=32000, num_hidden_layers=layers, tie_word_embeddings=False))
 
 
 # The conversion runs in a fresh interpreter that reports its own peak RSS (VmHWM) as the last line of stdout, so
