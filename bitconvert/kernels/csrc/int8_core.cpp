@@ -3,6 +3,7 @@
 // Signed x signed products use the sign trick: x_q * w_q = |x_q| * (sign(x_q) * w_q), an unsigned x signed pair as
 // vpmaddubsw and vpdpbusd take it (|x_q| <= 127 and |w_q| <= 127, so nothing overflows).
 #include "int8_core.h"
+#include "ternary_core.h"  // bc_thread_count
 
 #include <immintrin.h>
 
@@ -21,7 +22,6 @@ constexpr int64_t kRowAlign = 64;     // row stride multiple: whole 64-byte (two
 constexpr int kRowsPerCall = 4;       // rows sharing one pass over a token's activations
 constexpr int64_t kRowsPerTask = 64;  // rows per parallel task: 64 rows x in bytes stay in L2 across tokens
 constexpr int64_t kPrefetchBytes = 4096;  // ahead in the contiguous rows of a task, as the ternary kernels
-constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -162,17 +162,6 @@ void quantize_blocks(const float *x, int64_t in_features, int64_t ldx, int8_t *x
     }
 }
 
-int thread_count(int requested, int64_t tasks, int64_t work) {
-#ifdef _OPENMP
-    int threads = requested > 0 ? requested : omp_get_max_threads();
-#else
-    int threads = 1;
-    (void)requested;
-#endif
-    threads = int(std::min<int64_t>({int64_t(threads), tasks, std::max<int64_t>(1, work / kMinWorkPerThread)}));
-    return std::max(threads, 1);
-}
-
 }  // namespace
 
 extern "C" {
@@ -206,7 +195,7 @@ int bc_int8_linear(const float *x, int64_t n, const int8_t *w_q, const float *d,
     for (int64_t t = 0; t < n; ++t) quantize_blocks(x + t * in_features, in_features, ldw, &x_q[t * ldw], &e[t * blocks]);
     const Kernels &kernels = kKernels[isa];
     const int64_t tasks = (out_features + kRowsPerTask - 1) / kRowsPerTask;
-    const int nthreads = thread_count(threads, tasks, out_features * n * ldw);
+    const int nthreads = bc_thread_count(threads, tasks, out_features * n * ldw);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int64_t task = 0; task < tasks; ++task) {
         const int64_t row0 = task * kRowsPerTask, row1 = std::min(out_features, row0 + kRowsPerTask);

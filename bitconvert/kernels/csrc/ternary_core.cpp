@@ -172,20 +172,6 @@ constexpr Kernels kKernels[BC_ISA_COUNT] = {kernels_of<Scalar>(), kernels_of<Avx
 
 const char *const kIsaNames[BC_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512"};
 
-// Below this many multiply-adds per thread the fork/join costs more than it saves.
-constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
-
-int thread_count(int requested, int64_t tasks, int64_t work) {
-#ifdef _OPENMP
-    int threads = requested > 0 ? requested : omp_get_max_threads();
-#else
-    int threads = 1;
-    (void)requested;
-#endif
-    threads = int(std::min<int64_t>({int64_t(threads), tasks, std::max<int64_t>(1, work / kMinWorkPerThread)}));
-    return std::max(threads, 1);
-}
-
 // What to do with the exact int32 products: store them, or scale them to the layer's fp32 output.
 struct Output {
     int32_t *acc;               // (n, out) or null
@@ -205,7 +191,7 @@ void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint
     const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
     const int64_t groups = ceil_div(n, kMaxTokens);
     const int64_t tasks = tiles * groups;
-    const int nthreads = thread_count(threads, tasks, tiles * BC_TILE_ROWS * n * ldx);
+    const int nthreads = bc_thread_count(threads, tasks, tiles * BC_TILE_ROWS * n * ldx);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int64_t task = 0; task < tasks; ++task) {
         const int64_t tile = task / groups, t0 = (task % groups) * kMaxTokens;
@@ -266,6 +252,20 @@ int scaled_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_
 }  // namespace
 
 extern "C" {
+
+// Below this many multiply-adds per thread the fork/join costs more than it saves.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
+
+int bc_thread_count(int requested, int64_t tasks, int64_t work) {
+#ifdef _OPENMP
+    int threads = requested > 0 ? requested : omp_get_max_threads();
+#else
+    int threads = 1;
+    (void)requested;
+#endif
+    threads = int(std::min<int64_t>({int64_t(threads), tasks, std::max<int64_t>(1, work / kMinWorkPerThread)}));
+    return std::max(threads, 1);
+}
 
 const char *bc_isa_name(int isa) { return isa >= 0 && isa < BC_ISA_COUNT ? kIsaNames[isa] : nullptr; }
 

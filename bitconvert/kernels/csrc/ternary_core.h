@@ -79,6 +79,11 @@ int bc_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_feat
 int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
                    const float *weight_scales, float *y, int isa, int threads);
 
+/* Threads for `tasks` parallel tasks totalling `work` multiply-adds: `requested` (0 = OpenMP's default), at most one
+ * per task, and at most one per 2^18 multiply-adds (below that the fork/join costs more than it saves). Shared by
+ * every kernel in this folder (the int8 lm_head too). */
+int bc_thread_count(int requested, int64_t tasks, int64_t work);
+
 #ifdef __cplusplus
 }
 #endif
