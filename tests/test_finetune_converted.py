@@ -23,7 +23,8 @@ from bitconvert.cli import main  # noqa: E402
 from bitconvert.convert import convert  # noqa: E402
 from bitconvert.finetune import FinetuneOptions, finetune  # noqa: E402
 from bitconvert.finetune.loss import distillation_kl, hidden_cosine  # noqa: E402
-from bitconvert.finetune.schedule import resolve_warmups  # noqa: E402
+from bitconvert.finetune.schedule import (DEFAULT_LR_CONVERTED, DEFAULT_LR_FULL_PRECISION, resolve_lr,  # noqa: E402
+                                          resolve_warmups)
 from bitconvert.finetune.student import load_converted_student  # noqa: E402
 from bitconvert.load import load  # noqa: E402
 
@@ -98,6 +99,12 @@ def test_warmups_fit_the_run():
         resolve_warmups(40, 5, None, student_is_ternary=True)
 
 
+def test_default_learning_rate_depends_on_the_start():
+    assert resolve_lr(None, student_is_ternary=True) == DEFAULT_LR_CONVERTED == 1e-3
+    assert resolve_lr(None, student_is_ternary=False) == DEFAULT_LR_FULL_PRECISION == 3e-4
+    assert resolve_lr(2e-4, student_is_ternary=True) == 2e-4  # a given rate is kept
+
+
 def test_distillation_from_a_converted_folder_writes_the_trained_codes_and_scales(converted, text_file, tmp_path):
     out = tmp_path / "distilled"
     result = finetune(FinetuneOptions(source=str(converted), data=str(text_file), out=out, seq_len=32, batch_size=4,
@@ -110,6 +117,7 @@ def test_distillation_from_a_converted_folder_writes_the_trained_codes_and_scale
     report = json.loads((out / "bitconvert.json").read_text())
     assert report["options"]["teacher"] == json.loads((converted / "bitconvert.json").read_text())["source"]
     assert report["options"]["training"]["started_from"] == "converted folder"
+    assert report["options"]["training"]["lr"] == 3e-3  # the rate the run used is recorded
 
     # the written folder is the trained student at lambda = 1 (learned scales), in stock transformers and ours
     from transformers import AutoModelForCausalLM

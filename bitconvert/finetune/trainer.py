@@ -39,7 +39,7 @@ from .data import PackedCorpus, batches
 from .export import write_trained_model
 from .loss import cross_entropy, distillation_kl, hidden_cosine
 from .runlog import StepLog, plot_loss_curve, read_log
-from .schedule import quant_lambda, resolve_warmups
+from .schedule import quant_lambda, resolve_lr, resolve_warmups
 from .student import run_models
 
 CHECKPOINT_PREFIX = "step_"
@@ -67,7 +67,7 @@ class FinetuneOptions:
     distill_temperature: float = 1.0
     distill_alpha: float = 1.0
     distill_hidden: float = 0.0
-    lr: float = 3e-4
+    lr: float | None = None  # None: by the kind of start (:func:`.schedule.resolve_lr`)
     min_lr_ratio: float = 0.1
     lr_warmup_steps: int | None = None  # None: fit the run
     weight_decay: float = 0.0
@@ -133,7 +133,7 @@ def _validate(opts: FinetuneOptions) -> None:
     if not 0.0 <= opts.distill_alpha <= 1.0 or opts.distill_temperature <= 0 or opts.distill_hidden < 0:
         raise BitconvertError("--distill-alpha must lie in [0, 1], --distill-temperature be positive and "
                               "--distill-hidden at least 0")
-    if opts.lr <= 0 or (opts.warmup_quant_steps or 0) < 0 or (opts.lr_warmup_steps or 0) < 0:
+    if (opts.lr is not None and opts.lr <= 0) or (opts.warmup_quant_steps or 0) < 0 or (opts.lr_warmup_steps or 0) < 0:
         raise BitconvertError("--lr must be positive and --warmup-quant-steps / --lr-warmup-steps at least 0")
     if opts.teacher and not opts.distill:
         raise BitconvertError("--teacher is only used with distillation; drop --no-distill or --teacher")
@@ -246,7 +246,8 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     except ValueError as exc:
         raise BitconvertError(str(exc)) from None
     set_quant_lambda(model, quant_lambda(0, quant_warmup))
-    hp = ds.TrainingHyperparameters(opts.batch_size, opts.grad_accum, opts.lr, opts.min_lr_ratio, lr_warmup,
+    peak_lr = resolve_lr(opts.lr, student_is_ternary=models.converted)
+    hp = ds.TrainingHyperparameters(opts.batch_size, opts.grad_accum, peak_lr, opts.min_lr_ratio, lr_warmup,
                                     opts.weight_decay, opts.grad_clip, opts.optim, total_steps)
     config_name = opts.deepspeed_config or "generated"
     config = ds.resolve_config(user_config, hp, world_size=world, cuda=torch.cuda.is_available(), path=config_name)
@@ -321,7 +322,7 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     history = []
     if rank == 0:
         training = {"steps": step, "tokens": step * tokens_per_step, "world_size": world, "deepspeed_config": config}
-        training.update(lr_warmup_steps=lr_warmup, warmup_quant_steps=quant_warmup, teacher=models.teacher_source,
+        training.update(lr=peak_lr, lr_warmup_steps=lr_warmup, warmup_quant_steps=quant_warmup, teacher=models.teacher_source,
                         sub_norm=models.sub_norm, started_from="converted folder" if models.converted else "source")
         history = _write_output(engine.module, tokenizer, opts, models.source, training, models.sub_norm)
     dist.barrier()
