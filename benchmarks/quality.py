@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGETS = {"250k": 250_000, "1m": 1_000_000}
+BUDGETS = {"150k": 150_000, "250k": 250_000, "1m": 1_000_000}
 STAGES = ("model", "ppl", "eval", "eval-full")
 EVAL_TASKS = (("arc_easy", None), ("piqa", 500))
 EVAL_FULL_TASKS = (("arc_challenge", None), ("piqa", None), ("hellaswag", 2000))
