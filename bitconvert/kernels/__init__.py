@@ -37,6 +37,7 @@ import torch
 ISAS = ("scalar", "avx2", "avxvnni", "avx512")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp")
+HEADERS = (CSRC / "ternary_core.h", CSRC / "int8_core.h", CSRC / "op_checks.h", CSRC / "decode_ops.h")
 # Exact float rounding: no fused multiply-add contraction, no fast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 
@@ -46,7 +47,7 @@ _loaded = False
 def _build_directory() -> Path:
     """A build folder keyed by the sources, flags and torch version, so different checkouts never clash."""
     digest = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
-    for path in (*SOURCES, CSRC / "ternary_core.h", CSRC / "int8_core.h"):
+    for path in (*SOURCES, *HEADERS):
         digest.update(path.read_bytes())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "bitconvert" / "torch_extensions")
     directory = root / f"bitconvert_kernels_{digest.hexdigest()[:16]}"
