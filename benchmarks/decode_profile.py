@@ -11,6 +11,8 @@ operators are grouped:
   top-level float matmul of a step is the lm_head: attention's are inside ``scaled_dot_product_attention``);
 - attention: ``scaled_dot_product_attention`` and, for the lean decoder, ``bitconvert::rope_cache_write`` (rotary
   embedding of q/k + KV-cache write, one C++ call);
+- decode_layer: the lean decoder's fused single-token step (``bitconvert::decode_layer``: one call per layer holding
+  that layer's norms, products, rotary/cache write and attention, so its time is not split further);
 - norms/rotary/elementwise: every other top-level operator (RMSNorm, SiLU, residual adds, transformers' rotary and
   cache concatenation, casts, views);
 - framework overhead: the rest of the profiled time (Python, module calls, dispatch).
@@ -31,7 +33,8 @@ from torch.profiler import profile
 
 from decode import CONFIGURATIONS, Runner, add_configurations_argument, prompt_ids
 
-COMPONENTS = ("ternary products", "lm_head", "attention", "norms/rotary/elementwise", "framework overhead")
+COMPONENTS = ("ternary products", "lm_head", "attention", "decode_layer", "norms/rotary/elementwise",
+              "framework overhead")
 
 
 def component(name: str) -> str:
@@ -41,6 +44,8 @@ def component(name: str) -> str:
         return "lm_head"
     if name in ("aten::scaled_dot_product_attention", "bitconvert::rope_cache_write"):
         return "attention"
+    if name == "bitconvert::decode_layer":
+        return "decode_layer"
     return "norms/rotary/elementwise"
 
 

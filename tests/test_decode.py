@@ -1,9 +1,10 @@
 """The lean decoder (bitconvert.kernels.decode) against bitconvert.load's transformers model and stock transformers.
 
-Exactness: the decoder runs the same fp32 operations as transformers' LLaMA (fused norms, one C++ rotary + cache
-call, one SDPA call, fused ternary products with per-row scales), so its logits equal the loaded model's in the
-same mode (full prompt; or prompt then cached steps) bit for bit here; the asserts allow 1e-5 (fp32 rounding of a
-different SDPA blocking, far below the logits' scale). Against stock transformers (which multiplies the two scales
+Exactness: the decoder's per-op path runs the same fp32 operations as transformers' LLaMA (fused norms, one C++
+rotary + cache call, one SDPA call, fused ternary products with per-row scales), so its logits equal the loaded
+model's in the same mode (full prompt; or prompt then cached steps) bit for bit here; the asserts allow 1e-5 (fp32
+rounding of a different SDPA blocking, far below the logits' scale). The fused single-token step (the default for
+decoding) sums in another order; its tolerance is argued above its tests at the end of this file. Against stock transformers (which multiplies the two scales
 before dividing) the existing tolerance of tests/test_convert.py, 1e-4, applies.
 """
 
@@ -81,9 +82,10 @@ def test_decoder_matches_loaded_model_and_stock_transformers(tiny_ternary):
 
 
 def test_decoder_incremental_matches_cached_transformers(tiny_ternary):
-    """Prompt in two chunks (the second attends to the cache through a mask), then single tokens."""
+    """Prompt in two chunks (the second attends to the cache through a mask), then a single token on the per-op path
+    (the fused step is compared with it below)."""
     model = bitconvert.load(tiny_ternary)
-    decoder = Decoder(model, max_len=32)
+    decoder = Decoder(model, max_len=32, fused_step=False)
     with torch.no_grad():
         first = model(IDS[None, :7], use_cache=True)
         second = model(IDS[None, 7:12], past_key_values=first.past_key_values, use_cache=True)
@@ -139,3 +141,115 @@ def test_generate_cli_runs_a_converted_folder(tiny_ternary, capsys, lm_head):
     decoder = Decoder(bitconvert.load(tiny_ternary, lm_head=lm_head), max_len=16)
     tokens = decoder.generate(prompt, 6, eos=(tokenizer.eos_token_id,))
     assert captured.out.rstrip("\n") == "Hello" + tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+# The fused single-token step (decode_layer, csrc/decode_step.cpp) against the per-op path.
+#
+# Tolerance: the ternary products, the rotary embedding and the cache write are the same code on equal inputs; only
+# the RMSNorm sum of squares and attention's dot products and softmax sums are added in another fp32 order than
+# torch's. That moves those results by a few fp32 ulps (relative ~1e-7) and the logits (|logit| < 2 here) by
+# 0.6e-7 to 2e-7 (measured on these models); FUSED_TOLERANCE = 1e-5 is ~50x that. Rarely, such an ulp moves a
+# product's input across a rounding boundary of its int8 quantization (x * s within one ulp of k + 0.5), and that one
+# code moves every logit by ~1e-4 to 1e-3 (3.8e-4 measured, one step in 72): FLIP_TOLERANCE bounds that step.
+# So the test compares teacher-forced steps (each starts from the per-op path's cache, so a flip does not carry
+# over) and requires nearly all of them within FUSED_TOLERANCE. A real error is systematic and fails that: a norm
+# over n - 1 values, rotary at the next position, attention scaled by 1/D, the current or first position left out,
+# gate and up swapped, or the wrong KV head for a query head each moved every step of these models by 1.5e-3 to
+# 0.6 (checked on the per-op path with each mistake put in).
+FUSED_TOLERANCE = 1e-5
+FLIP_TOLERANCE = 2e-3
+STEP_SHAPES = {
+    "gqa-4x2-d16": {},
+    "mha-2x2-d64": dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96),
+    # hidden not a multiple of 16 (padded tiles), head_dim not a multiple of the dot product's 8 lanes
+    "gqa-6x2-d14-hidden84": dict(hidden_size=84, num_attention_heads=6, num_key_value_heads=2, intermediate_size=100),
+}
+
+
+@pytest.fixture(scope="module", params=list(STEP_SHAPES))
+def step_model(request, tmp_path_factory):
+    """A converted tiny random LLaMA of each shape in STEP_SHAPES, loaded."""
+    from bitconvert.convert import convert
+
+    root = tmp_path_factory.mktemp(request.param)
+    convert(make_tiny_llama(root / "src", **STEP_SHAPES[request.param]), root / "out", progress=False)
+    return bitconvert.load(root / "out")
+
+
+def test_fused_step_matches_per_op_path(step_model):
+    fused, per_op = Decoder(step_model, max_len=48), Decoder(step_model, max_len=48, fused_step=False)
+    want = per_op.forward(IDS[:5])
+    assert torch.equal(fused.forward(IDS[:5]), want)  # prefill runs per operator in both
+    errors = []
+    for _ in range(24):
+        fused.keys.copy_(per_op.keys)
+        fused.values.copy_(per_op.values)
+        token = want.argmax().reshape(1)
+        got, want = fused.forward(token), per_op.forward(token)
+        errors.append(float((got - want).abs().max()))
+    assert sum(error <= FUSED_TOLERANCE for error in errors) >= 21, errors
+    assert max(errors) <= FLIP_TOLERANCE, errors
+    torch.testing.assert_close(fused.keys, per_op.keys, rtol=0, atol=FUSED_TOLERANCE)  # the last step's k/v too
+    torch.testing.assert_close(fused.values, per_op.values, rtol=0, atol=FUSED_TOLERANCE)
+    assert fused.position == per_op.position == 29 and fused.keys[:, :, 29:].abs().sum() == 0
+    assert fused.generate(IDS.tolist(), 24) == per_op.generate(IDS.tolist(), 24)
+
+
+def test_fused_step_attention_threads(tmp_path):
+    """Attention long enough to run its heads on two threads (2 * heads * length * dim >= 2 x 2^18): equal to one
+    thread bit for bit (each head is computed alone; the products are exact), and close to the per-op path (one step:
+    FLIP_TOLERANCE, see above)."""
+    from bitconvert.convert import convert
+
+    convert(make_tiny_llama(tmp_path / "src", hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
+                            intermediate_size=64, num_hidden_layers=1, max_position_embeddings=1024),
+            tmp_path / "out", progress=False)
+    model = bitconvert.load(tmp_path / "out")
+    prompt = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(0))
+    decoders = [Decoder(model, max_len=601, fused_step=fused) for fused in (True, True, False)]
+    threads = torch.get_num_threads()
+    try:
+        logits = []
+        for decoder, count in zip(decoders, (1, 2, 2)):
+            torch.set_num_threads(count)
+            decoder.forward(prompt)
+            logits.append(decoder.forward(IDS[:1]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(logits[0], logits[1])
+    torch.testing.assert_close(logits[0], logits[2], rtol=0, atol=FLIP_TOLERANCE)
+
+
+def step_arguments(decoder, position=0, heads=None):
+    """decode_layer's arguments for the first layer of ``decoder`` and a hidden state (1, hidden)."""
+    return [torch.randn(1, decoder.embed.shape[1]), *decoder.step_arguments[0], position,
+            heads or decoder.heads, decoder.eps]
+
+
+def test_decode_layer_refuses_bad_shapes(tiny_ternary):
+    decoder = Decoder(bitconvert.load(tiny_ternary), max_len=8)
+    step = torch.ops.bitconvert.decode_layer.default
+    step(*step_arguments(decoder, position=7))  # the last position of the cache is fine
+    cases = {
+        "runs one token": lambda a: a.__setitem__(0, torch.randn(2, a[0].shape[1])),
+        "input_norm must be": lambda a: a.__setitem__(1, a[1][:-1]),
+        "qkv must be contiguous fp32": lambda a: a.__setitem__(2 + 1, a[3].double()),
+        "repacked weight has": lambda a: a.__setitem__(3 + 1, a[4][:-16]),
+        "expected hidden size": lambda a: (a.__setitem__(4, a[2]), a.__setitem__(5, a[3])),
+        "exceed the cache": lambda a: a.__setitem__(15, 8),
+        "not a multiple of": lambda a: a.__setitem__(16, 3),
+        "qkv width": lambda a: a.__setitem__(16, 6),
+        "rotary tables": lambda a: a.__setitem__(11, a[11].t()),
+    }
+    for message, corrupt in cases.items():
+        arguments = step_arguments(decoder)
+        corrupt(arguments)
+        with pytest.raises(RuntimeError, match=message):
+            step(*arguments)
+
+
+def test_decode_layer_schema_and_fake_kernel(tiny_ternary):
+    """The schema's mutation annotations match what the kernel writes, and the fake kernel traces."""
+    decoder = Decoder(bitconvert.load(tiny_ternary), max_len=8)
+    torch.library.opcheck(torch.ops.bitconvert.decode_layer.default, step_arguments(decoder, position=3),
+                          test_utils=("test_schema", "test_faketensor"))

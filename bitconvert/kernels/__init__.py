@@ -17,6 +17,9 @@ same paths; :mod:`.decode` is the lean decoding loop built on both.
     torch.ops.bitconvert.int8_quantize_rows(w float (out, in)) -> (int8 (out, stride), fp32 (out,))
     torch.ops.bitconvert.int8_linear(x float (n, in), w_q, d, isa=-1, threads=0) -> fp32 (n, out)
     torch.ops.bitconvert.rope_cache_write(qkv, cos, sin, keys, values, start, heads) -> q   (csrc/decode_ops.cpp)
+    torch.ops.bitconvert.decode_layer(x, input_norm, qkv_weight, qkv_scales, o_weight, o_scales, post_norm,
+        gate_up_weight, gate_up_scales, down_weight, down_scales, cos, sin, keys, values, position, heads, eps)
+        -> None: one decoder layer for one token, in place on x, keys, values      (csrc/decode_step.cpp)
     torch.ops.bitconvert.ternary_isa(name="") -> int          ("" = BITCONVERT_ISA or the best path)
     torch.ops.bitconvert.ternary_isa_supported(isa) -> bool
 
@@ -36,7 +39,9 @@ import torch
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512")
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp")
+SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp",
+           CSRC / "decode_step.cpp")
+HEADERS = (CSRC / "ternary_core.h", CSRC / "int8_core.h", CSRC / "op_checks.h", CSRC / "decode_ops.h")
 # Exact float rounding: no fused multiply-add contraction, no fast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 
@@ -46,7 +51,7 @@ _loaded = False
 def _build_directory() -> Path:
     """A build folder keyed by the sources, flags and torch version, so different checkouts never clash."""
     digest = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
-    for path in (*SOURCES, CSRC / "ternary_core.h", CSRC / "int8_core.h"):
+    for path in (*SOURCES, *HEADERS):
         digest.update(path.read_bytes())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "bitconvert" / "torch_extensions")
     directory = root / f"bitconvert_kernels_{digest.hexdigest()[:16]}"
@@ -94,6 +99,11 @@ def _register_fake_kernels() -> None:
     @fake("bitconvert::rope_cache_write")
     def _(qkv, cos, sin, keys, values, start, heads):
         return qkv.new_empty((heads, qkv.shape[0], keys.shape[2]))
+
+    @fake("bitconvert::decode_layer")
+    def _(x, input_norm, qkv_weight, qkv_scales, o_weight, o_scales, post_norm, gate_up_weight, gate_up_scales,
+          down_weight, down_scales, cos, sin, keys, values, position, heads, eps):
+        return None
 
 
 def isa_index(name: str | None = None) -> int:

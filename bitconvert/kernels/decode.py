@@ -11,6 +11,11 @@ that model:
 - the KV cache is preallocated per layer, (kv_heads, max_len, head_dim); one C++ call (``rope_cache_write``,
   ``csrc/decode_ops.cpp``) applies the rotary embedding to q and k and writes k and v into it; attention is one
   ``scaled_dot_product_attention`` call with grouped-query heads (no repeated K/V).
+- a single-token step (decoding) runs each layer as ONE C++ operator instead (``decode_layer``,
+  ``csrc/decode_step.cpp``): the same norm, products, rotary/cache write, attention and SwiGLU with no Python or
+  dispatcher call in between. Its products are bit-identical given equal inputs; its norms and attention sum in
+  another fp32 order than torch's, so its logits equal the per-op path's up to fp32 rounding
+  (``Decoder(model, fused_step=False)`` runs every step per operator, as prefill always does).
 - the output projection is the model's own ``lm_head`` (exact float, or :class:`~.lm_head.Int8LmHead`), applied to
   the last position only unless all logits are asked for.
 
@@ -102,10 +107,11 @@ class Decoder:
     """Greedy/sampled decoding of ``model`` (see the module docstring) with a KV cache of ``max_len`` positions.
 
     ``forward(ids, logits="last"|"all")`` runs ids (T,) at positions ``position .. position + T - 1`` and returns
-    fp32 logits (vocab,) of the last one, or (T, vocab); ``reset()`` empties the cache.
+    fp32 logits (vocab,) of the last one, or (T, vocab); ``reset()`` empties the cache. ``fused_step``: run a
+    single-token step as one ``decode_layer`` operator per layer (False: per operator, as prefill).
     """
 
-    def __init__(self, model, max_len: int = 2048):
+    def __init__(self, model, max_len: int = 2048, fused_step: bool = True):
         reason = supported(model)
         if reason is not None:
             raise ValueError(f"the lean decoder does not support {reason}")
@@ -135,6 +141,14 @@ class Decoder:
         self.keys = torch.zeros(shape)
         self.values = torch.zeros(shape)
         self.layer_keys, self.layer_values = list(self.keys.unbind(0)), list(self.values.unbind(0))  # views
+        self.fused_step = fused_step
+        # decode_layer's arguments after x, per layer, built once (the step then only adds position, heads, eps)
+        self.step_arguments = [
+            (layer.input_norm, layer.qkv.weight, layer.qkv.scales, layer.o_proj.weight, layer.o_proj.scales,
+             layer.post_norm, layer.gate_up.weight, layer.gate_up.scales, layer.down.weight, layer.down.scales,
+             self.cos, self.sin, keys, values)
+            for layer, keys, values in zip(self.layers, self.layer_keys, self.layer_values)
+        ]
         self.position = 0
 
     def reset(self) -> None:
@@ -151,12 +165,35 @@ class Decoder:
         end = start + count
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {end} needed")
+        x = self.embed[ids]
+        if count == 1 and self.fused_step:
+            self._step_layers(x, start)
+        else:
+            x = self._layers(x, start)
+        self.position = end
+        if logits == "last":
+            x = x[-1:]
+        out = self.lm_head(self._norm(x, self.final_norm)).float()
+        return out[0] if logits == "last" else out
+
+    __call__ = forward
+
+    def _step_layers(self, x: torch.Tensor, position: int) -> None:
+        """All layers for one token x (1, hidden) at ``position``, in place: one ``decode_layer`` call each."""
+        step = torch.ops.bitconvert.decode_layer.default
+        heads, eps = self.heads, self.eps
+        for arguments in self.step_arguments:
+            step(x, *arguments, position, heads, eps)
+
+    def _layers(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """All layers for tokens x (T, hidden) at positions ``start ..``, per operator; returns the new hidden states."""
+        count = x.shape[0]
+        end = start + count
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         rope_cache_write = torch.ops.bitconvert.rope_cache_write
         mask = None
         if count > 1 and start > 0:  # new queries see the whole cache and the causal part of themselves
             mask = torch.ones(count, end, dtype=torch.bool).tril(start)
-        x = self.embed[ids]
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.input_norm))
             keys, values = self.layer_keys[index], self.layer_values[index]
@@ -167,13 +204,7 @@ class Decoder:
             x = x + layer.o_proj(attention[0].transpose(0, 1).reshape(count, heads * dim))
             gate, up = layer.gate_up(self._norm(x, layer.post_norm)).split(layer.gate_up.sizes, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        self.position = end
-        if logits == "last":
-            x = x[-1:]
-        out = self.lm_head(self._norm(x, self.final_norm)).float()
-        return out[0] if logits == "last" else out
-
-    __call__ = forward
+        return x
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos: tuple[int, ...] = (), sample=None) -> list[int]:
         """New token ids after ``prompt`` (the cache is reset first): greedy, or ``sample(logits) -> id``."""

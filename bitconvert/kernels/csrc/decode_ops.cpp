@@ -14,6 +14,8 @@
 
 #include <cstring>
 
+#include "decode_ops.h"
+
 namespace {
 
 void rotate(const float *x, const float *cos, const float *sin, int64_t dim, float *out) {
@@ -22,33 +24,58 @@ void rotate(const float *x, const float *cos, const float *sin, int64_t dim, flo
     for (int64_t i = half; i < dim; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-at::Tensor rope_cache_write(const at::Tensor &qkv, const at::Tensor &cos, const at::Tensor &sin, at::Tensor keys,
-                            at::Tensor values, int64_t start, int64_t heads) {
-    TORCH_CHECK(qkv.dtype() == at::kFloat && cos.dtype() == at::kFloat && sin.dtype() == at::kFloat &&
-                    keys.dtype() == at::kFloat && values.dtype() == at::kFloat,
-                "bitconvert: rope_cache_write takes fp32 tensors");
-    TORCH_CHECK(qkv.dim() == 2 && keys.dim() == 3 && values.sizes() == keys.sizes() && keys.is_contiguous() &&
-                    values.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
-                "bitconvert: rope_cache_write expects qkv (T, width), contiguous keys/values (G, max_len, D)");
-    const int64_t count = qkv.size(0), kv_heads = keys.size(0), max_len = keys.size(1), dim = keys.size(2);
-    TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim && dim % 2 == 0, "bitconvert: qkv width ", qkv.size(1),
+}  // namespace
+
+namespace bitconvert {
+
+void rope_cache_write_token(const float *row, const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
+                            int64_t dim, float *q, int64_t q_head_stride, float *keys, float *values,
+                            int64_t cache_head_stride) {
+    for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, cos, sin, dim, q + h * q_head_stride);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+        rotate(row + (heads + g) * dim, cos, sin, dim, keys + g * cache_head_stride);
+        std::memcpy(values + g * cache_head_stride, row + (heads + kv_heads + g) * dim, size_t(dim) * sizeof(float));
+    }
+}
+
+void check_rope_cache(const char *op, int64_t width, const at::Tensor &cos, const at::Tensor &sin,
+                      const at::Tensor &keys, const at::Tensor &values, int64_t start, int64_t count, int64_t heads) {
+    TORCH_CHECK(cos.dtype() == at::kFloat && sin.dtype() == at::kFloat && keys.dtype() == at::kFloat &&
+                    values.dtype() == at::kFloat,
+                "bitconvert: ", op, " takes fp32 rotary tables and KV cache");
+    TORCH_CHECK(keys.dim() == 3 && values.sizes() == keys.sizes() && keys.is_contiguous() && values.is_contiguous() &&
+                    cos.dim() == 2 && cos.is_contiguous() && sin.is_contiguous(),
+                "bitconvert: ", op, " expects contiguous keys/values (G, max_len, D) and rotary tables (positions, D)");
+    const int64_t kv_heads = keys.size(0), max_len = keys.size(1), dim = keys.size(2);
+    TORCH_CHECK(heads > 0 && heads % kv_heads == 0, "bitconvert: ", op, ": ", heads,
+                " query heads are not a multiple of ", kv_heads, " KV heads");
+    TORCH_CHECK(width == (heads + 2 * kv_heads) * dim && dim % 2 == 0, "bitconvert: ", op, ": qkv width ", width,
                 " does not match ", heads, " + 2 x ", kv_heads, " heads of ", dim);
     TORCH_CHECK(start >= 0 && start + count <= max_len && cos.size(0) >= start + count && cos.size(1) == dim &&
                     sin.sizes() == cos.sizes(),
-                "bitconvert: positions ", start, "..", start + count, " exceed the cache or the rotary tables");
+                "bitconvert: ", op, ": positions ", start, "..", start + count, " exceed the cache (", max_len,
+                ") or the rotary tables");
+}
+
+}  // namespace bitconvert
+
+namespace {
+
+at::Tensor rope_cache_write(const at::Tensor &qkv, const at::Tensor &cos, const at::Tensor &sin, at::Tensor keys,
+                            at::Tensor values, int64_t start, int64_t heads) {
+    TORCH_CHECK(qkv.dtype() == at::kFloat && qkv.dim() == 2, "bitconvert: rope_cache_write takes fp32 qkv (T, width)");
+    const int64_t count = qkv.size(0), width = qkv.size(1);
+    bitconvert::check_rope_cache("rope_cache_write", width, cos, sin, keys, values, start, count, heads);
+    const int64_t kv_heads = keys.size(0), max_len = keys.size(1), dim = keys.size(2);
     const at::Tensor x = qkv.contiguous();
     at::Tensor q = at::empty({heads, count, dim}, x.options());
     const float *src = x.data_ptr<float>(), *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
     float *q_out = q.data_ptr<float>(), *k_out = keys.data_ptr<float>(), *v_out = values.data_ptr<float>();
-    const int64_t width = x.size(1);
     for (int64_t t = 0; t < count; ++t) {
-        const float *row = src + t * width, *ct = c + (start + t) * dim, *st = s + (start + t) * dim;
-        for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, ct, st, dim, q_out + (h * count + t) * dim);
-        for (int64_t g = 0; g < kv_heads; ++g) {
-            const int64_t at = (g * max_len + start + t) * dim;
-            rotate(row + (heads + g) * dim, ct, st, dim, k_out + at);
-            std::memcpy(v_out + at, row + (heads + kv_heads + g) * dim, size_t(dim) * sizeof(float));
-        }
+        const int64_t position = start + t;
+        bitconvert::rope_cache_write_token(src + t * width, c + position * dim, s + position * dim, heads, kv_heads,
+                                           dim, q_out + t * dim, count * dim, k_out + position * dim,
+                                           v_out + position * dim, max_len * dim);
     }
     return q;
 }

@@ -1,31 +1,19 @@
 // Thin torch bindings of ternary_core: the bitconvert::ternary_* operators (CPU). Shapes and math: ternary_core.h.
 #include <torch/library.h>
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cstdlib>
 #include <string>
 
 #include "int8_core.h"
+#include "op_checks.h"
 #include "ternary_core.h"
 
 namespace {
 
-int resolve_threads(int64_t threads) { return threads > 0 ? int(threads) : at::get_num_threads(); }
-
-void check_result(int code, int64_t isa) {
-    TORCH_CHECK(code != BC_ERR_ISA, "bitconvert: ISA path ", isa, " is unknown or not supported by this CPU");
-    TORCH_CHECK(code != BC_ERR_SHAPE, "bitconvert: in_features exceeds ", BC_MAX_IN_FEATURES);
-    TORCH_CHECK(code == BC_OK, "bitconvert: kernel error ", code);
-}
-
-void check_weight(const at::Tensor &weight, int64_t out_features, int64_t in_features) {
-    TORCH_CHECK(weight.dtype() == at::kByte && weight.is_contiguous() && weight.device().is_cpu(),
-                "bitconvert: repacked weight must be a contiguous CPU uint8 tensor");
-    TORCH_CHECK(size_t(weight.numel()) == bc_repacked_bytes(out_features, in_features),
-                "bitconvert: repacked weight has ", weight.numel(), " bytes, expected ",
-                bc_repacked_bytes(out_features, in_features), " for (", out_features, ", ", in_features, ")");
-}
+using bitconvert::check_result;
+using bitconvert::check_weight;
+using bitconvert::resolve_threads;
 
 // packed: uint8 (ceil(out/4), in) in HF BitNet layout -> uint8 (bc_repacked_bytes,) kernel layout.
 at::Tensor ternary_repack(const at::Tensor &packed, int64_t out_features) {

@@ -1,0 +1,27 @@
+// Shared by the decoding operators (decode_ops.cpp, decode_step.cpp): the rotary embedding + KV-cache write of one
+// token, and the checks of the tensors it touches. Math and layouts: decode_ops.cpp's header comment.
+#ifndef BITCONVERT_DECODE_OPS_H
+#define BITCONVERT_DECODE_OPS_H
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace bitconvert {
+
+// One token: row ((heads + 2 kv_heads) * dim) holds its q, k and v heads; cos, sin (dim) the rotary tables at its
+// position. Writes q head h to q + h * q_head_stride, the rotated key head g to keys + g * cache_head_stride and value
+// head g to values + g * cache_head_stride (keys and values point at the token's slot of KV head 0).
+void rope_cache_write_token(const float *row, const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
+                            int64_t dim, float *q, int64_t q_head_stride, float *keys, float *values,
+                            int64_t cache_head_stride);
+
+// TORCH_CHECKs that `op` may write `count` tokens of qkv width `width` at positions start .. start + count - 1:
+// fp32 contiguous keys/values (G, max_len, D) of one shape, fp32 contiguous cos/sin (>= start + count, D), an even D,
+// width == (heads + 2 G) D.
+void check_rope_cache(const char *op, int64_t width, const at::Tensor &cos, const at::Tensor &sin,
+                      const at::Tensor &keys, const at::Tensor &values, int64_t start, int64_t count, int64_t heads);
+
+}  // namespace bitconvert
+
+#endif

@@ -1,0 +1,196 @@
+// One decoder layer of bitconvert.kernels.decode's loop for ONE token, in place on the hidden state, as one operator:
+// the decoding step's per-layer Python and dispatcher calls (a dozen in the per-op path) become one.
+//
+// x (hidden) is the token's hidden state at position p; H query heads, G KV heads, head dim D, intermediate size I:
+//     a       = rms_norm(x, input_norm)        LlamaRMSNorm in fp32: (x * rsqrt(mean(x^2) + eps)) * weight
+//     q, k, v = qkv(a)                         one ternary product, one weight scale per row (bc_linear_rows)
+//     rotary embedding of q and k at p; keys[:, p] = k, values[:, p] = v        (decode_ops.cpp)
+//     o[h]    = sum_{j <= p} softmax_j(D^-0.5 q[h] . keys[g][j]) values[g][j],  g = h / (H / G)
+//     x      += o_proj(o)
+//     b       = rms_norm(x, post_norm)
+//     gate, up = gate_up(b);   x += down(silu(gate) * up)
+// keys, values: (G, max_len, D); cos, sin: (>= p + 1, D); everything fp32.
+//
+// Exactness against the per-op path (F.rms_norm, ternary_linear, rope_cache_write, SDPA, F.silu): the ternary
+// products quantize their input per token exactly as ternary_linear does, so equal inputs give bit-identical outputs,
+// and the rotary/cache step is the same code. What is summed in another order is the norms' sum of squares and
+// attention's dot products and softmax sums (torch blocks and vectorizes its reductions), so the layer's output
+// differs from the per-op path's by fp32 rounding -- and, rarely, by one int8 code where that rounding moves an
+// activation across a rounding boundary of the next product's quantization.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "decode_ops.h"
+#include "op_checks.h"
+#include "ternary_core.h"
+
+namespace {
+
+// out (n) = (x * (1 / sqrt(mean(x^2) + eps))) * weight, LlamaRMSNorm's fp32 steps; the fp32 squares are summed in
+// double and rounded once (torch sums fp32 in its own blocked order, so the sum may differ in the last bit).
+void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float square = x[i] * x[i];
+        sum += square;
+    }
+    const float inverse = 1.0f / std::sqrt(float(sum) / float(n) + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = (x[i] * inverse) * weight[i];
+}
+
+constexpr int kLanes = 8;
+
+// sum_d a[d] * b[d] (n values) in fp32 as kLanes partial sums (lane l takes d = l mod kLanes) added in lane order at
+// the end: an order the compiler vectorizes without reassociating.
+float dot(const float *a, const float *b, int64_t n) {
+    float lanes[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= n; d += kLanes)
+        for (int l = 0; l < kLanes; ++l) lanes[l] += a[d + l] * b[d + l];
+    for (int l = 0; d + l < n; ++l) lanes[l] += a[d + l] * b[d + l];
+    float sum = 0.0f;
+    for (float lane : lanes) sum += lane;
+    return sum;
+}
+
+// out (dim) = sum_j w_j values[j] / sum_j w_j with w_j = exp(s_j - max_i s_i), s_j = scale * (q . keys[j]), over the
+// rows j < length of keys, values (length, dim): the softmax-weighted mean, stable for any score range.
+// scores: length floats of scratch.
+void attend(const float *q, const float *keys, const float *values, int64_t length, int64_t dim, float scale,
+            float *scores, float *out) {
+    float largest = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < length; ++j) {
+        scores[j] = dot(q, keys + j * dim, dim) * scale;
+        largest = std::max(largest, scores[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; ++j) {
+        scores[j] = std::exp(scores[j] - largest);
+        total += scores[j];
+    }
+    std::fill(out, out + dim, 0.0f);
+    for (int64_t j = 0; j < length; ++j) {
+        const float weight = scores[j];
+        const float *row = values + j * dim;
+        for (int64_t d = 0; d < dim; ++d) out[d] += weight * row[d];
+    }
+    for (int64_t d = 0; d < dim; ++d) out[d] /= total;
+}
+
+// out (heads, dim): attend() of query head h over KV head g = h / (heads / kv_heads), positions 0 .. length - 1 of
+// keys, values (kv_heads, max_len, dim), scale dim^-0.5. scores: heads * length floats of scratch. Threads over heads
+// only where bc_thread_count finds the 2 * heads * length * dim multiply-adds worth a fork/join.
+void attend_heads(const float *q, const float *keys, const float *values, int64_t heads, int64_t kv_heads,
+                  int64_t max_len, int64_t length, int64_t dim, float *scores, float *out, int threads) {
+    const int64_t group = heads / kv_heads;
+    const float scale = float(1.0 / std::sqrt(double(dim)));
+    const int team = bc_thread_count(threads, heads, 2 * heads * length * dim);
+#pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
+    for (int64_t h = 0; h < heads; ++h) {
+        const int64_t cache = (h / group) * max_len * dim;
+        attend(q + h * dim, keys + cache, values + cache, length, dim, scale, scores + h * length, out + h * dim);
+    }
+}
+
+// y (out) = the ternary product of one token x (in_features): bc_linear_rows with weight's per-row scales.
+void product(const float *x, int64_t in_features, const at::Tensor &weight, const at::Tensor &scales, float *y,
+             int threads) {
+    bitconvert::check_result(bc_linear_rows(x, 1, weight.data_ptr<uint8_t>(), scales.numel(), in_features,
+                                            scales.data_ptr<float>(), y, BC_ISA_AUTO, threads),
+                             BC_ISA_AUTO);
+}
+
+// out (n) = silu(gate) * up = gate / (1 + exp(-gate)) * up, with gate_up (2n) = gate then up.
+void swiglu(const float *gate_up, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float gate = gate_up[i];
+        out[i] = gate / (1.0f + std::exp(-gate)) * gate_up[n + i];
+    }
+}
+
+// x (n) += delta (n).
+void add(float *x, const float *delta, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] += delta[i];
+}
+
+// TORCH_CHECKs that `vector` is a contiguous fp32 tensor of n values.
+void check_vector(const char *name, const at::Tensor &vector, int64_t n) {
+    TORCH_CHECK(vector.dtype() == at::kFloat && vector.is_contiguous() && vector.numel() == n,
+                "bitconvert: decode_layer: ", name, " must be contiguous fp32 with ", n, " values, got ",
+                vector.sizes(), " ", vector.dtype());
+}
+
+// TORCH_CHECKs a product's repacked weight and fp32 per-row scales for in_features inputs; returns its out_features.
+int64_t check_product(const char *name, const at::Tensor &weight, const at::Tensor &scales, int64_t in_features) {
+    const int64_t out_features = scales.numel();
+    check_vector(name, scales, out_features);
+    bitconvert::check_weight(weight, out_features, in_features);
+    return out_features;
+}
+
+// Per-token work space of the calling thread, grown to the largest layer seen and then reused (no allocation).
+float *workspace(int64_t floats) {
+    thread_local std::vector<float> buffer;
+    if (buffer.size() < size_t(floats)) buffer.resize(size_t(floats));
+    return buffer.data();
+}
+
+void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &qkv_weight,
+                  const at::Tensor &qkv_scales, const at::Tensor &o_weight, const at::Tensor &o_scales,
+                  const at::Tensor &post_norm, const at::Tensor &gate_up_weight, const at::Tensor &gate_up_scales,
+                  const at::Tensor &down_weight, const at::Tensor &down_scales, const at::Tensor &cos,
+                  const at::Tensor &sin, at::Tensor keys, at::Tensor values, int64_t position, int64_t heads,
+                  double eps) {
+    TORCH_CHECK(x.dtype() == at::kFloat && x.is_contiguous() && (x.dim() == 1 || (x.dim() == 2 && x.size(0) == 1)),
+                "bitconvert: decode_layer runs one token: x must be contiguous fp32 (1, hidden) or (hidden,), got ",
+                x.sizes(), " ", x.dtype());
+    const int64_t hidden = x.numel();
+    check_vector("input_norm", input_norm, hidden);
+    check_vector("post_norm", post_norm, hidden);
+    const int64_t width = check_product("qkv", qkv_weight, qkv_scales, hidden);
+    bitconvert::check_rope_cache("decode_layer", width, cos, sin, keys, values, position, 1, heads);
+    const int64_t kv_heads = keys.size(0), max_len = keys.size(1), dim = keys.size(2), length = position + 1;
+    TORCH_CHECK(check_product("o_proj", o_weight, o_scales, heads * dim) == hidden, "bitconvert: decode_layer: o_proj ",
+                "has ", o_scales.numel(), " rows, expected hidden size ", hidden);
+    const int64_t gate_up = check_product("gate_up", gate_up_weight, gate_up_scales, hidden);
+    TORCH_CHECK(gate_up % 2 == 0, "bitconvert: decode_layer: gate_up has an odd number of rows, ", gate_up);
+    const int64_t intermediate = gate_up / 2;
+    TORCH_CHECK(check_product("down", down_weight, down_scales, intermediate) == hidden, "bitconvert: decode_layer: ",
+                "down has ", down_scales.numel(), " rows, expected hidden size ", hidden);
+
+    const int threads = bitconvert::resolve_threads(0);
+    float *normed = workspace(2 * hidden + width + 2 * heads * dim + gate_up + intermediate + heads * length);
+    float *delta = normed + hidden, *qkv = delta + hidden, *q = qkv + width, *attention = q + heads * dim;
+    float *gates = attention + heads * dim, *activation = gates + gate_up, *scores = activation + intermediate;
+    float *state = x.data_ptr<float>(), *key_cache = keys.data_ptr<float>(), *value_cache = values.data_ptr<float>();
+
+    rms_norm(state, input_norm.data_ptr<float>(), hidden, float(eps), normed);
+    product(normed, hidden, qkv_weight, qkv_scales, qkv, threads);
+    bitconvert::rope_cache_write_token(qkv, cos.data_ptr<float>() + position * dim, sin.data_ptr<float>() + position * dim,
+                                       heads, kv_heads, dim, q, dim, key_cache + position * dim,
+                                       value_cache + position * dim, max_len * dim);
+    attend_heads(q, key_cache, value_cache, heads, kv_heads, max_len, length, dim, scores, attention, threads);
+    product(attention, heads * dim, o_weight, o_scales, delta, threads);
+    add(state, delta, hidden);
+    rms_norm(state, post_norm.data_ptr<float>(), hidden, float(eps), normed);
+    product(normed, hidden, gate_up_weight, gate_up_scales, gates, threads);
+    swiglu(gates, intermediate, activation);
+    product(activation, intermediate, down_weight, down_scales, delta, threads);
+    add(state, delta, hidden);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bitconvert, m) {
+    m.def("decode_layer(Tensor(a!) x, Tensor input_norm, Tensor qkv_weight, Tensor qkv_scales, Tensor o_weight, "
+          "Tensor o_scales, Tensor post_norm, Tensor gate_up_weight, Tensor gate_up_scales, Tensor down_weight, "
+          "Tensor down_scales, Tensor cos, Tensor sin, Tensor(b!) keys, Tensor(c!) values, int position, int heads, "
+          "float eps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(bitconvert, CPU, m) { m.impl("decode_layer", &decode_layer); }
