@@ -54,6 +54,12 @@ BC_TARGET_AVX2 inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
+// The int32 sums of one 32-column block as 8 lanes (lane i: columns 4i..4i+3): x * w as |x| (u8) x sign(x)*w (s8)
+// through vpmaddubsw + vpmaddwd; ax = |x|, both operands in [-127, 127]. Shared by the int8 and int4 AVX2 rows.
+BC_TARGET_AVX2 inline __m256i block_dot_avx2(__m256i ax, __m256i xv, __m256i w) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, xv)), _mm256_set1_epi16(1));
+}
+
 // One 32-column block per step: |x| (u8) x sign(x)*w (s8) -> int32 x 8 lanes, converted and scaled by e[b].
 // The integer step is vpmaddubsw + vpmaddwd on AVX2, one vpdpbusd on AVX-VNNI.
 template <bool Vnni>
@@ -81,7 +87,6 @@ struct Avx256 {
     template <int R>
     BC_TARGET_AVX2 static void rows_avx2(const int8_t *w, int64_t ldw, const int8_t *x, const float *e,
                                          int64_t blocks, float *out) {
-        const __m256i ones = _mm256_set1_epi16(1);
         __m256 acc[R];
         for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t b = 0; b < blocks; ++b) {
@@ -91,8 +96,7 @@ struct Avx256 {
             for (int r = 0; r < R; ++r) {
                 const int8_t *row = w + r * ldw + b * BC_INT8_BLOCK;
                 _mm_prefetch((const char *)(row + kPrefetchBytes), _MM_HINT_T0);
-                const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)row), xv);
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), ones);
+                const __m256i p = block_dot_avx2(ax, xv, _mm256_loadu_si256((const __m256i *)row));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
             }
         }
@@ -147,18 +151,63 @@ constexpr Kernels kernels_of() {
 constexpr Kernels kKernels[BC_ISA_COUNT] = {kernels_of<Scalar>(), kernels_of<Avx256<false>>(),
                                             kernels_of<Avx256<true>>(), kernels_of<Avx512>()};
 
-// x (in) fp32 -> x_q (ldx) int8 zero padded and e (ldx / 32) fp32, as int8_core.h states.
-void quantize_blocks(const float *x, int64_t in_features, int64_t ldx, int8_t *x_q, float *e) {
-    for (int64_t b = 0; b * BC_INT8_BLOCK < ldx; ++b) {
-        const int64_t k0 = b * BC_INT8_BLOCK, k1 = std::min<int64_t>(k0 + BC_INT8_BLOCK, in_features);
-        float amax = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
-        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        e[b] = amax / 127.0f;
-        for (int64_t k = k0; k < k0 + BC_INT8_BLOCK; ++k) {
-            const float q = k < k1 ? std::nearbyint(x[k] * inverse) : 0.0f;
-            x_q[k] = int8_t(std::min(std::max(q, -127.0f), 127.0f));
+// v (count) fp32 -> codes (padded >= count) int8, symmetric with `levels` steps each side, zero padded; returns the
+// scale:  scale = max|v| / levels,  codes = clamp(round_half_even(v * (levels / max|v|)), -levels, levels), all 0 and
+// scale 0 if max|v| = 0. The one rounding rule of the int8 rows (levels 127), int8 activation blocks (127) and int4
+// weight blocks (7).
+float quantize_span(const float *v, int64_t count, int64_t padded, float levels, int8_t *codes) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < count; ++k) amax = std::max(amax, std::fabs(v[k]));
+    const float inverse = amax > 0.0f ? levels / amax : 0.0f;
+    for (int64_t k = 0; k < count; ++k)
+        codes[k] = int8_t(std::min(std::max(std::nearbyint(v[k] * inverse), -levels), levels));
+    std::memset(codes + count, 0, size_t(padded - count));
+    return amax / levels;
+}
+
+// Activations of n tokens, per token and per 32-column block as int8_core.h states: x_q (n, ldx) int8 zero padded,
+// e (n, ldx / 32) fp32, ldx = bc_int8_row_stride(in) (the padded columns of both weight formats).
+struct BlockActivations {
+    int64_t ldx, blocks;
+    std::vector<int8_t> x_q;
+    std::vector<float> e;
+
+    BlockActivations(const float *x, int64_t n, int64_t in_features)
+        : ldx(bc_int8_row_stride(in_features)), blocks(ldx / BC_INT8_BLOCK), x_q(size_t(n * ldx)),
+          e(size_t(n * blocks)) {
+        for (int64_t t = 0; t < n; ++t) {
+            for (int64_t b = 0; b < blocks; ++b) {
+                const int64_t k0 = b * BC_INT8_BLOCK, count = std::max<int64_t>(0, std::min<int64_t>(BC_INT8_BLOCK, in_features - k0));
+                e[t * blocks + b] = quantize_span(x + t * in_features + k0, count, BC_INT8_BLOCK, 127.0f,
+                                                  &x_q[t * ldx + k0]);
+            }
         }
+    }
+    const int8_t *codes(int64_t t) const { return &x_q[t * ldx]; }
+    const float *scales(int64_t t) const { return &e[t * blocks]; }
+};
+
+// BC_ISA_AUTO resolved in place; BC_OK, or the BC_ERR_* code the products return for this isa and these sizes.
+int check_product(int &isa, int64_t n, int64_t out_features, int64_t in_features) {
+    if (isa == BC_ISA_AUTO) isa = bc_default_isa();
+    if (!bc_isa_supported(isa)) return BC_ERR_ISA;
+    if (n < 0 || out_features < 0 || in_features < 0) return BC_ERR_SHAPE;
+    return BC_OK;
+}
+
+// Calls group(o, rows, t) for every token t < n and every group of rows o .. o + rows - 1 (rows <= kRowsPerCall),
+// in parallel over tasks of kRowsPerTask rows (each task walks its rows once per token, so they stay in L2), on
+// bc_thread_count threads for out_features * n * ldx multiply-adds.
+template <class Group>
+void for_row_groups(int64_t n, int64_t out_features, int64_t ldx, int threads, const Group &group) {
+    const int64_t tasks = (out_features + kRowsPerTask - 1) / kRowsPerTask;
+    const int nthreads = bc_thread_count(threads, tasks, out_features * n * ldx);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t row0 = task * kRowsPerTask, row1 = std::min(out_features, row0 + kRowsPerTask);
+        for (int64_t t = 0; t < n; ++t)
+            for (int64_t o = row0; o < row1; o += kRowsPerCall)
+                group(o, int(std::min<int64_t>(kRowsPerCall, row1 - o)), t);
     }
 }
 
@@ -171,43 +220,21 @@ int64_t bc_int8_row_stride(int64_t in_features) { return round_up(std::max<int64
 void bc_int8_quantize_rows(const float *w, int64_t out_features, int64_t in_features, int8_t *w_q, float *d) {
     const int64_t ldw = bc_int8_row_stride(in_features);
 #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < out_features; ++o) {
-        const float *row = w + o * in_features;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < in_features; ++k) amax = std::max(amax, std::fabs(row[k]));
-        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        d[o] = amax / 127.0f;
-        int8_t *dst = w_q + o * ldw;
-        for (int64_t k = 0; k < in_features; ++k)
-            dst[k] = int8_t(std::min(std::max(std::nearbyint(row[k] * inverse), -127.0f), 127.0f));
-        std::memset(dst + in_features, 0, size_t(ldw - in_features));
-    }
+    for (int64_t o = 0; o < out_features; ++o)
+        d[o] = quantize_span(w + o * in_features, in_features, ldw, 127.0f, w_q + o * ldw);
 }
 
 int bc_int8_linear(const float *x, int64_t n, const int8_t *w_q, const float *d, int64_t out_features,
                    int64_t in_features, float *y, int isa, int threads) {
-    if (isa == BC_ISA_AUTO) isa = bc_default_isa();
-    if (!bc_isa_supported(isa)) return BC_ERR_ISA;
-    if (n < 0 || out_features < 0 || in_features < 0) return BC_ERR_SHAPE;
-    const int64_t ldw = bc_int8_row_stride(in_features), blocks = ldw / BC_INT8_BLOCK;
-    std::vector<int8_t> x_q(size_t(n * ldw));
-    std::vector<float> e(size_t(n * blocks));
-    for (int64_t t = 0; t < n; ++t) quantize_blocks(x + t * in_features, in_features, ldw, &x_q[t * ldw], &e[t * blocks]);
+    const int code = check_product(isa, n, out_features, in_features);
+    if (code != BC_OK) return code;
+    const BlockActivations act(x, n, in_features);
     const Kernels &kernels = kKernels[isa];
-    const int64_t tasks = (out_features + kRowsPerTask - 1) / kRowsPerTask;
-    const int nthreads = bc_thread_count(threads, tasks, out_features * n * ldw);
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t row0 = task * kRowsPerTask, row1 = std::min(out_features, row0 + kRowsPerTask);
-        for (int64_t t = 0; t < n; ++t) {
-            for (int64_t o = row0; o < row1; o += kRowsPerCall) {
-                const int rows = int(std::min<int64_t>(kRowsPerCall, row1 - o));
-                float sums[kRowsPerCall];
-                kernels.rows[rows](w_q + o * ldw, ldw, &x_q[t * ldw], &e[t * blocks], blocks, sums);
-                for (int r = 0; r < rows; ++r) y[t * out_features + o + r] = d[o + r] * sums[r];
-            }
-        }
-    }
+    for_row_groups(n, out_features, act.ldx, threads, [&](int64_t o, int rows, int64_t t) {
+        float sums[kRowsPerCall];
+        kernels.rows[rows](w_q + o * act.ldx, act.ldx, act.codes(t), act.scales(t), act.blocks, sums);
+        for (int r = 0; r < rows; ++r) y[t * out_features + o + r] = d[o + r] * sums[r];
+    });
     return BC_OK;
 }
 
