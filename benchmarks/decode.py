@@ -28,7 +28,7 @@ import torch
 
 import bitconvert
 from bitconvert.kernels.decode import Decoder
-from bitconvert.kernels.lm_head import Int8LmHead
+from bitconvert.kernels.lm_head import QuantizedLmHead
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import memory_read_bandwidth  # noqa: E402
@@ -47,8 +47,8 @@ def bytes_per_token(model, prompt_tokens: int, new_tokens: int) -> int:
         if isinstance(module, bitconvert.PackedBitLinear):
             total += module.kernel_weight.numel()
     head = model.lm_head
-    if isinstance(head, Int8LmHead):
-        total += head.weight_q.numel() + 4 * head.row_scale.numel()
+    if isinstance(head, QuantizedLmHead):
+        total += head.weight_bytes()
     else:
         total += head.weight.numel() * head.weight.element_size()
     config = model.config

@@ -41,8 +41,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, lm_head: str 
     token in fp16 against 7 ms in fp32, while the memory-bound exact lm_head, half the bytes in fp16, took 49 against
     67 ms: ``lm_head="int8"`` is the fast option for it, 21 ms). The ternary products are fp32 either way. "auto"
     keeps the checkpoint's dtype, as transformers does; any torch dtype forces that one.
-    ``lm_head``: "exact" (default: the stored float weights, ``F.linear``) or "int8" (per-row int8 weights times
-    int8 activations per 32-column block on the C++ core, a quarter of the fp32 bytes per token; see
+    ``lm_head``: "exact" (default: the stored float weights, ``F.linear``), "int8" (per-row int8 weights times
+    int8 activations per 32-column block on the C++ core, a quarter of the fp32 bytes per token) or "int4" (int4
+    weights with one scale per row and 32-column block times the same activations, 5 bits per weight; see
     :mod:`bitconvert.kernels.lm_head`). An inference option: the folder is not changed.
     """
     from transformers import AutoModelForCausalLM

@@ -235,32 +235,157 @@ def test_int8_extremes_and_shape_errors():
         kernels.int8_linear(torch.ones(1, 65), w_q, d)
 
 
+def quantized_lm_head_error(folder, kind: str) -> torch.Tensor:
+    """|logits of load(folder, lm_head=kind) - exact logits| / the exact logits' std, on a few tokens; checks the
+    head's class and that its buffers stay out of the state dict."""
+    from bitconvert.kernels.lm_head import HEAD_CLASSES
+    from bitconvert.load import load
+
+    exact = load(folder)
+    quantized = load(folder, lm_head=kind)
+    assert isinstance(quantized.lm_head, HEAD_CLASSES[kind]) and "weight_q" not in quantized.state_dict()
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111]])
+    with torch.no_grad():
+        want, got = exact(ids).logits, quantized(ids).logits
+    return (got - want).abs() / want.std()
+
+
 def test_int8_lm_head_close_to_exact_and_option_of_load(tiny_ternary):
     """The int8 lm_head's logits against the exact ones: per-row int8 weights (relative error <= 1/254 of the row's
     max) and int8 activations per 32 columns (<= 1/254 of the block's max) keep the error at ~1% of the logits'
     spread; 5% leaves room for these random weights while catching a wrong scale or a wrong code."""
-    from bitconvert.kernels.lm_head import Int8LmHead
-    from bitconvert.load import load
-
-    exact = load(tiny_ternary)
-    int8 = load(tiny_ternary, lm_head="int8")
-    assert isinstance(int8.lm_head, Int8LmHead) and "weight_q" not in int8.state_dict()
-    ids = torch.tensor([[256, 72, 101, 108, 108, 111]])
-    with torch.no_grad():
-        want, got = exact(ids).logits, int8(ids).logits
-    assert (got - want).abs().max() <= 0.05 * want.std()
-    assert (got - want).abs().max() > 0  # it is quantized
+    error = quantized_lm_head_error(tiny_ternary, "int8")
+    assert 0 < error.max() <= 0.05  # it is quantized, and close
 
 
 def test_operators_trace_in_torch_compile_without_graph_breaks():
     """fullgraph=True fails on any graph break; the eager backend keeps the test fast (no code generation)."""
     module = PackedBitLinear.from_bitlinear(BitLinear(40, 24))
     w_q, d = kernels.int8_quantize_rows(torch.randn(10, 24))
+    w4, d4 = kernels.int4_quantize_rows(torch.randn(10, 24))
 
     def step(x):
-        y = torch.ops.bitconvert.ternary_linear(x, module.kernel_weight, 24, module.weight_scale, -1, 0)
-        return torch.ops.bitconvert.int8_linear(torch.relu(y), w_q, d, -1, 0)
+        y = torch.relu(torch.ops.bitconvert.ternary_linear(x, module.kernel_weight, 24, module.weight_scale, -1, 0))
+        return torch.ops.bitconvert.int8_linear(y, w_q, d, -1, 0) + torch.ops.bitconvert.int4_linear(y, w4, d4, -1, 0)
 
     x = torch.randn(3, 40)
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), step(x))
+
+
+def int4_reference(x: torch.Tensor, w: torch.Tensor):
+    """csrc/int8_core.h's int4 math in torch: codes c (out, padded) in [-7, 7], scales d (out, blocks), the exact int32
+    block sums P (t, out, blocks), y in float64 from them, and the bound on any path's fp32 summation."""
+    pad = -w.shape[1] % 64
+    wb = F.pad(w, (0, pad)).view(w.shape[0], -1, 32)
+    amax = wb.abs().amax(-1, keepdim=True)
+    codes = torch.where(amax > 0, (wb * (torch.full_like(amax, 7) / amax)).round(), 0).clamp(-7, 7)
+    xb = F.pad(x, (0, pad)).view(x.shape[0], -1, 32)
+    xmax = xb.abs().amax(-1, keepdim=True)
+    x_q = torch.where(xmax > 0, (xb * (torch.full_like(xmax, 127) / xmax)).round(), 0).clamp(-127, 127)
+    sums = torch.einsum("tbk,obk->tob", x_q.int(), codes.int())
+    d = (amax / 7).squeeze(-1)
+    scale = d[None].double() * (xmax / 127).double().squeeze(-1)[:, None, :]  # (t, out, blocks)
+    magnitude = torch.einsum("tbk,obk->tob", x_q.abs().double(), codes.abs().double())
+    return codes.flatten(1).to(torch.int8), d, sums, (sums * scale).sum(-1), (magnitude * scale).sum(-1)
+
+
+def unpack_int4(w_q: torch.Tensor) -> torch.Tensor:
+    """The nibble layout of int8_core.h back to codes (out, 2 * bytes): byte j of each 32-byte group holds column
+    64g + j (low nibble) and 64g + 32 + j (high nibble), each stored as c + 8."""
+    groups = w_q.view(w_q.shape[0], -1, 32).int()
+    return (torch.cat([groups & 15, groups >> 4], -1) - 8).flatten(1).to(torch.int8)
+
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_int4_block_sums_exact(isa):
+    """The int32 block sums P bit for bit, read back through y: integer weights in [-7, 7] with a 7 in every block
+    (d = 1, codes = W) and, for token t, integer activations in block t only, with max 127 (x_q = x, e = 1; every
+    other block 0, e = 0), make y[t][o] = P[t][o][t] exactly (|P| <= 32 * 127 * 7 < 2^24)."""
+    index = require(isa)
+    generator = torch.Generator().manual_seed(5)
+    for in_features, out_features in ((64, 1), (65, 7), (1000, 13), (576, 67)):
+        w = torch.randint(-7, 8, (out_features, in_features), generator=generator).float()
+        w[:, ::32] = 7
+        w_q, d = kernels.int4_quantize_rows(w)
+        blocks = -(-in_features // 32)
+        assert torch.equal(d[:, :blocks], torch.ones(out_features, blocks)) and not d[:, blocks:].any()
+        x = torch.zeros(blocks, in_features)
+        for t in range(blocks):
+            x[t, 32 * t: 32 * t + 32] = torch.randint(-127, 128, (min(32, in_features - 32 * t),), generator=generator)
+            x[t, 32 * t] = 127
+        want = torch.einsum("tk,ok->to", x.double(), w.double())  # = P[t][o][t]
+        for threads in (1, 2):
+            assert torch.equal(kernels.int4_linear(x, w_q, d, index, threads).double(), want)
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_int4_linear_matches_reference(isa):
+    """Codes and scales bit for bit against a pure-torch reference of int8_core.h's math; outputs to fp32 rounding of
+    the float sum over blocks, bounded as for int8 by (blocks + 8) * 2^-24 * sum_b |d e| sum_k |x_q c|; and the
+    scalar reference and this path agree to twice that."""
+    index = require(isa)
+    generator = torch.Generator().manual_seed(6)
+    for in_features in (1, 31, 33, 64, 65, 576, 1000):
+        for out_features in (1, 5, 13, 200):
+            w = torch.randn(out_features, in_features, generator=generator)
+            if out_features > 1:
+                w[1] = 0  # an all-zero row: d = 0
+            w_q, d = kernels.int4_quantize_rows(w)
+            stride = -(-in_features // 64) * 64
+            assert w_q.shape == (out_features, stride // 2) and w_q.dtype == torch.uint8
+            assert d.shape == (out_features, stride // 32) and d.dtype == torch.float32
+            for batch in (1, 3):
+                x = torch.randn(batch, in_features, generator=generator) * 3
+                x[0, : min(32, in_features)] = 0  # an all-zero activation block: e = 0
+                codes, scales, _, want, magnitude = int4_reference(x, w)
+                assert torch.equal(unpack_int4(w_q), codes) and torch.equal(d, scales)
+                bound = (stride // 32 + 8) * 2.0 ** -24 * magnitude + 1e-30
+                scalar = kernels.int4_linear(x, w_q, d, 0, 1)
+                for threads in (1, 2):
+                    y = kernels.int4_linear(x, w_q, d, index, threads)
+                    assert ((y.double() - want).abs() <= bound).all(), f"{isa} {in_features} {out_features} {batch}"
+                    assert ((y - scalar).double().abs() <= 2 * bound).all()
+
+
+def test_int4_round_trip_within_half_a_step():
+    """|W - d c| <= d / 2 per element (the rounding to the nearest of 15 levels), up to fp32 rounding of W * (7/max)
+    and of d = max / 7 (a few ulps of max, allowed as 2^-21 * max); the block's max is exact (c = +-7)."""
+    generator = torch.Generator().manual_seed(7)
+    w = torch.randn(37, 250, generator=generator) * torch.logspace(-20, 20, 37)[:, None]
+    w_q, d = kernels.int4_quantize_rows(w)
+    codes = unpack_int4(w_q)[:, :250].float()
+    step = d.repeat_interleave(32, 1)[:, :250]
+    error = (w - step * codes).abs()
+    assert (error <= step / 2 + 2.0 ** -21 * 7 * step).all()
+    assert (codes.abs() <= 7).all() and (codes.abs().view(37, -1).amax(1) == 7).all()
+
+
+def test_int4_refuses_bad_arguments():
+    w_q, d = kernels.int4_quantize_rows(torch.randn(5, 70))
+    x = torch.randn(2, 70)
+    with pytest.raises(RuntimeError, match="rows hold 64 bytes, expected 32 for in_features 64"):
+        kernels.int4_linear(torch.randn(2, 64), w_q, d)
+    with pytest.raises(RuntimeError, match="int4 weight must be a contiguous 2-D CPU Byte"):
+        kernels.int4_linear(x, w_q.view(torch.int8), d)
+    with pytest.raises(RuntimeError, match="int4 scales must be contiguous fp32 with 20 values"):
+        kernels.int4_linear(x, w_q, d[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match="int4 scales"):
+        kernels.int4_linear(x, w_q, d.double())
+    with pytest.raises(RuntimeError, match="2-D float tensor"):
+        kernels.int4_linear(x[0], w_q, d)
+    with pytest.raises(RuntimeError, match="2-D float tensor"):
+        kernels.int4_linear(x.int(), w_q, d)
+    with pytest.raises(RuntimeError, match="takes a 2-D weight"):
+        kernels.int4_quantize_rows(torch.randn(70))
+
+
+def test_int4_lm_head_close_to_exact_and_option_of_load(tiny_ternary):
+    """The int4 lm_head's logits against the exact ones. Per element the error is uniform in [-d/2, d/2] with
+    d = max_b / 7, and the max of a block of 32 Gaussian weights is ~2.07 sigma: an RMS weight error of
+    2.07 / 7 / sqrt(12) = 8.5% of sigma, so the logits' RMS error is ~8.5% of their spread (the int8 activations add
+    ~0.5%); 13% leaves room for this small random model while catching a wrong scale, code or layout (each moves the
+    logits by about their whole spread)."""
+    rms = quantized_lm_head_error(tiny_ternary, "int4").pow(2).mean().sqrt()
+    assert 0 < rms <= 0.13, f"RMS error {rms:.4f} of the logits' std"

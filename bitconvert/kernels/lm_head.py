@@ -1,15 +1,18 @@
-"""The output projection (``lm_head``) at inference: exact float, or int8 on the C++ core.
+"""The output projection (``lm_head``) at inference: exact float, or int8 / int4 on the C++ core.
 
 A ternary model keeps its ``lm_head`` in float; at batch 1 it is read whole for every token (vocab x hidden values:
 113 MB in fp32 for SmolLM2, 805 MB for a 49K-vocab 7B-shaped model), often more bytes than all ternary layers.
-:class:`Int8LmHead` stores it as int8 rows with one fp32 scale each and multiplies int8 activations quantized per
-block of 32 columns (``csrc/int8_core.h`` states the math):
+Both quantized heads multiply int8 activations quantized per block of 32 columns, ``(x_q, e)``, by quantized rows
+(``csrc/int8_core.h`` states the math):
 
-    y[t][o] = d[o] * sum_b e[t][b] * sum_{k in b} x_q[t][k] * W_q[o][k]
+- :class:`Int8LmHead`: int8 rows, one fp32 scale per row, a quarter of the fp32 bytes (8.06 bits per weight):
+  ``y[t][o] = d[o] * sum_b e[t][b] * sum_{k in b} x_q[t][k] * W_q[o][k]``
+- :class:`Int4LmHead`: codes in [-7, 7] (two per byte) with one fp32 scale per row and 32-column block, 5 bits per
+  weight: ``y[t][o] = sum_b d[o][b] * e[t][b] * sum_{k in b} x_q[t][k] * c[o][k]``
 
-a quarter of the fp32 bytes. It is an inference option (``bitconvert.load(path, lm_head="int8")``): the saved folder
-keeps the float weights. With tied embeddings the embedding table stays float for the lookup and the int8 copy adds
-``vocab x stride`` bytes plus 4 bytes per row; untied, the float ``lm_head`` is released.
+They are inference options (``bitconvert.load(path, lm_head="int8" | "int4")``): the saved folder keeps the float
+weights. With tied embeddings the embedding table stays float for the lookup and the quantized copy adds its bytes
+(:meth:`QuantizedLmHead.weight_bytes`); untied, the float ``lm_head`` is released.
 """
 
 from __future__ import annotations
@@ -17,39 +20,64 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import int8_quantize_rows, int8_linear
+from . import int4_linear, int4_quantize_rows, int8_linear, int8_quantize_rows
 
-LM_HEADS = ("exact", "int8")
+LM_HEADS = ("exact", "int8", "int4")
 
 
-class Int8LmHead(nn.Module):
+class QuantizedLmHead(nn.Module):
     """``nn.Linear``'s replacement for the output projection: x float (..., in) -> fp32 (..., out), no bias.
 
-    Buffers (not saved in state dicts): ``weight_q`` int8 (out, stride), ``row_scale`` fp32 (out,).
+    Buffers (not saved in state dicts): ``weight_q`` (the codes) and ``scale`` (fp32), as the subclass's static
+    ``quantize(weight)`` returns them; its static ``product(x, weight_q, scale, isa, threads)`` is the kernel and
+    ``kind`` its description.
     """
 
     def __init__(self, weight: torch.Tensor, isa: int = -1, threads: int = 0):
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
-        weight_q, row_scale = int8_quantize_rows(weight.detach())
+        weight_q, scale = self.quantize(weight.detach())
         self.register_buffer("weight_q", weight_q, persistent=False)
-        self.register_buffer("row_scale", row_scale, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
         self.isa = isa
         self.threads = threads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = int8_linear(flat, self.weight_q, self.row_scale, self.isa, self.threads)
+        y = self.product(flat, self.weight_q, self.scale, self.isa, self.threads)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def weight_bytes(self) -> int:
+        """Bytes read per token: the codes and the scales."""
+        return sum(t.numel() * t.element_size() for t in (self.weight_q, self.scale))
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows + per-row scale"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+class Int8LmHead(QuantizedLmHead):
+    """int8 rows (out, stride) + fp32 per-row scales (out,)."""
+
+    kind = "int8 rows + per-row scale"
+    quantize = staticmethod(int8_quantize_rows)
+    product = staticmethod(int8_linear)
+
+
+class Int4LmHead(QuantizedLmHead):
+    """int4 codes, two per byte (out, stride / 2) + fp32 scales per row and 32-column block (out, stride / 32)."""
+
+    kind = "int4 codes + per-32-column-block scale"
+    quantize = staticmethod(int4_quantize_rows)
+    product = staticmethod(int4_linear)
+
+
+HEAD_CLASSES = {"int8": Int8LmHead, "int4": Int4LmHead}
 
 
 def replace_lm_head(model, kind: str) -> None:
     """Give ``model`` (a transformers causal LM) the ``kind`` lm_head from :data:`LM_HEADS`; "exact" keeps it."""
     if kind not in LM_HEADS:
         raise ValueError(f"unknown lm_head {kind!r}; choose one of {', '.join(LM_HEADS)}")
-    if kind == "int8":
-        model.lm_head = Int8LmHead(model.lm_head.weight)
+    if kind in HEAD_CLASSES:
+        model.lm_head = HEAD_CLASSES[kind](model.lm_head.weight)

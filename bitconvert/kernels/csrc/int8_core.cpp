@@ -138,18 +138,82 @@ struct Avx512 {
     }
 };
 
-struct Kernels {
-    RowsFn rows[kRowsPerCall + 1];  // rows[R] handles R rows
+// int4 rows (int8_core.h): out[r] = sum_b (d[r * blocks + b] * e[b]) * P[r][b] for r < R; w holds R rows of ldw
+// bytes in the nibble layout, `blocks` (even) blocks each.
+using Int4RowsFn = void (*)(const uint8_t *w, int64_t ldw, const float *d, const int8_t *x, const float *e,
+                            int64_t blocks, float *out);
+
+// The signed code of column k of an int4 row: the low or high nibble of byte 32 * (k / 64) + k % 32, minus 8.
+inline int int4_code(const uint8_t *row, int64_t k) {
+    const uint8_t byte = row[k / 64 * 32 + k % 32];
+    return (k % 64 < 32 ? byte & 15 : byte >> 4) - 8;
+}
+
+struct Int4Scalar {
+    template <int R>
+    static void rows(const uint8_t *w, int64_t ldw, const float *d, const int8_t *x, const float *e, int64_t blocks,
+                     float *out) {
+        for (int r = 0; r < R; ++r) {
+            float sum = 0.0f;
+            for (int64_t b = 0; b < blocks; ++b) {
+                int32_t p = 0;
+                for (int k = 0; k < BC_INT8_BLOCK; ++k)
+                    p += int32_t(x[b * BC_INT8_BLOCK + k]) * int4_code(w + r * ldw, b * BC_INT8_BLOCK + k);
+                sum += (d[r * blocks + b] * e[b]) * float(p);
+            }
+            out[r] = sum;
+        }
+    }
 };
 
-template <class Path>
-constexpr Kernels kernels_of() {
+// Two blocks (one 32-byte group of codes) per step: nibbles unpacked by and/shift, minus 8, then the int8 block dot.
+struct Int4Avx2 {
+    template <int R>
+    BC_TARGET_AVX2 static void rows(const uint8_t *w, int64_t ldw, const float *d, const int8_t *x, const float *e,
+                                    int64_t blocks, float *out) {
+        const __m256i nibble = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+        __m256 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < blocks; b += 2) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + b * BC_INT8_BLOCK));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (b + 1) * BC_INT8_BLOCK));
+            const __m256i ax0 = _mm256_abs_epi8(x0), ax1 = _mm256_abs_epi8(x1);
+            for (int r = 0; r < R; ++r) {
+                const uint8_t *group = w + r * ldw + b * (BC_INT8_BLOCK / 2);
+                _mm_prefetch((const char *)(group + kPrefetchBytes), _MM_HINT_T0);
+                const __m256i v = _mm256_loadu_si256((const __m256i *)group);
+                const __m256i c0 = _mm256_sub_epi8(_mm256_and_si256(v, nibble), eight);
+                const __m256i c1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), eight);
+                const float *scale = d + r * blocks + b;
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(ax0, x0, c0)),
+                                         _mm256_set1_ps(scale[0] * e[b]), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(ax1, x1, c1)),
+                                         _mm256_set1_ps(scale[1] * e[b + 1]), acc[r]);
+            }
+        }
+        for (int r = 0; r < R; ++r) out[r] = hsum256(acc[r]);
+    }
+};
+
+// A path's row functions of type Fn (RowsFn or Int4RowsFn): rows[R] handles R rows.
+template <class Fn>
+struct Kernels {
+    Fn rows[kRowsPerCall + 1];
+};
+
+template <class Fn, class Path>
+constexpr Kernels<Fn> kernels_of() {
     return {{nullptr, &Path::template rows<1>, &Path::template rows<2>, &Path::template rows<3>,
              &Path::template rows<4>}};
 }
 
-constexpr Kernels kKernels[BC_ISA_COUNT] = {kernels_of<Scalar>(), kernels_of<Avx256<false>>(),
-                                            kernels_of<Avx256<true>>(), kernels_of<Avx512>()};
+// No int4 code of its own for AVX-VNNI or AVX-512 (none could be tested here): those paths run the AVX2 rows.
+constexpr Kernels<Int4RowsFn> kInt4Kernels[BC_ISA_COUNT] = {
+    kernels_of<Int4RowsFn, Int4Scalar>(), kernels_of<Int4RowsFn, Int4Avx2>(), kernels_of<Int4RowsFn, Int4Avx2>(),
+    kernels_of<Int4RowsFn, Int4Avx2>()};
+
+constexpr Kernels<RowsFn> kKernels[BC_ISA_COUNT] = {kernels_of<RowsFn, Scalar>(), kernels_of<RowsFn, Avx256<false>>(),
+                                                    kernels_of<RowsFn, Avx256<true>>(), kernels_of<RowsFn, Avx512>()};
 
 // v (count) fp32 -> codes (padded >= count) int8, symmetric with `levels` steps each side, zero padded; returns the
 // scale:  scale = max|v| / levels,  codes = clamp(round_half_even(v * (levels / max|v|)), -levels, levels), all 0 and
@@ -165,6 +229,11 @@ float quantize_span(const float *v, int64_t count, int64_t padded, float levels,
     return amax / levels;
 }
 
+// Columns of block b (BC_INT8_BLOCK wide) inside the first in_features: 32, fewer for the last, 0 for padding.
+int64_t block_columns(int64_t b, int64_t in_features) {
+    return std::max<int64_t>(0, std::min<int64_t>(BC_INT8_BLOCK, in_features - b * BC_INT8_BLOCK));
+}
+
 // Activations of n tokens, per token and per 32-column block as int8_core.h states: x_q (n, ldx) int8 zero padded,
 // e (n, ldx / 32) fp32, ldx = bc_int8_row_stride(in) (the padded columns of both weight formats).
 struct BlockActivations {
@@ -177,23 +246,15 @@ struct BlockActivations {
           e(size_t(n * blocks)) {
         for (int64_t t = 0; t < n; ++t) {
             for (int64_t b = 0; b < blocks; ++b) {
-                const int64_t k0 = b * BC_INT8_BLOCK, count = std::max<int64_t>(0, std::min<int64_t>(BC_INT8_BLOCK, in_features - k0));
-                e[t * blocks + b] = quantize_span(x + t * in_features + k0, count, BC_INT8_BLOCK, 127.0f,
-                                                  &x_q[t * ldx + k0]);
+                const int64_t k0 = b * BC_INT8_BLOCK;
+                e[t * blocks + b] = quantize_span(x + t * in_features + k0, block_columns(b, in_features),
+                                                  BC_INT8_BLOCK, 127.0f, &x_q[t * ldx + k0]);
             }
         }
     }
     const int8_t *codes(int64_t t) const { return &x_q[t * ldx]; }
     const float *scales(int64_t t) const { return &e[t * blocks]; }
 };
-
-// BC_ISA_AUTO resolved in place; BC_OK, or the BC_ERR_* code the products return for this isa and these sizes.
-int check_product(int &isa, int64_t n, int64_t out_features, int64_t in_features) {
-    if (isa == BC_ISA_AUTO) isa = bc_default_isa();
-    if (!bc_isa_supported(isa)) return BC_ERR_ISA;
-    if (n < 0 || out_features < 0 || in_features < 0) return BC_ERR_SHAPE;
-    return BC_OK;
-}
 
 // Calls group(o, rows, t) for every token t < n and every group of rows o .. o + rows - 1 (rows <= kRowsPerCall),
 // in parallel over tasks of kRowsPerTask rows (each task walks its rows once per token, so they stay in L2), on
@@ -211,6 +272,21 @@ void for_row_groups(int64_t n, int64_t out_features, int64_t ldx, int threads, c
     }
 }
 
+// The body of bc_int8_linear and bc_int4_linear: checks the arguments (BC_ISA_AUTO resolved), quantizes x (n, in)
+// into activation blocks, then calls group(rows_fn, act, o, rows, t) for every row group of for_row_groups with
+// rows_fn the `isa` path's function for `rows` rows from `table`. Returns a BC_ERR_* code.
+template <class Fn, class Group>
+int run_product(const Kernels<Fn> (&table)[BC_ISA_COUNT], const float *x, int64_t n, int64_t out_features,
+                int64_t in_features, int isa, int threads, const Group &group) {
+    if (isa == BC_ISA_AUTO) isa = bc_default_isa();
+    if (!bc_isa_supported(isa)) return BC_ERR_ISA;
+    if (n < 0 || out_features < 0 || in_features < 0) return BC_ERR_SHAPE;
+    const BlockActivations act(x, n, in_features);
+    for_row_groups(n, out_features, act.ldx, threads,
+                   [&](int64_t o, int rows, int64_t t) { group(table[isa].rows[rows], act, o, rows, t); });
+    return BC_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -226,16 +302,45 @@ void bc_int8_quantize_rows(const float *w, int64_t out_features, int64_t in_feat
 
 int bc_int8_linear(const float *x, int64_t n, const int8_t *w_q, const float *d, int64_t out_features,
                    int64_t in_features, float *y, int isa, int threads) {
-    const int code = check_product(isa, n, out_features, in_features);
-    if (code != BC_OK) return code;
-    const BlockActivations act(x, n, in_features);
-    const Kernels &kernels = kKernels[isa];
-    for_row_groups(n, out_features, act.ldx, threads, [&](int64_t o, int rows, int64_t t) {
-        float sums[kRowsPerCall];
-        kernels.rows[rows](w_q + o * act.ldx, act.ldx, act.codes(t), act.scales(t), act.blocks, sums);
-        for (int r = 0; r < rows; ++r) y[t * out_features + o + r] = d[o + r] * sums[r];
-    });
-    return BC_OK;
+    return run_product(kKernels, x, n, out_features, in_features, isa, threads,
+                       [&](RowsFn rows_fn, const BlockActivations &act, int64_t o, int rows, int64_t t) {
+                           float sums[kRowsPerCall];
+                           rows_fn(w_q + o * act.ldx, act.ldx, act.codes(t), act.scales(t), act.blocks, sums);
+                           for (int r = 0; r < rows; ++r) y[t * out_features + o + r] = d[o + r] * sums[r];
+                       });
+}
+
+int64_t bc_int4_row_bytes(int64_t in_features) { return bc_int8_row_stride(in_features) / 2; }
+
+int64_t bc_int4_row_blocks(int64_t in_features) { return bc_int8_row_stride(in_features) / BC_INT8_BLOCK; }
+
+void bc_int4_quantize_rows(const float *w, int64_t out_features, int64_t in_features, uint8_t *w_q, float *d) {
+    const int64_t ldw = bc_int4_row_bytes(in_features), blocks = bc_int4_row_blocks(in_features);
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out_features; ++o) {
+        int8_t codes[2 * BC_INT8_BLOCK];  // one 64-column group
+        for (int64_t g = 0; g < ldw / BC_INT8_BLOCK; ++g) {
+            for (int half = 0; half < 2; ++half) {
+                const int64_t b = 2 * g + half;
+                d[o * blocks + b] = quantize_span(w + o * in_features + b * BC_INT8_BLOCK,
+                                                  block_columns(b, in_features), BC_INT8_BLOCK, 7.0f,
+                                                  codes + half * BC_INT8_BLOCK);
+            }
+            uint8_t *dst = w_q + o * ldw + g * BC_INT8_BLOCK;
+            for (int j = 0; j < BC_INT8_BLOCK; ++j)
+                dst[j] = uint8_t((codes[j] + 8) | (codes[BC_INT8_BLOCK + j] + 8) << 4);
+        }
+    }
+}
+
+int bc_int4_linear(const float *x, int64_t n, const uint8_t *w_q, const float *d, int64_t out_features,
+                   int64_t in_features, float *y, int isa, int threads) {
+    const int64_t ldw = bc_int4_row_bytes(in_features);
+    return run_product(kInt4Kernels, x, n, out_features, in_features, isa, threads,
+                       [&](Int4RowsFn rows_fn, const BlockActivations &act, int64_t o, int, int64_t t) {
+                           rows_fn(w_q + o * ldw, ldw, d + o * act.blocks, act.codes(t), act.scales(t), act.blocks,
+                                   y + t * out_features + o);
+                       });
 }
 
 }  // extern "C"

@@ -73,19 +73,51 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_rows(const at::Tensor &w) {
     return {w_q, d};
 }
 
+// x: float (n, in) -> fp32 contiguous, after checking that the rows w_q (out, row_bytes(in)) of `dtype` and their
+// fp32 scales d (out, scales_per_row(in)) fit it; `format` names them in the messages.
+template <class RowBytes, class ScalesPerRow>
+at::Tensor checked_input(const at::Tensor &x, const at::Tensor &w_q, const at::Tensor &d, at::ScalarType dtype,
+                         const char *format, RowBytes row_bytes, ScalesPerRow scales_per_row) {
+    TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "bitconvert: x must be a 2-D float tensor (tokens, in_features)");
+    TORCH_CHECK(w_q.dtype() == dtype && w_q.dim() == 2 && w_q.is_contiguous() && w_q.device().is_cpu(), "bitconvert: ",
+                format, " weight must be a contiguous 2-D CPU ", c10::toString(dtype), " tensor (out, row bytes)");
+    const int64_t in_features = x.size(1), scales = w_q.size(0) * scales_per_row(in_features);
+    TORCH_CHECK(w_q.size(1) == row_bytes(in_features), "bitconvert: ", format, " weight rows hold ", w_q.size(1),
+                " bytes, expected ", row_bytes(in_features), " for in_features ", in_features);
+    TORCH_CHECK(d.dtype() == at::kFloat && d.is_contiguous() && d.numel() == scales, "bitconvert: ", format,
+                " scales must be contiguous fp32 with ", scales, " values (", w_q.size(0), " rows x ",
+                scales_per_row(in_features), "), got ", d.numel(), " ", c10::toString(d.scalar_type()));
+    return x.to(at::kFloat).contiguous();
+}
+
 // x: float (n, in); w_q, d from int8_quantize_rows; returns fp32 (n, out).
 at::Tensor int8_linear(const at::Tensor &x, const at::Tensor &w_q, const at::Tensor &d, int64_t isa,
                        int64_t threads) {
-    TORCH_CHECK(x.dim() == 2, "bitconvert: x must be 2-D (tokens, in_features)");
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    TORCH_CHECK(w_q.dtype() == at::kChar && w_q.dim() == 2 && w_q.is_contiguous() && d.dtype() == at::kFloat &&
-                    d.numel() == w_q.size(0),
-                "bitconvert: int8 weight must be contiguous int8 (out, stride) with fp32 scales (out,)");
-    TORCH_CHECK(w_q.size(1) == bc_int8_row_stride(xf.size(1)), "bitconvert: int8 weight rows hold ", w_q.size(1),
-                " bytes, expected ", bc_int8_row_stride(xf.size(1)), " for in_features ", xf.size(1));
-    const at::Tensor scales = d.contiguous();
+    const at::Tensor xf = checked_input(x, w_q, d, at::kChar, "int8", bc_int8_row_stride, [](int64_t) { return 1; });
     at::Tensor y = at::empty({xf.size(0), w_q.size(0)}, xf.options());
-    check_result(bc_int8_linear(xf.data_ptr<float>(), xf.size(0), w_q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+    check_result(bc_int8_linear(xf.data_ptr<float>(), xf.size(0), w_q.data_ptr<int8_t>(), d.data_ptr<float>(),
+                                w_q.size(0), xf.size(1), y.data_ptr<float>(), int(isa), resolve_threads(threads)),
+                 isa);
+    return y;
+}
+
+// w: float (out, in) -> (uint8 (out, bc_int4_row_bytes(in)) nibble codes, fp32 (out, bc_int4_row_blocks(in)) block
+// scales d), as int8_core.h states.
+std::tuple<at::Tensor, at::Tensor> int4_quantize_rows(const at::Tensor &w) {
+    TORCH_CHECK(w.dim() == 2, "bitconvert: int4_quantize_rows takes a 2-D weight");
+    const at::Tensor wf = w.to(at::kFloat).contiguous().cpu();
+    at::Tensor w_q = at::empty({wf.size(0), bc_int4_row_bytes(wf.size(1))}, wf.options().dtype(at::kByte));
+    at::Tensor d = at::empty({wf.size(0), bc_int4_row_blocks(wf.size(1))}, wf.options());
+    bc_int4_quantize_rows(wf.data_ptr<float>(), wf.size(0), wf.size(1), w_q.data_ptr<uint8_t>(), d.data_ptr<float>());
+    return {w_q, d};
+}
+
+// x: float (n, in); w_q, d from int4_quantize_rows; returns fp32 (n, out).
+at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &w_q, const at::Tensor &d, int64_t isa,
+                       int64_t threads) {
+    const at::Tensor xf = checked_input(x, w_q, d, at::kByte, "int4", bc_int4_row_bytes, bc_int4_row_blocks);
+    at::Tensor y = at::empty({xf.size(0), w_q.size(0)}, xf.options());
+    check_result(bc_int4_linear(xf.data_ptr<float>(), xf.size(0), w_q.data_ptr<uint8_t>(), d.data_ptr<float>(),
                                 w_q.size(0), xf.size(1), y.data_ptr<float>(), int(isa), resolve_threads(threads)),
                  isa);
     return y;
@@ -114,6 +146,8 @@ TORCH_LIBRARY(bitconvert, m) {
         " -> Tensor");
     m.def("int8_quantize_rows(Tensor w) -> (Tensor, Tensor)");
     m.def("int8_linear(Tensor x, Tensor w_q, Tensor d, int isa=-1, int threads=0) -> Tensor");
+    m.def("int4_quantize_rows(Tensor w) -> (Tensor, Tensor)");
+    m.def("int4_linear(Tensor x, Tensor w_q, Tensor d, int isa=-1, int threads=0) -> Tensor");
     m.def("ternary_isa(str name='') -> int", &ternary_isa);
     m.def("ternary_isa_supported(int isa) -> bool", &ternary_isa_supported);
 }
@@ -124,4 +158,6 @@ TORCH_LIBRARY_IMPL(bitconvert, CPU, m) {
     m.impl("ternary_linear", &ternary_linear);
     m.impl("int8_quantize_rows", &int8_quantize_rows);
     m.impl("int8_linear", &int8_linear);
+    m.impl("int4_quantize_rows", &int4_quantize_rows);
+    m.impl("int4_linear", &int4_linear);
 }
