@@ -185,6 +185,7 @@ struct Int4Avx2 {
                 const __m256i c0 = _mm256_sub_epi8(_mm256_and_si256(v, nibble), eight);
                 const __m256i c1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), eight);
                 const float *scale = d + r * blocks + b;
+                if (b % 16 == 0) _mm_prefetch((const char *)scale + kPrefetchBytes, _MM_HINT_T0);  // one line of d
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(ax0, x0, c0)),
                                          _mm256_set1_ps(scale[0] * e[b]), acc[r]);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_avx2(ax1, x1, c1)),
