@@ -125,10 +125,10 @@ def test_load_float_dtype_default_and_auto(tmp_path):
     assert bitconvert.load(out).model.embed_tokens.weight.dtype == torch.float32
     assert bitconvert.load(out, dtype="auto").model.embed_tokens.weight.dtype == torch.float16
     with pytest.raises(BitconvertError, match="unknown lm_head"):
-        bitconvert.load(out, lm_head="int4")
+        bitconvert.load(out, lm_head="int3")
 
 
-@pytest.mark.parametrize("lm_head", ["exact", "int8"])
+@pytest.mark.parametrize("lm_head", ["exact", "int8", "int4"])
 def test_generate_cli_runs_a_converted_folder(tiny_ternary, capsys, lm_head):
     from bitconvert.cli import main
     from transformers import AutoTokenizer
