@@ -60,6 +60,7 @@ def main() -> None:
         make_checkpoint(source, args.layers)
         print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
     source_bytes = sum(path.stat().st_size for path in source.glob("*.safetensors"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
     out = args.workdir / "ternary"
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()

@@ -8,7 +8,8 @@
 Each ``--model NAME=CONVERTED[:SOURCE]`` names a converted folder and, optionally, its full-precision source (a HF
 folder or an alias), from which llama.cpp's own converter makes the F16 and Q4_0 GGUFs a user would otherwise run.
 Per model the engines are:
-- ``bitconvert``: ``bitconvert.load`` and its decode path (``benchmarks/decode.py: measure_bitconvert``);
+- ``bitconvert``: ``bitconvert.load`` and its decode path (``benchmarks/decode.py: measure_bitconvert``), int8
+  lm_head; ``bitconvert int4`` the same with the 4-bit lm_head (lossier: docs/kernels.md);
 - ``ort``: ``bitconvert export`` to ONNX, run in ONNX Runtime with the TernaryMatMul op
   (``benchmarks/onnx_decode.py: measure_ort``);
 - llama.cpp (when ``LLAMA_CPP_DIR`` names a build): our GGUF export (``ours``), llama.cpp's default TQ2_0 types
@@ -124,7 +125,8 @@ def engines_for(name: str, converted: Path, source: str | None, workdir: Path, t
     def with_bytes(measure, count: int):
         return lambda: {"bytes_per_token": count, **measure()}
 
-    engines = {"bitconvert": lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen)}
+    engines = {"bitconvert": lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen),
+               "bitconvert int4": lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen, lm_head="int4")}
     if ort:
         onnx_path = workdir / name / "model.onnx"
         if not onnx_path.exists():

