@@ -389,3 +389,21 @@ def test_int4_lm_head_close_to_exact_and_option_of_load(tiny_ternary):
     logits by about their whole spread)."""
     rms = quantized_lm_head_error(tiny_ternary, "int4").pow(2).mean().sqrt()
     assert 0 < rms <= 0.13, f"RMS error {rms:.4f} of the logits' std"
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):
+    import os
+    import time
+
+    from bitconvert.kernels import STALE_LOCK_SECONDS, _remove_stale_lock
+
+    fresh, stale = tmp_path / "fresh", tmp_path / "stale"
+    fresh.touch()
+    stale.touch()
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    _remove_stale_lock(fresh)
+    _remove_stale_lock(stale)
+    _remove_stale_lock(tmp_path / "absent")  # no lock: nothing to do
+    assert fresh.exists() and not stale.exists()
+    assert "stale kernel-build lock" in capsys.readouterr().err

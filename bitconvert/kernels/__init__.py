@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -47,6 +49,11 @@ HEADERS = (CSRC / "ternary_core.h", CSRC / "int8_core.h", CSRC / "op_checks.h", 
 # Exact float rounding: no fused multiply-add contraction, no fast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 
+# A build takes 1-3 minutes on a 2-core machine. torch's builder holds `lock` in the build folder while it compiles and
+# every other process waits for it to go away, forever: a build killed midway (Ctrl-C, OOM killer) would leave every
+# later load hanging. A lock older than this is taken to be such a leftover and removed.
+STALE_LOCK_SECONDS = 15 * 60
+
 _loaded = False
 
 
@@ -58,7 +65,20 @@ def _build_directory() -> Path:
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "bitconvert" / "torch_extensions")
     directory = root / f"bitconvert_kernels_{digest.hexdigest()[:16]}"
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(directory / "lock")
     return directory
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """Delete ``lock`` if it is older than :data:`STALE_LOCK_SECONDS` (left by a killed build), saying so on stderr."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        print(f"bitconvert: removing a stale kernel-build lock ({age / 60:.0f} min old, left by an interrupted "
+              f"build): {lock}", file=sys.stderr)
+        lock.unlink(missing_ok=True)
 
 
 def load_library() -> None:
