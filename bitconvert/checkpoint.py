@@ -59,6 +59,13 @@ def read_tensors_with_suffix(folder: Path, suffix: str) -> dict[str, torch.Tenso
     return found
 
 
+def read_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a converted ``folder``'s safetensors shards, as stored; a folder without shards is refused."""
+    if not any(folder.glob("*.safetensors")):
+        raise BitconvertError(f"'{folder}' has no safetensors shards; give a folder written by `bitconvert SOURCE --out DIR`")
+    return read_tensors_with_suffix(folder, "")
+
+
 def is_ternary_weight(name: str) -> bool:
     """True for the weight of an attention or MLP projection inside a decoder layer."""
     return TERNARY_WEIGHT.match(name) is not None

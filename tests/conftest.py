@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -29,3 +30,15 @@ def tiny_ternary(tiny_llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-out") / "ternary"
     convert(tiny_llama, out, progress=False)
     return out
+
+
+WORDS = "the cat sat on a mat and then it ran to the big red house where a dog was sleeping".split()
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A small training text: 300 lines of 12 words drawn (seeded) from WORDS."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)))
+    return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -35,7 +34,6 @@ from bitconvert.finetune.schedule import lr_multiplier, quant_lambda  # noqa: E4
 from bitconvert.errors import BitconvertError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the cat sat on a mat and then it ran to the big red house where a dog was sleeping".split()
 FAST = dict(seq_len=32, batch_size=4, lr=3e-3, lr_warmup_steps=2, warmup_quant_steps=4, heldout_sequences=4,
             distill=False, progress=False)
 
@@ -49,14 +47,6 @@ def torch_extensions_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_src(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("ft") / "src")
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("ft-data") / "train.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)))
-    return path
 
 
 def run_finetune(src, data, out, **options):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -28,7 +27,6 @@ from bitconvert.finetune.schedule import (DEFAULT_LR_CONVERTED, DEFAULT_LR_FULL_
 from bitconvert.finetune.student import load_converted_student  # noqa: E402
 from bitconvert.load import load  # noqa: E402
 
-WORDS = "the cat sat on a mat and then it ran to the big red house where a dog was sleeping".split()
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 # float fake quantization (x_q / s) @ (T g)^T vs the integer path (x_q @ T^T) / (1/g) / s: the same products, summed
 # in another order and scaled at another point, so only fp32 rounding differs (a wrong code or scale is O(0.1))
@@ -47,14 +45,6 @@ def converted(tmp_path_factory) -> Path:
     src = make_tiny_llama(root / "src")
     convert(str(src), root / "ternary", progress=False)
     return root / "ternary"
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "train.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)))
-    return path
 
 
 def test_student_starts_exactly_at_the_folders_logits(converted):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import REPORT_NAME
+from ..checkpoint import REPORT_NAME, read_folder_tensors
 from ..errors import BitconvertError
 from ..packing import unpack_ternary
 from .gguf_blocks import TYPE_CHOICES, BlockType, choose_type, ternary_blocks
@@ -178,19 +178,6 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict, folder: Path) -> None:
     writer.add_string("bitconvert.scale", "per-tensor scale g in every block's fp16 d (relative rounding <= 2^-11)")
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors shards, as stored."""
-    from safetensors.torch import load_file
-
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise BitconvertError(f"'{folder}' has no .safetensors shards")
-    tensors = {}
-    for shard in shards:
-        tensors.update(load_file(shard))
-    return tensors
-
-
 def _check_destination(out: Path) -> None:
     if out.suffix != ".gguf":
         raise BitconvertError(f"--out must name a .gguf file, got '{out}'")
@@ -216,7 +203,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, weight_ty
     _check_destination(out)
     config = _read_config(folder)
     arch = _architecture(config)
-    tensors = _read_tensors(folder)
+    tensors = read_folder_tensors(folder)
     plan = _plan(tensors, config, arch, weight_type)  # every refusal happens before a file exists
     tmp = out.absolute().parent / f".{out.name}.tmp-{os.getpid()}"
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..bitlinear import LEARNED_SCALE, BitLinear
-from ..checkpoint import REPORT_NAME, is_ternary_weight
+from ..checkpoint import REPORT_NAME, is_ternary_weight, read_folder_tensors
 from ..errors import BitconvertError
 from ..packing import unpack_ternary
 from ..quantize import SUB_NORM_PROJECTIONS, ternary_projections
@@ -37,18 +37,6 @@ def recorded_source(folder: Path) -> str | None:
         return None
     # a fine-tuned folder records its own teacher; a converted one its source
     return doc.get("options", {}).get("teacher") or doc.get("source")
-
-
-def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise BitconvertError(f"'{folder}' has no safetensors shards; give a folder written by `bitconvert SOURCE --out DIR`")
-    tensors = {}
-    for shard in shards:
-        tensors.update(load_file(str(shard)))
-    return tensors
 
 
 def _training_config(folder: Path):
@@ -82,7 +70,7 @@ def load_converted_student(folder: Path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     config, sub_norm = _training_config(folder)
-    tensors = _folder_tensors(folder)
+    tensors = read_folder_tensors(folder)
     model = LlamaForCausalLM(config).float()  # every tensor is overwritten below; the random init costs seconds
     for name, _, _ in list(ternary_projections(model)):
         packed, inverse = tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_scale")
