@@ -10,10 +10,13 @@ Rows (each builds on the one before; the full-precision row heads the table):
     qat-ce       + end-to-end QAT, plain CE        `bitconvert finetune START --no-distill --max-tokens B - R`
     qat-kd       + end-to-end QAT, distillation    `bitconvert finetune START --max-tokens B - R` (the recommended recipe)
 The QAT rows start from ``--qat-from`` (default: the reconstruct row's folder) and train ``budget - R`` tokens, R
-being the tokens the start already used (block reconstruction's calibration tokens x passes, as its bitconvert.json
-records, else 0), so every trained row uses the same total (``--budget 250k`` or ``1m``).
+being the tokens the start already used (its calibration tokens, which block reconstruction trains on, as its
+bitconvert.json records, else 0), so every trained row uses the same total (``--budget 250k`` or ``1m``).
 
-Stages per row, each cached in ``OUT_DIR/<row>.json`` as soon as it finishes (a rerun skips what is done):
+Stages per row, each recorded in ``RESULTS_DIR/<row>.json`` as soon as it finishes (a rerun skips what is done). The
+records are small and committed (``benchmarks/results/quality/``), so the table outlives the machine that measured
+it; models and logs go to ``OUT_DIR`` (``bench-out/quality``, not committed). A QAT row's record keeps its held-out
+curve, which the plot draws.
     model      convert / train into MODELS_DIR/<row> (wall time, tokens; a QAT run resumes from its checkpoints)
     ppl        `bitconvert ppl` on the default held-out text
     eval       `bitconvert eval`: ARC-Easy (all 570) and PIQA (first 500), acc and acc_norm with stderr
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGETS = {"150k": 150_000, "250k": 250_000, "1m": 1_000_000}
+BUDGETS = {"100k": 100_000, "150k": 150_000, "250k": 250_000, "1m": 1_000_000}
 STAGES = ("model", "ppl", "eval", "eval-full")
 EVAL_TASKS = (("arc_easy", None), ("piqa", 500))
 EVAL_FULL_TASKS = (("arc_challenge", None), ("piqa", None), ("hellaswag", 2000))
@@ -85,13 +88,14 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.out_dir = Path(args.out_dir)
+        self.results = Path(args.results_dir)
         self.models = Path(args.models_dir)
-        (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.models.mkdir(parents=True, exist_ok=True)
+        for folder in (self.out_dir / "logs", self.results, self.models):
+            folder.mkdir(parents=True, exist_ok=True)
 
-    # cache ------------------------------------------------------------------------------------------------------
+    # records ----------------------------------------------------------------------------------------------------
     def path(self, rid: str) -> Path:
-        return self.out_dir / f"{rid}.json"
+        return self.results / f"{rid}.json"
 
     def load(self, rid: str) -> dict:
         path = self.path(rid)
@@ -156,6 +160,9 @@ class Bench:
         record["model"] = {"command": shlex.join(command), "tokens": tokens, "seconds": round(seconds, 1),
                            "start": self.args.qat_from if row.budgeted else None,
                            "start_tokens": start_tokens(self.models / self.args.qat_from) if row.budgeted else 0}
+        if row.budgeted:
+            record["curve"] = [[r["tokens"], r["heldout_ppl"]] for r in training_log(self.models, rid)
+                               if r.get("kind") == "eval"]
 
     def stage_ppl(self, row: Row, rid: str, record: dict) -> None:
         result = self.out_dir / "logs" / f"{rid}-ppl.json"
@@ -198,14 +205,14 @@ class Bench:
 
 
 def start_tokens(folder: Path) -> int:
-    """Training/calibration tokens a start folder already used (its bitconvert.json's ``tokens_used``, or the QAT
-    run's ``training.tokens``; 0 when it records none)."""
+    """Training/calibration tokens a start folder already used: a calibrated conversion's calibration tokens (block
+    reconstruction trains on those same tokens), or a QAT run's ``training.tokens``; 0 when it records none."""
     report = folder / "bitconvert.json"
     if not report.is_file():
         return 0
     doc = json.loads(report.read_text())
     options = doc.get("options", {})
-    return int(doc.get("tokens_used") or options.get("tokens_used") or options.get("training", {}).get("tokens") or 0)
+    return int(doc.get("calibration", {}).get("tokens") or options.get("training", {}).get("tokens") or 0)
 
 
 # the document ---------------------------------------------------------------------------------------------------
@@ -224,18 +231,18 @@ def training_log(models: Path, rid: str) -> list[dict]:
     return []
 
 
-def write_doc(out_dir: Path, models: Path, doc: Path, source: str, notes: Path | None = None) -> None:
+def write_doc(results_dir: Path, models: Path, doc: Path, source: str, notes: Path | None = None) -> None:
     rows = []
     for row in ROWS:
         for budget in (BUDGETS if row.budgeted else [None]):
             rid = row_id(row, budget) if budget else row.key
-            record = json.loads((out_dir / f"{rid}.json").read_text()) if (out_dir / f"{rid}.json").is_file() else {}
+            record = json.loads((results_dir / f"{rid}.json").read_text()) if (results_dir / f"{rid}.json").is_file() else {}
             label = f"{row.label}, {budget} tokens" if budget else row.label
             rows.append((row, rid, label, record))
     lines = [
         "# Quality: from full precision to ternary on a small budget (SmolLM2-135M-Instruct)",
         "",
-        "Written by `benchmarks/quality.py` from the rows cached under `bench-out/quality/` (this file is regenerated "
+        "Written by `benchmarks/quality.py` from the row records in `benchmarks/results/quality/` (this file is regenerated "
         "from whatever rows exist; `not run` marks cells that did not run in this session, with the commands to "
         "finish them below). Perplexity: `bitconvert ppl` on the default held-out text (LAMBADA passages, 20,757 "
         "tokens, windows of 1024, stride 512). Zero-shot: `bitconvert eval --offline` (lm-eval, validation splits "
@@ -294,11 +301,11 @@ def plot(rows, models: Path, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, rid, label, record in rows:
-        log = training_log(models, rid) if row.budgeted else []
+        curve = record.get("curve") or ([[r["tokens"], r["heldout_ppl"]] for r in training_log(models, rid)
+                                          if r.get("kind") == "eval"] if row.budgeted else [])
         start = record.get("model", {}).get("start_tokens", 0)
-        evals = [r for r in log if r.get("kind") == "eval"]
-        if evals:
-            ax.plot([start + r["tokens"] for r in evals], [r["heldout_ppl"] for r in evals], marker=".",
+        if curve:
+            ax.plot([start + tokens for tokens, _ in curve], [ppl for _, ppl in curve], marker=".",
                     label=f"{label} (training log)")
         if "ppl" in record:
             model = record.get("model", {})
@@ -327,7 +334,9 @@ def main() -> int:
     parser.add_argument("--teacher", help="teacher of the distillation row (default: the start folder's recorded "
                         "source); the same weights saved as a safetensors folder load much faster than a GGUF")
     parser.add_argument("--eval-batch-size", type=int, default=8)
-    parser.add_argument("--out-dir", default=str(REPO / "bench-out" / "quality"))
+    parser.add_argument("--out-dir", default=str(REPO / "bench-out" / "quality"), help="logs (and models) go here")
+    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results" / "quality"),
+                        help="the rows' records (committed)")
     parser.add_argument("--models-dir", default=None, help="where the rows' folders go (default OUT_DIR/models)")
     parser.add_argument("--doc", default=str(REPO / "docs" / "quality.md"))
     parser.add_argument("--notes", default=str(REPO / "benchmarks" / "quality_notes.md"),
@@ -347,23 +356,23 @@ def main() -> int:
                     bench.do(row_id(BY_KEY[key], args.budget), BY_KEY[key], [stage])
                 except RuntimeError as exc:
                     print(f"error: {exc}", file=sys.stderr)
-                write_doc(bench.out_dir, bench.models, Path(args.doc), args.source, Path(args.notes))
+                write_doc(bench.results, bench.models, Path(args.doc), args.source, Path(args.notes))
         if "eval-full" in stages:
-            for rid in full_eval_rows(bench.out_dir, args.rows.split(","), args.budget):
+            for rid in full_eval_rows(bench.results, args.rows.split(","), args.budget):
                 try:
                     bench.do(rid, BY_KEY[rid.rsplit("-", 1)[0] if rid not in BY_KEY else rid], ["eval-full"])
                 except RuntimeError as exc:
                     print(f"error: {exc}", file=sys.stderr)
-                write_doc(bench.out_dir, bench.models, Path(args.doc), args.source, Path(args.notes))
-    write_doc(bench.out_dir, bench.models, Path(args.doc), args.source, Path(args.notes))
+                write_doc(bench.results, bench.models, Path(args.doc), args.source, Path(args.notes))
+    write_doc(bench.results, bench.models, Path(args.doc), args.source, Path(args.notes))
     print(f"wrote {args.doc}")
     return 0
 
 
-def full_eval_rows(out_dir: Path, keys: list[str], budget: str) -> list[str]:
+def full_eval_rows(results_dir: Path, keys: list[str], budget: str) -> list[str]:
     """fp, direct and the best row (lowest perplexity among the non-fp rows with one), among the selected rows."""
     scored = {}
-    for path in out_dir.glob("*.json"):
+    for path in results_dir.glob("*.json"):
         record = json.loads(path.read_text())
         if "ppl" in record and record["row"] not in ("fp", "direct"):
             scored[record["row"]] = record["ppl"]["perplexity"]

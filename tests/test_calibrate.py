@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import bitconvert.convert.calibrate as calibrate
 from bitconvert.bitlinear import fake_quantize_activations
 from bitconvert.cli import main
 from bitconvert.convert import CalibrationConfig, ConvertOptions, convert
+from bitconvert.convert.calib_data import calibration_tokens
 from bitconvert.convert.equalize import (
     LayerActivations,
     equalize_layer,
@@ -23,6 +24,7 @@ from bitconvert.convert.equalize import (
 from bitconvert.convert.gptq import gptq_fit
 from bitconvert.convert.layers import LayerStream
 from bitconvert.convert.readers import StateDictReader
+from bitconvert.convert.reconstruct import relative_error
 from bitconvert.convert.scale_search import TernaryFit, absmean_fit, hessian, search_scale
 from bitconvert.load import load
 from tiny import make_tiny_llama, tiny_config
@@ -199,10 +201,12 @@ def calibrated(tiny_llama, calib_text, tmp_path_factory):
 
 
 def test_calibrated_output_loads_in_stock_transformers_like_bitconvert_load(calibrated):
-    stock = AutoModelForCausalLM.from_pretrained(calibrated).eval()
-    ours = load(calibrated)
-    # Both compute the same integer product; they differ only in the order of the fp32 scaling: a few ulps.
-    torch.testing.assert_close(_logits(stock), _logits(ours), rtol=1e-4, atol=1e-4)
+    stock, ours = _logits(AutoModelForCausalLM.from_pretrained(calibrated).eval()), _logits(load(calibrated))
+    # Both compute the same integer product and differ only in the order of the fp32 scaling: a few ulps, unless an
+    # ulp moves an activation across an int8 rounding boundary. Then one code flips and the later layers carry it on
+    # (seen here: one flip at layer 0's down_proj input, 3e-8 apart, grew to a logit difference of 1.0% of the
+    # logits' spread). A renamed or misread tensor moves logits by O(spread): 3% of the spread separates the two.
+    assert (stock - ours).abs().max().item() < 0.03 * stock.std().item()
 
 
 def test_calibrated_report_records_choices_and_improvements(calibrated):
@@ -212,17 +216,17 @@ def test_calibrated_report_records_choices_and_improvements(calibrated):
     layers = report["calibration"]["layers"]
     assert len(layers) == 2
     for layer in layers:
-        before, after = layer["reconstruct_mse"]
+        before, after = layer["reconstruct_error"]
         assert after < before  # block reconstruction lowered this block's error
     for projection in report["layers"]:
         assert projection["calibration_output_error"] <= projection["absmean_output_error"] * (1 + 1e-5)
 
 
-def test_calibration_beats_direct_conversion_on_its_calibration_text(tiny_llama, tiny_ternary, calibrated):
-    """Per layer the choices only lower the error on the calibration batch; end to end on that text the model must be
-    closer to full precision than round-to-nearest. (On other text a random tiny model calibrated on one repeated
-    sentence need not be: that is what the SmolLM2 perplexity measures.)"""
-    ids = torch.tensor([list(TEXT.encode())[:256]])
+def test_calibration_beats_direct_conversion_on_its_calibration_text(tiny_llama, tiny_ternary, calibrated, calib_text):
+    """Per layer the choices only lower the error on the calibration batch; end to end on those very tokens the model
+    must be much closer to full precision than round-to-nearest (measured: 10-20x lower logit MSE). On other text a
+    random tiny model calibrated on one repeated sentence need not be: that is what the SmolLM2 perplexity measures."""
+    ids = calibration_tokens(str(calib_text), AutoTokenizer.from_pretrained(tiny_llama), 1024, 512)
 
     def logits(model):
         with torch.no_grad():
@@ -230,7 +234,7 @@ def test_calibration_beats_direct_conversion_on_its_calibration_text(tiny_llama,
 
     reference = logits(LlamaForCausalLM.from_pretrained(tiny_llama).eval())
     direct, calibrated_logits = logits(load(tiny_ternary)), logits(load(calibrated))
-    assert (calibrated_logits - reference).pow(2).mean() < (direct - reference).pow(2).mean()
+    assert (calibrated_logits - reference).pow(2).mean() < 0.5 * (direct - reference).pow(2).mean()
 
 
 def test_cli_stage_switches_are_recorded(tiny_llama, calib_text, tmp_path, capsys):
@@ -300,3 +304,16 @@ def test_interrupted_calibration_leaves_nothing(tiny_llama, calib_text, tmp_path
                         "--quiet")
     assert calls and code == 130 and "interrupted" in err
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_relative_error_weighs_each_token_by_its_own_size():
+    """Block reconstruction's loss: a token 10^4 times larger than the others (an attention sink) counts like any
+    other token, and the value is the mean of the per-token relative squared errors."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 8, 16, generator=generator)
+    output = target + 0.1 * torch.randn(2, 8, 16, generator=generator)
+    per_token = (output - target).pow(2).sum(-1) / target.pow(2).sum(-1)
+    torch.testing.assert_close(relative_error(output, target), per_token.mean())
+    sink = torch.ones(2, 8, 1)
+    sink[:, 0] = 1e4
+    torch.testing.assert_close(relative_error(output * sink, target * sink), per_token.mean())

@@ -30,7 +30,7 @@ from .device import resolve_device
 from .equalize import LayerActivations, equalize_layer
 from .gptq import gptq_fit
 from .layers import LayerStream
-from .reconstruct import reconstruct_layer
+from .reconstruct import reconstruct_layer, relative_error
 from .scale_search import TernaryFit, absmean_fit, hessian, search_scale
 
 # LayerStream.stages' names -> the projections that read that input
@@ -176,9 +176,10 @@ def calibrated_tensors(reader, model_config, tokenizer, config: CalibrationConfi
             result = reconstruct_layer(stream, layer, h_q, y_fp, steps=config.reconstruct_steps,
                                        lr=config.reconstruct_lr, batch_size=config.reconstruct_batch,
                                        seed=config.seed + index, progress=progress, desc=f"reconstruct layer {index}")
-            record["reconstruct_mse"] = [result.mse_before, result.mse_after]
+            record["reconstruct_error"] = [result.error_before, result.error_after]
         h_q = stream.run(layer, h_q) if config.reconstruct else info["output"]
         record["output_mse"] = (h_q - y_fp).pow(2).mean().item()
+        record["output_relative_error"] = relative_error(h_q, y_fp).item()
         h_fp = y_fp
         prefix = stream.layer_prefix(index)
         for local, tensor in _layer_tensors(layer, info["fits"]).items():
@@ -186,5 +187,5 @@ def calibrated_tensors(reader, model_config, tokenizer, config: CalibrationConfi
         yield from passthrough.items()
         record["seconds"] = round(time.perf_counter() - started, 2)
         layers_info.append(record)
-        bar.set_postfix(mse=f"{record['output_mse']:.3g}", refresh=False)
+        bar.set_postfix(error=f"{record['output_relative_error']:.3g}", refresh=False)
         del layer, info

@@ -5,11 +5,23 @@ The layer's projections are learned-scale :class:`~bitconvert.bitlinear.BitLinea
 ``s * clamp(round(W / s))``, int8 per-token activations, LSQ straight-through gradients), started from the calibrated
 codes and scales. Trained: the latent weights, the scales ``s`` and the two RMSNorm gains. Inputs: the hidden states
 the already converted layers before it produce (batch, seq, hidden); targets: the full-precision model's hidden
-states after this layer. Loss: mean squared error; Adam, ``steps`` steps of ``batch_size`` random sequences, the
+states after this layer. Loss: the per-token relative squared error
+
+    E = mean_t ||y_q[t] - y_fp[t]||^2 / ||y_fp[t]||^2
+
+not the plain mean squared error. Every consumer of the residual stream sees it through an RMSNorm, i.e. sees
+``y[t] / rms(y[t])``, so what propagates is each token's error relative to its own size. LLaMA models write an
+attention sink of about 20,000 into one channel at position 0 (SmolLM2: layer 11, channel 507; about 100 elsewhere),
+and a plain MSE is then almost entirely that one entry: training spends its steps on the sink and leaves the
+ordinary tokens' error where it was. Adam, ``steps`` steps of ``batch_size`` random sequences, the
 learning rate decayed to 0 on a cosine. ``lr`` is relative: each projection's latent weights and scale move with
 ``lr * s`` (its own scale; SmolLM2's scales span 0.19-0.56 in one layer, so one absolute rate is too slow for some and
-too fast for others), the norm gains with ``lr``. Measured on SmolLM2-135M layer 10 (2,048 tokens, 80 steps): relative
-0.01 lowered the MSE by 8%, absolute 1e-4 by 1%. The layer is left as it was if training did not lower its error.
+too fast for others), the norm gains with ``lr``. The layer is left as it was if training did not lower its error.
+
+Measured on SmolLM2-135M (4,096 calibration tokens, 100 steps of 2 x 512 tokens per layer, defaults): with the
+relative loss every layer's error fell by 13-60% (layer 0: 0.27 -> 0.11; last layer 0.28 -> 0.21), and held-out
+perplexity went from 23,189 (calibration alone) to 480. With the plain MSE, layer 10 had fallen by only 8% (2,048
+tokens, 80 steps; an absolute rate of 1e-4 instead of the relative one: 1%).
 """
 
 from __future__ import annotations
@@ -25,14 +37,21 @@ from ..bitlinear import BitLinear
 
 @dataclass
 class ReconstructionResult:
-    """Mean squared error of the layer's output on all calibration sequences, before and after training."""
+    """Relative error (:func:`relative_error`) of the layer's output on all calibration sequences, before and after
+    training."""
 
-    mse_before: float
-    mse_after: float
+    error_before: float
+    error_after: float
 
 
-def _mse(stream, layer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    return (stream.run(layer, inputs) - targets).pow(2).mean().item()
+def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean_t ||output[t] - target[t]||^2 / ||target[t]||^2`` over all tokens t of (..., hidden) tensors; a scalar."""
+    error = (output - target).pow(2).sum(-1)
+    return (error / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def _error(stream, layer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return relative_error(stream.run(layer, inputs), targets).item()
 
 
 def reconstruct_layer(stream, layer, inputs: torch.Tensor, targets: torch.Tensor, *, steps: int, lr: float,
@@ -42,7 +61,7 @@ def reconstruct_layer(stream, layer, inputs: torch.Tensor, targets: torch.Tensor
               for module in layer.modules() if isinstance(module, BitLinear)]
     groups.append({"params": [layer.input_layernorm.weight, layer.post_attention_layernorm.weight], "lr": lr})
     parameters = [p for group in groups for p in group["params"]]
-    before = _mse(stream, layer, inputs, targets)
+    before = _error(stream, layer, inputs, targets)
     saved = {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -54,16 +73,16 @@ def reconstruct_layer(stream, layer, inputs: torch.Tensor, targets: torch.Tensor
     for _ in bar:
         rows = torch.randint(0, inputs.shape[0], (min(batch_size, inputs.shape[0]),), generator=generator)
         rows = rows.to(inputs.device)
-        loss = (stream.forward(layer, inputs[rows]) - targets[rows]).pow(2).mean()
+        loss = relative_error(stream.forward(layer, inputs[rows]), targets[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(mse=f"{loss.item():.3g}", refresh=False)
+        bar.set_postfix(error=f"{loss.item():.3g}", refresh=False)
     layer.eval()
     for parameter in layer.parameters():
         parameter.requires_grad_(False)
-    after = _mse(stream, layer, inputs, targets)
+    after = _error(stream, layer, inputs, targets)
     if not after < before:
         layer.load_state_dict(saved)
         after = before
