@@ -324,15 +324,19 @@ def unpack_int4(w_q: torch.Tensor) -> torch.Tensor:
     return (torch.cat([groups & 15, groups >> 4], -1) - 8).flatten(1).to(torch.int8)
 
 
+# Storage position of each column c of a 64-column int6 group: 4-column runs of its two blocks alternate.
+INT6_POSITION = torch.tensor([4 * (2 * (c % 32 // 4) + c // 32) + c % 4 for c in range(64)])
+
+
 def unpack_int6(w_q: torch.Tensor) -> torch.Tensor:
-    """The ql/qh layout of int8_core.h back to codes (out, 64 * groups): per 48-byte group, bytes 0-31 hold the low 4
-    bits of column j (low nibble) and 32 + j (high nibble), byte 32 + j bits 2i..2i+1 the high 2 bits of column
-    16i + j; each stored as c + 32."""
+    """The ql/qh layout of int8_core.h back to codes (out, 64 * groups): per 48-byte group, byte j < 32 holds the low 4
+    bits of positions j (low nibble) and 32 + j (high nibble), byte 32 + j bits 2i..2i+1 the high 2 bits of position
+    16i + j; position 4 * (2 * (c % 32 // 4) + c // 32) + c % 4 holds column c, stored as c + 32."""
     groups = w_q.view(w_q.shape[0], -1, 48).int()
     ql, qh = groups[..., :32], groups[..., 32:]
     low = torch.cat([ql & 15, ql >> 4], -1)
     high = torch.cat([qh >> (2 * i) & 3 for i in range(4)], -1)
-    return ((low | high << 4) - 32).flatten(1).to(torch.int8)
+    return ((low | high << 4) - 32)[..., INT6_POSITION].flatten(1).to(torch.int8)
 
 
 class BlockFormat(NamedTuple):

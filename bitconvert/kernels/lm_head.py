@@ -71,8 +71,10 @@ class Int6LmHead(QuantizedLmHead):
     """int6 codes (out, stride * 3 / 4) + fp16 scales per row and 32-column block (out, stride / 32).
 
     Per block of 32 columns, ``d = the smallest fp16 >= max|w| / 31`` and ``c = round(w / d)`` in [-31, 31], stored
-    ``c + 32`` as Q6_K splits it: per 64 columns 32 bytes of low nibbles (as int4's) and 16 bytes of high 2-bit
-    fields. fp16 scales, not fp32: 6.5 bits per weight instead of 7 (19% fewer bytes than int8 rather than 13%), and
+    ``c + 32`` as Q6_K splits it: per 64 columns 32 bytes of low nibbles and 16 bytes of high 2-bit fields, the two
+    blocks' 4-column runs alternating (``csrc/int8_core.h``), so that one broadcast scale pair serves a whole
+    64-column integer dot product:
+    ``y[t][o] = sum_b d[o][b] * e[t][b] * sum_{k in b} x_q[t][k] * c[o][k]``. fp16 scales, not fp32: 6.5 bits per weight instead of 7 (19% fewer bytes than int8 rather than 13%), and
     their 11 significant bits are far finer than the 6-bit codes; d rounded up keeps every code unclamped, so
     ``|w - d c| <= d / 2``. Weights beyond fp16's range for d (|w| > 31 * 65504) are refused.
     """

@@ -165,13 +165,17 @@ inline int int4_code(const uint8_t *row, int64_t k) {
     return (k % 64 < 32 ? byte & 15 : byte >> 4) - 8;
 }
 
-// The signed code of column k of an int6 row: in 48-byte group k / 64, the low 4 bits from ql (nibble of byte
-// m % 32, m = k % 64), the high 2 from bits 2 (m / 16) of qh byte m % 16, minus 32.
+// Storage position (0-63) of column c of a 64-column int6 group (int8_core.h): 4-column runs of the group's two blocks
+// alternate, so dword q of a 64-byte vector holds columns of block q % 2.
+constexpr int int6_position(int c) { return 4 * (2 * (c % 32 / 4) + c / 32) + c % 4; }
+
+// The signed code of column k of an int6 row: at position p of 48-byte group k / 64, the low 4 bits from ql (the
+// nibble of byte p % 32), the high 2 from bits 2 (p / 16) of qh byte p % 16, minus 32.
 inline int int6_code(const uint8_t *row, int64_t k) {
     const uint8_t *group = row + k / 64 * 48;
-    const int m = int(k % 64);
-    const int low = m < 32 ? group[m] & 15 : group[m - 32] >> 4;
-    const int high = group[32 + m % 16] >> (2 * (m / 16)) & 3;
+    const int p = int6_position(int(k % 64));
+    const int low = p < 32 ? group[p] & 15 : group[p - 32] >> 4;
+    const int high = group[32 + p % 16] >> (2 * (p / 16)) & 3;
     return (low | high << 4) - 32;
 }
 
@@ -226,45 +230,57 @@ struct Int4Avx2 {
     }
 };
 
-// The int32 sums of one 32-column block of unsigned codes u (u8) against x (s8) as 8 lanes (lane i: columns 4i..4i+3),
-// vpmaddubsw + vpmaddwd; u <= 63 and |x| <= 127, so no int16 pair sum saturates.
-BC_TARGET_AVX2 inline __m256i unsigned_block_dot_avx2(__m256i u, __m256i x) {
+// The int32 sums of 32 bytes of unsigned codes u (u8) against x (s8) as 8 lanes (lane i: bytes 4i..4i+3), vpmaddubsw +
+// vpmaddwd; u <= 63 and |x| <= 127, so no int16 pair sum saturates.
+BC_TARGET_AVX2 inline __m256i unsigned_dot_avx2(__m256i u, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
 }
 
-// int6, two blocks (one 48-byte group of codes) per step: u = (ql nibble) | (qh field shifted to bits 4-5), then
-// P = sum u * x - 32 * sum x per lane. The blocks' d * e come from one vcvtph2ps per 8 blocks and one vpermps per
-// block; a chunk's d and e are read with masked loads (blocks is even, so whole pairs of fp16 values).
+// Both int6 SIMD paths take one 48-byte group (64 columns, two blocks) per step. In storage order its int32 lanes
+// alternate between the two blocks, so (d e of the first block, d e of the second) broadcast as one 64-bit value is
+// the lane scale: per row and chunk of blocks the d * e products are computed once (vcvtph2ps of masked fp16 loads,
+// whole pairs since blocks is even) into `pairs`, then read back by vbroadcastsd.
+inline double scale_pair(const float *pairs) {
+    double pair;
+    std::memcpy(&pair, pairs, sizeof pair);
+    return pair;
+}
+
+// int6 on AVX2: x reordered to storage order (two vpermq + vpunpck{l,h}dq per step, shared by the rows), u = (ql
+// nibble) | (qh field shifted to bits 4-5) for each 32-byte half, P = sum u * x - 32 * sum x per lane, both halves
+// added as integers (their lanes alternate blocks alike), one vcvtdq2ps + vfmadd per step and row.
 struct Int6Avx2 {
     template <int R>
     BC_TARGET_AVX2_F16C static void rows(const uint8_t *w, int64_t ldw, const uint16_t *d, const int8_t *x,
                                          const float *e, int64_t blocks, float *out) {
         const __m256i low4 = _mm256_set1_epi8(15), high2 = _mm256_set1_epi8(48), bias = _mm256_set1_epi8(32);
-        // qh broadcast to both 16-byte lanes: block 0 wants fields 0 (lane 0) and 1 (lane 1) on bits 4-5, block 1
-        // fields 2 (already there) and 3.
+        // qh broadcast to both 16-byte lanes: positions 0-31 want fields 0 (lane 0) and 1 (lane 1) on bits 4-5,
+        // positions 32-63 fields 2 (already there) and 3.
         const __m256i up0 = _mm256_setr_epi32(4, 4, 4, 4, 2, 2, 2, 2);
         const __m256i down1 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+        alignas(32) float pairs[R][8];
         __m256 acc[R];
         for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t c0 = 0; c0 < blocks; c0 += 8) {
             const int nb = int(std::min<int64_t>(8, blocks - c0));
             const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            const __m128i pairs = _mm_cmpgt_epi32(_mm_set1_epi32(nb / 2), _mm_setr_epi32(0, 1, 2, 3));
+            const __m128i halves = _mm_cmpgt_epi32(_mm_set1_epi32(nb / 2), _mm_setr_epi32(0, 1, 2, 3));
             const __m256 ev = _mm256_maskload_ps(e + c0, lanes);
-            __m256 scales[R];
             for (int r = 0; r < R; ++r) {
                 const uint16_t *row_d = d + r * blocks + c0;
                 _mm_prefetch((const char *)row_d + kPrefetchBytes, _MM_HINT_T0);
-                scales[r] = _mm256_mul_ps(_mm256_cvtph_ps(_mm_maskload_epi32((const int *)row_d, pairs)), ev);
+                const __m256 scales = _mm256_cvtph_ps(_mm_maskload_epi32((const int *)row_d, halves));
+                _mm256_store_ps(pairs[r], _mm256_mul_ps(scales, ev));
             }
             for (int i = 0; i < nb; i += 2) {
-                const int64_t b = c0 + i;
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + b * BC_INT8_BLOCK));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + (b + 1) * BC_INT8_BLOCK));
-                const __m256i corr0 = unsigned_block_dot_avx2(bias, x0), corr1 = unsigned_block_dot_avx2(bias, x1);
-                const __m256i pick0 = _mm256_set1_epi32(i), pick1 = _mm256_set1_epi32(i + 1);
+                const int8_t *xb = x + (c0 + i) * BC_INT8_BLOCK;
+                // columns 0-31 and 32-63 as dwords a0..a7, b0..b7 -> a0 b0 a1 b1 a2 b2 a3 b3 | a4 b4 ... a7 b7
+                const __m256i x0 = _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)xb), 0xD8);
+                const __m256i x1 = _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i *)(xb + 32)), 0xD8);
+                const __m256i xa = _mm256_unpacklo_epi32(x0, x1), xc = _mm256_unpackhi_epi32(x0, x1);
+                const __m256i correction = _mm256_add_epi32(unsigned_dot_avx2(bias, xa), unsigned_dot_avx2(bias, xc));
                 for (int r = 0; r < R; ++r) {
-                    const uint8_t *group = w + r * ldw + b / 2 * 48;
+                    const uint8_t *group = w + r * ldw + (c0 + i) / 2 * 48;
                     _mm_prefetch((const char *)(group + kPrefetchBytes), _MM_HINT_T0);
                     const __m256i ql = _mm256_loadu_si256((const __m256i *)group);
                     const __m256i qh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(group + 32)));
@@ -272,12 +288,10 @@ struct Int6Avx2 {
                                                        _mm256_and_si256(_mm256_sllv_epi32(qh, up0), high2));
                     const __m256i u1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql, 4), low4),
                                                        _mm256_and_si256(_mm256_srlv_epi32(qh, down1), high2));
-                    const __m256i p0 = _mm256_sub_epi32(unsigned_block_dot_avx2(u0, x0), corr0);
-                    const __m256i p1 = _mm256_sub_epi32(unsigned_block_dot_avx2(u1, x1), corr1);
-                    const __m256 s0 = _mm256_permutevar8x32_ps(scales[r], pick0);
-                    const __m256 s1 = _mm256_permutevar8x32_ps(scales[r], pick1);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc[r]);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc[r]);
+                    const __m256i p = _mm256_sub_epi32(
+                        _mm256_add_epi32(unsigned_dot_avx2(u0, xa), unsigned_dot_avx2(u1, xc)), correction);
+                    const __m256 scale = _mm256_castpd_ps(_mm256_set1_pd(scale_pair(pairs[r] + i)));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
                 }
             }
         }
@@ -285,11 +299,10 @@ struct Int6Avx2 {
     }
 };
 
-// int6 on AVX-512 VNNI, two blocks (one 48-byte group, 64 columns) per vpdpbusd: ql broadcast to both halves (the
-// upper copy shifted right by 4 per qword), qh broadcast to the four 16-byte lanes and rotated per dword so that lane
-// i's field sits on bits 4-5, u = (ql & 15) | (qh & 48) in one vpternlogd; vpdpbusd's accumulator starts at
-// -32 * sum x per lane. Lanes 0-7 of the sum belong to the first block, 8-15 to the second; their d * e come from one
-// vcvtph2ps per 16 blocks and one vpermps per step.
+// int6 on AVX-512 VNNI, one vpdpbusd per step: x reordered to storage order (one vpermd per step, shared by the rows),
+// ql broadcast to both halves (the upper copy shifted right by 4 per qword), qh broadcast to the four 16-byte lanes
+// and rotated per dword so that lane i's field sits on bits 4-5, u = (ql & 15) | (qh & 48) in one vpternlogd;
+// vpdpbusd's accumulator starts at -32 * sum x per lane; one vcvtdq2ps + vfmadd per step and row.
 struct Int6Avx512 {
     template <int R>
     BC_TARGET_AVX512 static void rows(const uint8_t *w, int64_t ldw, const uint16_t *d, const int8_t *x,
@@ -297,28 +310,27 @@ struct Int6Avx512 {
         const __m512i low4 = _mm512_set1_epi8(15), high2 = _mm512_set1_epi8(48), bias = _mm512_set1_epi8(32);
         const __m512i nibble_shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
         const __m512i field_rotate = _mm512_setr_epi32(4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0, 30, 30, 30, 30);
-        const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        const __m512i storage_order = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+        alignas(64) float pairs[R][16];
         __m512 acc[R];
         for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
         for (int64_t c0 = 0; c0 < blocks; c0 += 16) {
             const int nb = int(std::min<int64_t>(16, blocks - c0));
             const __mmask16 lanes = __mmask16((1u << nb) - 1);
             const __m512 ev = _mm512_maskz_loadu_ps(lanes, e + c0);
-            __m512 scales[R];
             for (int r = 0; r < R; ++r) {
                 const uint16_t *row_d = d + r * blocks + c0;
                 _mm_prefetch((const char *)row_d + kPrefetchBytes, _MM_HINT_T0);
                 const __m512i halves = _mm512_maskz_loadu_epi16(__mmask32(lanes), row_d);
-                scales[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(halves)), ev);
+                _mm512_store_ps(pairs[r], _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(halves)), ev));
             }
             for (int i = 0; i < nb; i += 2) {
-                const int64_t b = c0 + i;
-                const __m512i xv = _mm512_loadu_si512(x + b * BC_INT8_BLOCK);
+                const __m512i xv =
+                    _mm512_permutexvar_epi32(storage_order, _mm512_loadu_si512(x + (c0 + i) * BC_INT8_BLOCK));
                 const __m512i zero = _mm512_setzero_si512();
                 const __m512i correction = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, xv));
-                const __m512i pick = _mm512_add_epi32(pair, _mm512_set1_epi32(i));
                 for (int r = 0; r < R; ++r) {
-                    const uint8_t *group = w + r * ldw + b / 2 * 48;
+                    const uint8_t *group = w + r * ldw + (c0 + i) / 2 * 48;
                     _mm_prefetch((const char *)(group + kPrefetchBytes), _MM_HINT_T0);
                     const __m512i ql = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)group));
                     const __m512i qh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(group + 32)));
@@ -326,7 +338,8 @@ struct Int6Avx512 {
                     // (A & C) | B with A = the nibbles, B = the high bits, C = 15: truth table 0xEC
                     const __m512i u = _mm512_ternarylogic_epi32(_mm512_srlv_epi64(ql, nibble_shift), high, low4, 0xEC);
                     const __m512i p = _mm512_dpbusd_epi32(correction, u, xv);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(pick, scales[r]), acc[r]);
+                    const __m512 scale = _mm512_castpd_ps(_mm512_set1_pd(scale_pair(pairs[r] + i)));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
                 }
             }
         }
@@ -550,12 +563,13 @@ void bc_int6_quantize_rows(const float *w, int64_t out_features, int64_t in_feat
         [](const float *v, int64_t count, int8_t *codes) {
             return quantize_span_half(v, count, BC_INT8_BLOCK, 31.0f, codes);
         },
-        [](const int8_t *codes, uint8_t *dst) {  // u = c + 32: ql (low 4 bits), then qh (high 2 bits), int8_core.h
-            for (int j = 0; j < BC_INT8_BLOCK; ++j)
-                dst[j] = uint8_t(((codes[j] + 32) & 15) | ((codes[BC_INT8_BLOCK + j] + 32) & 15) << 4);
+        [](const int8_t *codes, uint8_t *dst) {  // u = c + 32 in storage order: ql (low 4 bits), qh (high 2 bits)
+            uint8_t u[2 * BC_INT8_BLOCK];
+            for (int c = 0; c < 2 * BC_INT8_BLOCK; ++c) u[int6_position(c)] = uint8_t(codes[c] + 32);
+            for (int j = 0; j < BC_INT8_BLOCK; ++j) dst[j] = uint8_t((u[j] & 15) | (u[BC_INT8_BLOCK + j] & 15) << 4);
             for (int j = 0; j < 16; ++j) {
                 int high = 0;
-                for (int i = 0; i < 4; ++i) high |= ((codes[16 * i + j] + 32) >> 4) << (2 * i);
+                for (int i = 0; i < 4; ++i) high |= (u[16 * i + j] >> 4) << (2 * i);
                 dst[BC_INT8_BLOCK + j] = uint8_t(high);
             }
         });

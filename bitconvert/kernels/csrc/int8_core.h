@@ -70,12 +70,15 @@ int bc_int4_linear(const float *x, int64_t n, const uint8_t *w_q, const float *d
  * max / 31, 64x finer than the codes' own half-step. One vcvtph2ps converts 8 (AVX2, F16C: every AVX2 CPU has it,
  * as it has FMA) or 16 (AVX-512F) scales. d is stored (out, bc_int6_row_blocks(in)) as fp16 bits, padding blocks 0.
  * Codes are stored unsigned, u = c + 32 in [1, 63] (padding columns: c = 0), bc_int6_row_bytes(in) bytes per row
- * (in rounded up to 64, 6 bits per column) in groups of 48 bytes per 64 columns (Q6_K's ql/qh split):
- *     bytes 0-31  (ql): byte j holds the low 4 bits of u at column 64g + j (low nibble) and 64g + 32 + j (high
- *                       nibble), as int4's nibbles;
- *     bytes 32-47 (qh): byte j holds in bits 2i..2i+1 the high 2 bits of u at column 64g + 16i + j (i < 4, j < 16).
- * Unpacking 64 columns: the ql bytes (twice, the copy shifted right by 4) and the 16 qh bytes broadcast to each
- * 16-column lane i, shifted (AVX2) or rotated (AVX-512) so that field i lands on bits 4-5; then
+ * (in rounded up to 64, 6 bits per column) in groups of 48 bytes per 64 columns (Q6_K's ql/qh split). Within a
+ * group, column c (block c / 32) sits at position p = 4 * (2 * ((c % 32) / 4) + c / 32) + c % 4: runs of 4 columns
+ * of the two blocks alternate, so each int32 lane of a 64-position dot product (vpdpbusd, vpmaddwd) belongs to block
+ * lane % 2 and one 64-bit broadcast (d e of block 2g, d e of block 2g + 1) scales it; the activations are put in
+ * the same order once per group and token (AVX-512: vpermd; AVX2: vpermq + vpunpck), shared by every row. Bytes:
+ *     bytes 0-31  (ql): byte j holds the low 4 bits of u at position j (low nibble) and 32 + j (high nibble);
+ *     bytes 32-47 (qh): byte j holds in bits 2i..2i+1 the high 2 bits of u at position 16i + j (i < 4, j < 16).
+ * Unpacking a group: the ql bytes (twice, the copy shifted right by 4) and the 16 qh bytes broadcast to each
+ * 16-position lane i, shifted (AVX2) or rotated (AVX-512) so that field i lands on bits 4-5; then
  * u = (ql & 15) | (qh & 48): 9 AVX2 ops per 64 columns, 4 AVX-512 ops (vpsrlvq, vprolvd, vpandd, vpternlogd).
  * Unsigned codes make every product an unsigned x signed pair (vpmaddubsw, vpdpbusd) with no sign trick:
  *     P[t][o][b] = sum_{k in b} x_q[t][k] * c[o][k] = sum_{k in b} u[o][k] * x_q[t][k] - 32 * sum_{k in b} x_q[t][k]
@@ -85,7 +88,8 @@ int bc_int4_linear(const float *x, int64_t n, const uint8_t *w_q, const float *d
  *     y[t][o] = sum_b (d[o][b] * e[t][b]) * P[t][o][b]
  * with (x_q, e) the activation blocks above; d converts exactly to fp32, d * e is rounded to fp32 once, and the sum
  * over blocks is accumulated in an order that differs between paths (as for int8 and int4).
- * Paths: scalar (the reference), AVX2 (avxvnni runs it too) and AVX-512 VNNI (two blocks per vpdpbusd). */
+ * Paths: scalar (the reference), AVX2 (avxvnni runs it too) and AVX-512 VNNI (two blocks per vpdpbusd); per 64
+ * columns and row the SIMD paths convert and scale once (vcvtdq2ps + vfmadd231ps). */
 int64_t bc_int6_row_bytes(int64_t in_features);   /* bc_int8_row_stride(in) * 3 / 4 */
 int64_t bc_int6_row_blocks(int64_t in_features);  /* bc_int8_row_stride(in) / BC_INT8_BLOCK */
 /* w (out, in) fp32 -> codes (out, bc_int6_row_bytes(in)) uint8 and d (out, bc_int6_row_blocks(in)) fp16 bits. */
