@@ -9,7 +9,8 @@ Each ``--model NAME=CONVERTED[:SOURCE]`` names a converted folder and, optionall
 folder or an alias), from which llama.cpp's own converter makes the F16 and Q4_0 GGUFs a user would otherwise run.
 Per model the engines are:
 - ``bitconvert``: ``bitconvert.load`` and its decode path (``benchmarks/decode.py: measure_bitconvert``), int8
-  lm_head; ``bitconvert int4`` the same with the 4-bit lm_head (lossier: docs/kernels.md);
+  lm_head; ``bitconvert int6`` and ``bitconvert int4`` the same with the 6-bit and 4-bit lm_heads (int4 is lossier:
+  docs/kernels.md);
 - ``ort``: ``bitconvert export`` to ONNX, run in ONNX Runtime with the TernaryMatMul op
   (``benchmarks/onnx_decode.py: measure_ort``);
 - llama.cpp (when ``LLAMA_CPP_DIR`` names a build): our GGUF export (``ours``), llama.cpp's default TQ2_0 types
@@ -125,8 +126,10 @@ def engines_for(name: str, converted: Path, source: str | None, workdir: Path, t
     def with_bytes(measure, count: int):
         return lambda: {"bytes_per_token": count, **measure()}
 
-    engines = {"bitconvert": lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen),
-               "bitconvert int4": lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen, lm_head="int4")}
+    engines = {"bitconvert": lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen)}
+    for head in ("int6", "int4"):
+        engines[f"bitconvert {head}"] = lambda head=head: decode.measure_bitconvert(str(converted), threads, prompt, gen,
+                                                                                    lm_head=head)
     if ort:
         onnx_path = workdir / name / "model.onnx"
         if not onnx_path.exists():

@@ -1,9 +1,10 @@
-"""What the int8 and int4 lm_heads cost in accuracy: logits and perplexity against the exact (stored float) lm_head.
+"""What the int8, int6 and int4 lm_heads cost in accuracy: logits and perplexity against the exact (stored float)
+lm_head.
 
-    PYTHONPATH=. python benchmarks/lm_head_accuracy.py MODEL [--heads int8 int4] [--max-tokens 4096] [--seq-len 512]
+    PYTHONPATH=. python benchmarks/lm_head_accuracy.py MODEL [--heads int8 int6 int4] [--max-tokens 4096] [--seq-len 512]
         [--stride 256] [--json bench-out/lm-head-accuracy.json]
 
-On the held-out text of ``bitconvert ppl`` (its first ``--max-tokens`` tokens), both lm_heads see the same final
+On the held-out text of ``bitconvert ppl`` (its first ``--max-tokens`` tokens), every lm_head sees the same final
 hidden states (one model, lm_head swapped), so the figures isolate the lm_head: the logits' error (max and RMS,
 relative to the logits' standard deviation), how often the top-1 token agrees, and the perplexity of each. Also the
 lm_head's bytes per token and, with tied embeddings, the memory the quantized copy adds (its bytes). Keys of a

@@ -42,9 +42,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, lm_head: str 
     67 ms: ``lm_head="int8"`` is the fast option for it, 21 ms). The ternary products are fp32 either way. "auto"
     keeps the checkpoint's dtype, as transformers does; any torch dtype forces that one.
     ``lm_head``: "exact" (default: the stored float weights, ``F.linear``), "int8" (per-row int8 weights times
-    int8 activations per 32-column block on the C++ core, a quarter of the fp32 bytes per token) or "int4" (int4
-    weights with one scale per row and 32-column block times the same activations, 5 bits per weight; see
-    :mod:`bitconvert.kernels.lm_head`). An inference option: the folder is not changed.
+    int8 activations per 32-column block on the C++ core, a quarter of the fp32 bytes per token), "int6" (6-bit
+    codes with one fp16 scale per row and 32-column block times the same activations, 6.5 bits per weight) or
+    "int4" (int4 codes with fp32 block scales, 5 bits per weight, lossy; see :mod:`bitconvert.kernels.lm_head`).
+    An inference option: the folder is not changed.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations.bitnet import BitLinear as HFBitLinear

@@ -128,7 +128,7 @@ def test_load_float_dtype_default_and_auto(tmp_path):
         bitconvert.load(out, lm_head="int3")
 
 
-@pytest.mark.parametrize("lm_head", ["exact", "int8", "int4"])
+@pytest.mark.parametrize("lm_head", ["exact", "int8", "int6", "int4"])
 def test_generate_cli_runs_a_converted_folder(tiny_ternary, capsys, lm_head):
     from bitconvert.cli import main
     from transformers import AutoTokenizer

@@ -4,6 +4,8 @@ References: the exact int32 product ``x_q.int() @ T.int().t()`` (plain torch int
 kernels' layout) and the pure-torch :class:`ReferenceBackend` math ``acc.float() / weight_scale / s``.
 """
 
+from typing import Callable, NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -263,29 +265,54 @@ def test_operators_trace_in_torch_compile_without_graph_breaks():
     module = PackedBitLinear.from_bitlinear(BitLinear(40, 24))
     w_q, d = kernels.int8_quantize_rows(torch.randn(10, 24))
     w4, d4 = kernels.int4_quantize_rows(torch.randn(10, 24))
+    w6, d6 = kernels.int6_quantize_rows(torch.randn(10, 24))
 
     def step(x):
         y = torch.relu(torch.ops.bitconvert.ternary_linear(x, module.kernel_weight, 24, module.weight_scale, -1, 0))
-        return torch.ops.bitconvert.int8_linear(y, w_q, d, -1, 0) + torch.ops.bitconvert.int4_linear(y, w4, d4, -1, 0)
+        return (torch.ops.bitconvert.int8_linear(y, w_q, d, -1, 0) + torch.ops.bitconvert.int4_linear(y, w4, d4, -1, 0)
+                + torch.ops.bitconvert.int6_linear(y, w6, d6, -1, 0))
 
     x = torch.randn(3, 40)
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), step(x))
 
 
-def int4_reference(x: torch.Tensor, w: torch.Tensor):
-    """csrc/int8_core.h's int4 math in torch: codes c (out, padded) in [-7, 7], scales d (out, blocks), the exact int32
-    block sums P (t, out, blocks), y in float64 from them, and the bound on any path's fp32 summation."""
+def half_at_least(target: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 >= target (fp32, >= 0, finite in fp16): the nearest fp16, stepped up once if below."""
+    nearest = target.half()
+    below = nearest.float() < target
+    return torch.where(below, (nearest.view(torch.int16) + 1).view(torch.float16), nearest)
+
+
+def int4_weights(blocks: torch.Tensor):
+    """int8_core.h's int4 rule on weight blocks (out, blocks, 32): codes, the stored scales d (fp32) and d as fp32."""
+    amax = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.where(amax > 0, (blocks * (torch.full_like(amax, 7) / amax)).round(), 0).clamp(-7, 7)
+    d = amax / 7
+    return codes, d.squeeze(-1), d
+
+
+def int6_weights(blocks: torch.Tensor):
+    """int8_core.h's int6 rule: d the smallest fp16 >= max / 31 (true fp32 divisions, as the C++ code), codes
+    rounded against it; returns codes, the stored scales d (fp16) and d as fp32."""
+    amax = blocks.abs().amax(-1, keepdim=True)
+    d = half_at_least(amax / torch.full_like(amax, 31))
+    step = d.float()
+    codes = (blocks * torch.where(step > 0, torch.ones_like(step) / step, 0)).round().clamp(-31, 31)
+    return codes, d.squeeze(-1), step
+
+
+def block_reference(x: torch.Tensor, w: torch.Tensor, weights):
+    """csrc/int8_core.h's block-scaled math in torch, the weight rule given by ``weights`` (int4_weights,
+    int6_weights): codes c (out, padded), scales d (out, blocks), the exact int32 block sums P (t, out, blocks), y in
+    float64 from them (d * e rounded to fp32 once, as every path does), and the bound on any path's fp32 summation."""
     pad = -w.shape[1] % 64
-    wb = F.pad(w, (0, pad)).view(w.shape[0], -1, 32)
-    amax = wb.abs().amax(-1, keepdim=True)
-    codes = torch.where(amax > 0, (wb * (torch.full_like(amax, 7) / amax)).round(), 0).clamp(-7, 7)
+    codes, d, step = weights(F.pad(w, (0, pad)).view(w.shape[0], -1, 32))
     xb = F.pad(x, (0, pad)).view(x.shape[0], -1, 32)
     xmax = xb.abs().amax(-1, keepdim=True)
     x_q = torch.where(xmax > 0, (xb * (torch.full_like(xmax, 127) / xmax)).round(), 0).clamp(-127, 127)
     sums = torch.einsum("tbk,obk->tob", x_q.int(), codes.int())
-    d = (amax / 7).squeeze(-1)
-    scale = d[None].double() * (xmax / 127).double().squeeze(-1)[:, None, :]  # (t, out, blocks)
+    scale = (step.squeeze(-1)[None] * (xmax / 127).squeeze(-1)[:, None, :]).double()  # (t, out, blocks)
     magnitude = torch.einsum("tbk,obk->tob", x_q.abs().double(), codes.abs().double())
     return codes.flatten(1).to(torch.int8), d, sums, (sums * scale).sum(-1), (magnitude * scale).sum(-1)
 
@@ -297,56 +324,120 @@ def unpack_int4(w_q: torch.Tensor) -> torch.Tensor:
     return (torch.cat([groups & 15, groups >> 4], -1) - 8).flatten(1).to(torch.int8)
 
 
+# Storage position of each column c of a 64-column int6 group: 4-column runs of its two blocks alternate.
+INT6_POSITION = torch.tensor([4 * (2 * (c % 32 // 4) + c // 32) + c % 4 for c in range(64)])
 
+
+def unpack_int6(w_q: torch.Tensor) -> torch.Tensor:
+    """The ql/qh layout of int8_core.h back to codes (out, 64 * groups): per 48-byte group, byte j < 32 holds the low 4
+    bits of positions j (low nibble) and 32 + j (high nibble), byte 32 + j bits 2i..2i+1 the high 2 bits of position
+    16i + j; position 4 * (2 * (c % 32 // 4) + c // 32) + c % 4 holds column c, stored as c + 32."""
+    groups = w_q.view(w_q.shape[0], -1, 48).int()
+    ql, qh = groups[..., :32], groups[..., 32:]
+    low = torch.cat([ql & 15, ql >> 4], -1)
+    high = torch.cat([qh >> (2 * i) & 3 for i in range(4)], -1)
+    return ((low | high << 4) - 32)[..., INT6_POSITION].flatten(1).to(torch.int8)
+
+
+class BlockFormat(NamedTuple):
+    """A block-scaled weight format of int8_core.h and what its tests need."""
+
+    name: str
+    levels: int  # codes in [-levels, levels]
+    quantize: Callable
+    linear: Callable
+    weights: Callable  # the torch rule: int4_weights, int6_weights
+    unpack: Callable
+    group_bytes: int  # bytes per 64 columns
+    scale_dtype: torch.dtype
+    scale_type: str  # its name in the error messages
+    wrong_dtype: torch.dtype  # a scale dtype it refuses
+
+
+BLOCK_FORMATS = [
+    pytest.param(BlockFormat("int4", 7, kernels.int4_quantize_rows, kernels.int4_linear, int4_weights, unpack_int4, 32,
+                             torch.float32, "fp32", torch.float64), id="int4"),
+    pytest.param(BlockFormat("int6", 31, kernels.int6_quantize_rows, kernels.int6_linear, int6_weights, unpack_int6, 48,
+                             torch.float16, "fp16", torch.float32), id="int6"),
+]
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
 @pytest.mark.parametrize("isa", isa_params())
-def test_int4_block_sums_exact(isa):
-    """The int32 block sums P bit for bit, read back through y: integer weights in [-7, 7] with a 7 in every block
-    (d = 1, codes = W) and, for token t, integer activations in block t only, with max 127 (x_q = x, e = 1; every
-    other block 0, e = 0), make y[t][o] = P[t][o][t] exactly (|P| <= 32 * 127 * 7 < 2^24)."""
+def test_block_sums_exact(isa, fmt):
+    """The int32 block sums P bit for bit, read back through y: integer weights in [-levels, levels] with a `levels`
+    in every block (d = 1 exactly, codes = W) and, for token t, integer activations in block t only, with max 127
+    (x_q = x, e = 1; every other block 0, e = 0), make y[t][o] = P[t][o][t] exactly (|P| <= 32 * 127 * 31 < 2^24).
+    in_features 96, 160 and 1056 are multiples of 32 but not of 64 (a padded block), 576 not of 128 (a partial chunk
+    of scales on the SIMD paths); row counts are not multiples of the 4-row group or the 64-row task, and 2 threads
+    really split the rows (2 tasks or more)."""
     index = require(isa)
     generator = torch.Generator().manual_seed(5)
-    for in_features, out_features in ((64, 1), (65, 7), (1000, 13), (576, 67)):
-        w = torch.randint(-7, 8, (out_features, in_features), generator=generator).float()
-        w[:, ::32] = 7
-        w_q, d = kernels.int4_quantize_rows(w)
+    for in_features, out_features in ((64, 1), (65, 7), (96, 7), (160, 67), (576, 67), (1000, 13), (1056, 130)):
+        w = torch.randint(-fmt.levels, fmt.levels + 1, (out_features, in_features), generator=generator).float()
+        w[:, ::32] = fmt.levels
+        w_q, d = fmt.quantize(w)
         blocks = -(-in_features // 32)
-        assert torch.equal(d[:, :blocks], torch.ones(out_features, blocks)) and not d[:, blocks:].any()
+        assert torch.equal(d[:, :blocks].float(), torch.ones(out_features, blocks)) and not d[:, blocks:].any()
         x = torch.zeros(blocks, in_features)
         for t in range(blocks):
             x[t, 32 * t: 32 * t + 32] = torch.randint(-127, 128, (min(32, in_features - 32 * t),), generator=generator)
             x[t, 32 * t] = 127
         want = torch.einsum("tk,ok->to", x.double(), w.double())  # = P[t][o][t]
         for threads in (1, 2):
-            assert torch.equal(kernels.int4_linear(x, w_q, d, index, threads).double(), want)
+            assert torch.equal(fmt.linear(x, w_q, d, index, threads).double(), want), (in_features, threads)
 
 
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
 @pytest.mark.parametrize("isa", isa_params())
-def test_int4_linear_matches_reference(isa):
+def test_block_linear_matches_reference(isa, fmt):
     """Codes and scales bit for bit against a pure-torch reference of int8_core.h's math; outputs to fp32 rounding of
-    the float sum over blocks, bounded as for int8 by (blocks + 8) * 2^-24 * sum_b |d e| sum_k |x_q c|; and the
-    scalar reference and this path agree to twice that."""
+    the float sum over blocks, bounded as for int8 by (blocks + 8) * 2^-24 * sum_b |d e| sum_k |x_q c| (every path
+    rounds d * e once, as the reference, and converts each exact int32 sum once; only the fp32 accumulation order
+    differs); and the scalar reference and this path agree to twice that."""
     index = require(isa)
     generator = torch.Generator().manual_seed(6)
-    for in_features in (1, 31, 33, 64, 65, 576, 1000):
+    for in_features in (1, 31, 33, 64, 65, 96, 160, 576, 1000, 1056):
         for out_features in (1, 5, 13, 200):
             w = torch.randn(out_features, in_features, generator=generator)
             if out_features > 1:
                 w[1] = 0  # an all-zero row: d = 0
-            w_q, d = kernels.int4_quantize_rows(w)
+            w_q, d = fmt.quantize(w)
             stride = -(-in_features // 64) * 64
-            assert w_q.shape == (out_features, stride // 2) and w_q.dtype == torch.uint8
-            assert d.shape == (out_features, stride // 32) and d.dtype == torch.float32
+            assert w_q.shape == (out_features, stride // 64 * fmt.group_bytes) and w_q.dtype == torch.uint8
+            assert d.shape == (out_features, stride // 32) and d.dtype == fmt.scale_dtype
             for batch in (1, 3):
                 x = torch.randn(batch, in_features, generator=generator) * 3
                 x[0, : min(32, in_features)] = 0  # an all-zero activation block: e = 0
-                codes, scales, _, want, magnitude = int4_reference(x, w)
-                assert torch.equal(unpack_int4(w_q), codes) and torch.equal(d, scales)
+                codes, scales, _, want, magnitude = block_reference(x, w, fmt.weights)
+                assert torch.equal(fmt.unpack(w_q), codes) and torch.equal(d, scales)
                 bound = (stride // 32 + 8) * 2.0 ** -24 * magnitude + 1e-30
-                scalar = kernels.int4_linear(x, w_q, d, 0, 1)
+                scalar = fmt.linear(x, w_q, d, 0, 1)
                 for threads in (1, 2):
-                    y = kernels.int4_linear(x, w_q, d, index, threads)
+                    y = fmt.linear(x, w_q, d, index, threads)
                     assert ((y.double() - want).abs() <= bound).all(), f"{isa} {in_features} {out_features} {batch}"
                     assert ((y - scalar).double().abs() <= 2 * bound).all()
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_block_formats_refuse_bad_arguments(fmt):
+    w_q, d = fmt.quantize(torch.randn(5, 70))
+    x = torch.randn(2, 70)
+    with pytest.raises(RuntimeError, match=f"rows hold {2 * fmt.group_bytes} bytes, expected {fmt.group_bytes} for "
+                                           "in_features 64"):
+        fmt.linear(torch.randn(2, 64), w_q, d)
+    with pytest.raises(RuntimeError, match=f"{fmt.name} weight must be a contiguous 2-D CPU Byte"):
+        fmt.linear(x, w_q.view(torch.int8), d)
+    with pytest.raises(RuntimeError, match=f"{fmt.name} scales must be contiguous {fmt.scale_type} with 20 values"):
+        fmt.linear(x, w_q, d[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match=f"{fmt.name} scales must be contiguous {fmt.scale_type}"):
+        fmt.linear(x, w_q, d.to(fmt.wrong_dtype))
+    with pytest.raises(RuntimeError, match="2-D float tensor"):
+        fmt.linear(x[0], w_q, d)
+    with pytest.raises(RuntimeError, match="2-D float tensor"):
+        fmt.linear(x.int(), w_q, d)
+    with pytest.raises(RuntimeError, match="takes a 2-D weight"):
+        fmt.quantize(torch.randn(70))
 
 
 def test_int4_round_trip_within_half_a_step():
@@ -362,23 +453,38 @@ def test_int4_round_trip_within_half_a_step():
     assert (codes.abs() <= 7).all() and (codes.abs().view(37, -1).amax(1) == 7).all()
 
 
-def test_int4_refuses_bad_arguments():
-    w_q, d = kernels.int4_quantize_rows(torch.randn(5, 70))
-    x = torch.randn(2, 70)
-    with pytest.raises(RuntimeError, match="rows hold 64 bytes, expected 32 for in_features 64"):
-        kernels.int4_linear(torch.randn(2, 64), w_q, d)
-    with pytest.raises(RuntimeError, match="int4 weight must be a contiguous 2-D CPU Byte"):
-        kernels.int4_linear(x, w_q.view(torch.int8), d)
-    with pytest.raises(RuntimeError, match="int4 scales must be contiguous fp32 with 20 values"):
-        kernels.int4_linear(x, w_q, d[:, :2].contiguous())
-    with pytest.raises(RuntimeError, match="int4 scales"):
-        kernels.int4_linear(x, w_q, d.double())
-    with pytest.raises(RuntimeError, match="2-D float tensor"):
-        kernels.int4_linear(x[0], w_q, d)
-    with pytest.raises(RuntimeError, match="2-D float tensor"):
-        kernels.int4_linear(x.int(), w_q, d)
-    with pytest.raises(RuntimeError, match="takes a 2-D weight"):
-        kernels.int4_quantize_rows(torch.randn(70))
+def test_int6_round_trip_within_half_a_step():
+    """d is the smallest fp16 >= max / 31, so no code clamps: |W - d c| <= d / 2 per element, up to fp32 rounding of
+    W * (1 / d) (a few ulps of 31 steps, allowed as 2^-21 * 31 * d), over 25 decades of row scale: subnormal-fp16 d
+    for tiny rows (coarse relative to the max, d = 2^-24 at the least, but never below max / 31) up to 1e5. Blocks
+    with a normal-fp16 d reach code +-31 (d is within 2^-11 of max / 31)."""
+    generator = torch.Generator().manual_seed(10)
+    w = torch.randn(37, 250, generator=generator) * torch.logspace(-20, 5, 37)[:, None]
+    w_q, d = kernels.int6_quantize_rows(w)
+    codes = unpack_int6(w_q)[:, :250].float()
+    step = d.float().repeat_interleave(32, 1)[:, :250]
+    error = (w - step * codes).abs()
+    assert (error <= step / 2 + 2.0 ** -21 * 31 * step).all()
+    blocks = F.pad(w, (0, 6)).abs().view(37, -1, 32).amax(-1)
+    target = blocks / 31
+    smaller = (d.view(torch.int16) - 1).view(torch.float16).float()  # the fp16 just below d (d > 0 here)
+    assert (d.float() >= target).all() and (smaller < target).all()
+    normal = blocks >= 31 * 2.0 ** -14  # d a normal fp16
+    top = F.pad(codes.abs(), (0, 6)).view(37, -1, 32).amax(-1)
+    assert (top <= 31).all() and (top[normal] == 31).all() and normal.any() and not normal.all()
+
+
+def test_int6_refuses_weights_beyond_its_fp16_scales():
+    big = torch.randn(3, 40)
+    big[1, 7] = 31 * 65504 * 1.001
+    with pytest.raises(RuntimeError, match="int6 takes finite weights"):
+        kernels.int6_quantize_rows(big)
+    big[1, 7] = float("nan")
+    with pytest.raises(RuntimeError, match="int6 takes finite weights"):
+        kernels.int6_quantize_rows(big)
+    big[1, 7] = -31 * 65504  # the largest magnitude it takes: d = 65504, code -31
+    w_q, d = kernels.int6_quantize_rows(big)
+    assert d[1, 0].item() == 65504 and unpack_int6(w_q)[1, 7].item() == -31
 
 
 def test_int4_lm_head_close_to_exact_and_option_of_load(tiny_ternary):
@@ -389,6 +495,16 @@ def test_int4_lm_head_close_to_exact_and_option_of_load(tiny_ternary):
     logits by about their whole spread)."""
     rms = quantized_lm_head_error(tiny_ternary, "int4").pow(2).mean().sqrt()
     assert 0 < rms <= 0.13, f"RMS error {rms:.4f} of the logits' std"
+
+
+def test_int6_lm_head_close_to_exact_and_option_of_load(tiny_ternary):
+    """The int6 lm_head's logits against the exact ones. Per element the weight error is uniform in [-d/2, d/2] with
+    d = max_b / 31 (~2.07 sigma for 32 Gaussian weights): an RMS weight error of 2.07 / 31 / sqrt(12) = 1.9% of sigma,
+    so the logits' RMS error is ~2% of their spread (2.2% measured on this model; the int8 activations add ~0.5% in
+    quadrature); 3.5% leaves room while catching a wrong scale, code or layout (each moves the logits by about their
+    whole spread) or an int4-sized error (10% measured)."""
+    rms = quantized_lm_head_error(tiny_ternary, "int6").pow(2).mean().sqrt()
+    assert 0 < rms <= 0.035, f"RMS error {rms:.4f} of the logits' std"
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):

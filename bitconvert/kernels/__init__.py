@@ -5,8 +5,9 @@ weights ``T`` (out, in), the exact int32 product ``acc = x_q @ T^T`` and the lay
 ``y = acc / weight_scale / s`` (fp32), bit for bit equal to :class:`bitconvert.bitlinear.ReferenceBackend`.
 It has a scalar reference path and AVX2, AVX-VNNI and AVX-512 VNNI paths, chosen from CPUID at run time or forced
 with ``BITCONVERT_ISA=scalar|avx2|avxvnni|avx512``, and runs on ``torch.get_num_threads()`` threads (OpenMP).
-``csrc/int8_core.{h,cpp}`` holds the int8 x int8 and int4 x int8 products of the optional int8 and int4 ``lm_head``
-(:mod:`.lm_head`) on the same paths (int4: scalar and AVX2); :mod:`.decode` is the lean decoding loop built on both.
+``csrc/int8_core.{h,cpp}`` holds the int8 x int8, int4 x int8 and int6 x int8 products of the optional int8, int4 and
+int6 ``lm_head`` (:mod:`.lm_head`) on the same paths (int4: scalar and AVX2; int6: scalar, AVX2 and AVX-512 VNNI);
+:mod:`.decode` is the lean decoding loop built on both.
 
 ``csrc/torch_ops.cpp`` registers the operators (all CPU):
 
@@ -18,6 +19,8 @@ with ``BITCONVERT_ISA=scalar|avx2|avxvnni|avx512``, and runs on ``torch.get_num_
     torch.ops.bitconvert.int8_linear(x float (n, in), w_q, d, isa=-1, threads=0) -> fp32 (n, out)
     torch.ops.bitconvert.int4_quantize_rows(w float (out, in)) -> (uint8 (out, stride / 2), fp32 (out, stride / 32))
     torch.ops.bitconvert.int4_linear(x float (n, in), w_q, d, isa=-1, threads=0) -> fp32 (n, out)
+    torch.ops.bitconvert.int6_quantize_rows(w float (out, in)) -> (uint8 (out, stride * 3 / 4), fp16 (out, stride / 32))
+    torch.ops.bitconvert.int6_linear(x float (n, in), w_q, d, isa=-1, threads=0) -> fp32 (n, out)
     torch.ops.bitconvert.rope_cache_write(qkv, cos, sin, keys, values, start, heads) -> q   (csrc/decode_ops.cpp)
     torch.ops.bitconvert.decode_layer(x, input_norm, qkv_weight, qkv_scales, o_weight, o_scales, post_norm,
         gate_up_weight, gate_up_scales, down_weight, down_scales, cos, sin, keys, values, position, heads, eps)
@@ -119,6 +122,7 @@ def _register_fake_kernels() -> None:
         return x.new_empty((x.shape[0], w_q.shape[0]), dtype=torch.float32)
 
     fake("bitconvert::int4_linear")(_)  # the same shape rule: (tokens, rows of w_q)
+    fake("bitconvert::int6_linear")(_)
 
     @fake("bitconvert::rope_cache_write")
     def _(qkv, cos, sin, keys, values, start, heads):
@@ -187,6 +191,20 @@ def int4_linear(x: torch.Tensor, w_q: torch.Tensor, d: torch.Tensor, isa: int = 
     """``x`` float (n, in) quantized per 32-column block to int8, times the int4 rows: fp32 (n, out)."""
     load_library()
     return torch.ops.bitconvert.int4_linear(x, w_q, d, isa, threads)
+
+
+def int6_quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row, per-32-column-block symmetric int6: float (out, in) -> uint8 (out, stride * 3 / 4) codes (ql/qh
+    layout) and fp16 (out, stride / 32) block scales (``csrc/int8_core.h``); refuses |w| > 31 * 65504 (the fp16
+    scales' range)."""
+    load_library()
+    return torch.ops.bitconvert.int6_quantize_rows(weight)
+
+
+def int6_linear(x: torch.Tensor, w_q: torch.Tensor, d: torch.Tensor, isa: int = -1, threads: int = 0) -> torch.Tensor:
+    """``x`` float (n, in) quantized per 32-column block to int8, times the int6 rows: fp32 (n, out)."""
+    load_library()
+    return torch.ops.bitconvert.int6_linear(x, w_q, d, isa, threads)
 
 
 class KernelBackend:

@@ -74,18 +74,20 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_rows(const at::Tensor &w) {
 }
 
 // x: float (n, in) -> fp32 contiguous, after checking that the rows w_q (out, row_bytes(in)) of `dtype` and their
-// fp32 scales d (out, scales_per_row(in)) fit it; `format` names them in the messages.
+// scales d (out, scales_per_row(in)) of `scale_dtype` fit it; `format` names them in the messages.
 template <class RowBytes, class ScalesPerRow>
 at::Tensor checked_input(const at::Tensor &x, const at::Tensor &w_q, const at::Tensor &d, at::ScalarType dtype,
-                         const char *format, RowBytes row_bytes, ScalesPerRow scales_per_row) {
+                         const char *format, RowBytes row_bytes, ScalesPerRow scales_per_row,
+                         at::ScalarType scale_dtype = at::kFloat) {
     TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "bitconvert: x must be a 2-D float tensor (tokens, in_features)");
     TORCH_CHECK(w_q.dtype() == dtype && w_q.dim() == 2 && w_q.is_contiguous() && w_q.device().is_cpu(), "bitconvert: ",
                 format, " weight must be a contiguous 2-D CPU ", c10::toString(dtype), " tensor (out, row bytes)");
     const int64_t in_features = x.size(1), scales = w_q.size(0) * scales_per_row(in_features);
     TORCH_CHECK(w_q.size(1) == row_bytes(in_features), "bitconvert: ", format, " weight rows hold ", w_q.size(1),
                 " bytes, expected ", row_bytes(in_features), " for in_features ", in_features);
-    TORCH_CHECK(d.dtype() == at::kFloat && d.is_contiguous() && d.numel() == scales, "bitconvert: ", format,
-                " scales must be contiguous fp32 with ", scales, " values (", w_q.size(0), " rows x ",
+    TORCH_CHECK(d.dtype() == scale_dtype && d.is_contiguous() && d.numel() == scales, "bitconvert: ", format,
+                " scales must be contiguous ", scale_dtype == at::kFloat ? "fp32" : "fp16", " with ", scales,
+                " values (", w_q.size(0), " rows x ",
                 scales_per_row(in_features), "), got ", d.numel(), " ", c10::toString(d.scalar_type()));
     return x.to(at::kFloat).contiguous();
 }
@@ -101,13 +103,23 @@ at::Tensor int8_linear(const at::Tensor &x, const at::Tensor &w_q, const at::Ten
     return y;
 }
 
+// w: float (out, in) -> wf fp32 contiguous and the empty (codes uint8 (out, row_bytes(in)), scales (out,
+// row_blocks(in)) of scale_dtype) that the block quantizer `format` fills.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_quantize_buffers(const at::Tensor &w, const char *format,
+                                                                      int64_t (*row_bytes)(int64_t),
+                                                                      int64_t (*row_blocks)(int64_t),
+                                                                      at::ScalarType scale_dtype) {
+    TORCH_CHECK(w.dim() == 2, "bitconvert: ", format, "_quantize_rows takes a 2-D weight");
+    at::Tensor wf = w.to(at::kFloat).contiguous().cpu();
+    at::Tensor w_q = at::empty({wf.size(0), row_bytes(wf.size(1))}, wf.options().dtype(at::kByte));
+    at::Tensor d = at::empty({wf.size(0), row_blocks(wf.size(1))}, wf.options().dtype(scale_dtype));
+    return {wf, w_q, d};
+}
+
 // w: float (out, in) -> (uint8 (out, bc_int4_row_bytes(in)) nibble codes, fp32 (out, bc_int4_row_blocks(in)) block
 // scales d), as int8_core.h states.
 std::tuple<at::Tensor, at::Tensor> int4_quantize_rows(const at::Tensor &w) {
-    TORCH_CHECK(w.dim() == 2, "bitconvert: int4_quantize_rows takes a 2-D weight");
-    const at::Tensor wf = w.to(at::kFloat).contiguous().cpu();
-    at::Tensor w_q = at::empty({wf.size(0), bc_int4_row_bytes(wf.size(1))}, wf.options().dtype(at::kByte));
-    at::Tensor d = at::empty({wf.size(0), bc_int4_row_blocks(wf.size(1))}, wf.options());
+    auto [wf, w_q, d] = block_quantize_buffers(w, "int4", bc_int4_row_bytes, bc_int4_row_blocks, at::kFloat);
     bc_int4_quantize_rows(wf.data_ptr<float>(), wf.size(0), wf.size(1), w_q.data_ptr<uint8_t>(), d.data_ptr<float>());
     return {w_q, d};
 }
@@ -119,6 +131,34 @@ at::Tensor int4_linear(const at::Tensor &x, const at::Tensor &w_q, const at::Ten
     at::Tensor y = at::empty({xf.size(0), w_q.size(0)}, xf.options());
     check_result(bc_int4_linear(xf.data_ptr<float>(), xf.size(0), w_q.data_ptr<uint8_t>(), d.data_ptr<float>(),
                                 w_q.size(0), xf.size(1), y.data_ptr<float>(), int(isa), resolve_threads(threads)),
+                 isa);
+    return y;
+}
+
+// The largest |w| int6's fp16 block scales represent: 31 * 65504 (int8_core.h).
+constexpr double kInt6MaxWeight = 31.0 * 65504.0;
+
+// w: float (out, in) -> (uint8 (out, bc_int6_row_bytes(in)) ql/qh codes, fp16 (out, bc_int6_row_blocks(in)) block
+// scales d), as int8_core.h states; refuses weights beyond the fp16 scales' range (or not finite).
+std::tuple<at::Tensor, at::Tensor> int6_quantize_rows(const at::Tensor &w) {
+    auto [wf, w_q, d] = block_quantize_buffers(w, "int6", bc_int6_row_bytes, bc_int6_row_blocks, at::kHalf);
+    const double amax = wf.numel() ? wf.abs().max().item<double>() : 0.0;
+    TORCH_CHECK(amax <= kInt6MaxWeight, "bitconvert: int6 takes finite weights with |w| <= ", kInt6MaxWeight,
+                " (fp16 block scales), got max |w| = ", amax, "; use int8");
+    bc_int6_quantize_rows(wf.data_ptr<float>(), wf.size(0), wf.size(1), w_q.data_ptr<uint8_t>(),
+                          reinterpret_cast<uint16_t *>(d.data_ptr<at::Half>()));
+    return {w_q, d};
+}
+
+// x: float (n, in); w_q, d from int6_quantize_rows; returns fp32 (n, out).
+at::Tensor int6_linear(const at::Tensor &x, const at::Tensor &w_q, const at::Tensor &d, int64_t isa,
+                       int64_t threads) {
+    const at::Tensor xf =
+        checked_input(x, w_q, d, at::kByte, "int6", bc_int6_row_bytes, bc_int6_row_blocks, at::kHalf);
+    at::Tensor y = at::empty({xf.size(0), w_q.size(0)}, xf.options());
+    check_result(bc_int6_linear(xf.data_ptr<float>(), xf.size(0), w_q.data_ptr<uint8_t>(),
+                                reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>()), w_q.size(0), xf.size(1),
+                                y.data_ptr<float>(), int(isa), resolve_threads(threads)),
                  isa);
     return y;
 }
@@ -148,6 +188,8 @@ TORCH_LIBRARY(bitconvert, m) {
     m.def("int8_linear(Tensor x, Tensor w_q, Tensor d, int isa=-1, int threads=0) -> Tensor");
     m.def("int4_quantize_rows(Tensor w) -> (Tensor, Tensor)");
     m.def("int4_linear(Tensor x, Tensor w_q, Tensor d, int isa=-1, int threads=0) -> Tensor");
+    m.def("int6_quantize_rows(Tensor w) -> (Tensor, Tensor)");
+    m.def("int6_linear(Tensor x, Tensor w_q, Tensor d, int isa=-1, int threads=0) -> Tensor");
     m.def("ternary_isa(str name='') -> int", &ternary_isa);
     m.def("ternary_isa_supported(int isa) -> bool", &ternary_isa_supported);
 }
@@ -160,4 +202,6 @@ TORCH_LIBRARY_IMPL(bitconvert, CPU, m) {
     m.impl("int8_linear", &int8_linear);
     m.impl("int4_quantize_rows", &int4_quantize_rows);
     m.impl("int4_linear", &int4_linear);
+    m.impl("int6_quantize_rows", &int6_quantize_rows);
+    m.impl("int6_linear", &int6_linear);
 }
