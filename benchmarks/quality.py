@@ -157,6 +157,8 @@ class Bench:
             command = [word for word in command if word != "--resume"]
         else:
             seconds = self.run(rid, "model", command)
+        if not row.budgeted:  # a conversion row: the calibration tokens it used, if any
+            tokens = start_tokens(folder)
         record["model"] = {"command": shlex.join(command), "tokens": tokens, "seconds": round(seconds, 1),
                            "start": self.args.qat_from if row.budgeted else None,
                            "start_tokens": start_tokens(self.models / self.args.qat_from) if row.budgeted else 0}
@@ -238,6 +240,8 @@ def write_doc(results_dir: Path, models: Path, doc: Path, source: str, notes: Pa
             rid = row_id(row, budget) if budget else row.key
             record = json.loads((results_dir / f"{rid}.json").read_text()) if (results_dir / f"{rid}.json").is_file() else {}
             label = f"{row.label}, {budget} tokens" if budget else row.label
+            start = record.get("model", {}).get("start")
+            label += f" (from {BY_KEY[start].label.removeprefix('+ ')})" if start in BY_KEY else ""
             rows.append((row, rid, label, record))
     lines = [
         "# Quality: from full precision to ternary on a small budget (SmolLM2-135M-Instruct)",
