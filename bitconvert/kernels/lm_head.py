@@ -14,8 +14,8 @@ Both quantized heads multiply int8 activations quantized per block of 32 columns
   weight, the same formula (lossy on real models: docs/kernels.md)
 
 They are inference options (``bitconvert.load(path, lm_head="int8" | "int6" | "int4")``): the saved folder keeps
-the float weights. With tied embeddings the embedding table stays float for the lookup and the quantized copy adds its bytes
-(:meth:`QuantizedLmHead.weight_bytes`); untied, the float ``lm_head`` is released.
+the float weights. With tied embeddings the embedding table stays float for the lookup and the quantized copy adds
+its bytes (:meth:`QuantizedLmHead.weight_bytes`); untied, the float ``lm_head`` is released.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class QuantizedLmHead(nn.Module):
     """``nn.Linear``'s replacement for the output projection: x float (..., in) -> fp32 (..., out), no bias.
 
     Buffers (not saved in state dicts): ``weight_q`` (the codes) and ``scale`` (fp32; fp16 for int6), as the
-    subclass's static ``quantize(weight)`` returns them; its static ``product(x, weight_q, scale, isa, threads)`` is the kernel and
-    ``kind`` its description.
+    subclass's static ``quantize(weight)`` returns them; its static ``product(x, weight_q, scale, isa, threads)``
+    is the kernel and ``kind`` its description.
     """
 
     def __init__(self, weight: torch.Tensor, isa: int = -1, threads: int = 0):
@@ -74,8 +74,9 @@ class Int6LmHead(QuantizedLmHead):
     ``c + 32`` as Q6_K splits it: per 64 columns 32 bytes of low nibbles and 16 bytes of high 2-bit fields, the two
     blocks' 4-column runs alternating (``csrc/int8_core.h``), so that one broadcast scale pair serves a whole
     64-column integer dot product:
-    ``y[t][o] = sum_b d[o][b] * e[t][b] * sum_{k in b} x_q[t][k] * c[o][k]``. fp16 scales, not fp32: 6.5 bits per weight instead of 7 (19% fewer bytes than int8 rather than 13%), and
-    their 11 significant bits are far finer than the 6-bit codes; d rounded up keeps every code unclamped, so
+    ``y[t][o] = sum_b d[o][b] * e[t][b] * sum_{k in b} x_q[t][k] * c[o][k]``. fp16 scales, not fp32: 6.5 bits
+    per weight instead of 7 (19% fewer bytes than int8 rather than 13%), and their 11 significant bits are far
+    finer than the 6-bit codes; d rounded up keeps every code unclamped, so
     ``|w - d c| <= d / 2``. Weights beyond fp16's range for d (|w| > 31 * 65504) are refused.
     """
 
