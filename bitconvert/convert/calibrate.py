@@ -172,12 +172,14 @@ def calibrated_tensors(reader, model_config, tokenizer, config: CalibrationConfi
         record = {"layer": index}
         if "equalize" in info:
             record["equalize"] = info["equalize"]
+        output = info["output"]
         if config.reconstruct:
             result = reconstruct_layer(stream, layer, h_q, y_fp, steps=config.reconstruct_steps,
                                        lr=config.reconstruct_lr, batch_size=config.reconstruct_batch,
                                        seed=config.seed + index, progress=progress, desc=f"reconstruct layer {index}")
             record["reconstruct_error"] = [result.error_before, result.error_after]
-        h_q = stream.run(layer, h_q) if config.reconstruct else info["output"]
+            output = result.output
+        h_q = output
         record["output_mse"] = (h_q - y_fp).pow(2).mean().item()
         record["output_relative_error"] = relative_error(h_q, y_fp).item()
         h_fp = y_fp

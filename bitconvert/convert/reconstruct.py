@@ -38,20 +38,17 @@ from ..bitlinear import BitLinear
 @dataclass
 class ReconstructionResult:
     """Relative error (:func:`relative_error`) of the layer's output on all calibration sequences, before and after
-    training."""
+    training, and that output (batch, seq, hidden) of the layer as it is left: the next layer's input."""
 
     error_before: float
     error_after: float
+    output: torch.Tensor
 
 
 def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mean_t ||output[t] - target[t]||^2 / ||target[t]||^2`` over all tokens t of (..., hidden) tensors; a scalar."""
     error = (output - target).pow(2).sum(-1)
     return (error / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
-
-
-def _error(stream, layer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    return relative_error(stream.run(layer, inputs), targets).item()
 
 
 def reconstruct_layer(stream, layer, inputs: torch.Tensor, targets: torch.Tensor, *, steps: int, lr: float,
@@ -61,7 +58,8 @@ def reconstruct_layer(stream, layer, inputs: torch.Tensor, targets: torch.Tensor
               for module in layer.modules() if isinstance(module, BitLinear)]
     groups.append({"params": [layer.input_layernorm.weight, layer.post_attention_layernorm.weight], "lr": lr})
     parameters = [p for group in groups for p in group["params"]]
-    before = _error(stream, layer, inputs, targets)
+    output = stream.run(layer, inputs)
+    before = relative_error(output, targets).item()
     saved = {name: tensor.detach().clone() for name, tensor in layer.state_dict().items()}
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -82,8 +80,11 @@ def reconstruct_layer(stream, layer, inputs: torch.Tensor, targets: torch.Tensor
     layer.eval()
     for parameter in layer.parameters():
         parameter.requires_grad_(False)
-    after = _error(stream, layer, inputs, targets)
-    if not after < before:
+    trained = stream.run(layer, inputs)
+    after = relative_error(trained, targets).item()
+    if after < before:
+        output = trained
+    else:
         layer.load_state_dict(saved)
         after = before
-    return ReconstructionResult(before, after)
+    return ReconstructionResult(before, after, output)
