@@ -175,7 +175,8 @@ const char *const kIsaNames[BC_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx51
 // What to do with the exact int32 products: store them, or scale them to the layer's fp32 output.
 struct Output {
     int32_t *acc;               // (n, out) or null
-    float *y;                   // (n, out) or null
+    float *y;                   // n rows of stride ldy, or null
+    int64_t ldy;                // y's row stride (>= out)
     const float *scale;         // per-token s (n), for y
     float weight_scale;         // for y, when row_scales is null
     const float *row_scales;    // (out) per-row weight scales, or null
@@ -205,15 +206,17 @@ void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint
             const int64_t token = t0 + t;
             const int32_t *tile_acc = raw + t * BC_TILE_ROWS;
             const int32_t sum = x_sum[token];
-            const int64_t at = token * out_features + row0;
             if (out.acc) {
-                for (int r = 0; r < rows; ++r) out.acc[at + r] = tile_acc[r] - sum;
+                int32_t *acc = out.acc + token * out_features + row0;
+                for (int r = 0; r < rows; ++r) acc[r] = tile_acc[r] - sum;
             } else if (out.row_scales) {
                 const float s = out.scale[token], *ws = out.row_scales + row0;
-                for (int r = 0; r < rows; ++r) out.y[at + r] = float(tile_acc[r] - sum) / ws[r] / s;
+                float *y = out.y + token * out.ldy + row0;
+                for (int r = 0; r < rows; ++r) y[r] = float(tile_acc[r] - sum) / ws[r] / s;
             } else {
                 const float s = out.scale[token], ws = out.weight_scale;
-                for (int r = 0; r < rows; ++r) out.y[at + r] = float(tile_acc[r] - sum) / ws / s;
+                float *y = out.y + token * out.ldy + row0;
+                for (int r = 0; r < rows; ++r) y[r] = float(tile_acc[r] - sum) / ws / s;
             }
         }
     }
@@ -236,16 +239,12 @@ int32_t row_sum(const int8_t *x, int64_t count) {
 int scaled_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
                   float weight_scale, const float *row_scales, float *y, int isa, int threads) {
     if (const int err = check(isa, n, out_features, in_features)) return err;
-    const int64_t ldx = ceil_div(in_features, BC_BLOCK_COLS) * BC_BLOCK_COLS;
-    std::vector<int8_t> padded(size_t(n * ldx), 0);
+    std::vector<int8_t> padded(size_t(n * bc_padded_in(in_features)));
     std::vector<int32_t> sums(static_cast<size_t>(n));
     std::vector<float> scales(static_cast<size_t>(n));
-    for (int64_t t = 0; t < n; ++t) {
-        bc_quantize_activations(x + t * in_features, 1, in_features, &padded[t * ldx], &scales[t]);
-        sums[t] = row_sum(&padded[t * ldx], in_features);
-    }
+    bc_quantize_padded(x, n, in_features, padded.data(), sums.data(), scales.data());
     run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
-        Output{nullptr, y, scales.data(), weight_scale, row_scales}, threads);
+        Output{nullptr, y, out_features, scales.data(), weight_scale, row_scales}, threads);
     return BC_OK;
 }
 
@@ -344,7 +343,7 @@ void bc_quantize_activations(const float *x, int64_t n, int64_t in_features, int
 int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
                   int32_t *acc, int isa, int threads) {
     if (const int err = check(isa, n, out_features, in_features)) return err;
-    const int64_t ldx = ceil_div(in_features, BC_BLOCK_COLS) * BC_BLOCK_COLS;
+    const int64_t ldx = bc_padded_in(in_features);
     std::vector<int8_t> padded(size_t(n * ldx), 0);
     std::vector<int32_t> sums(static_cast<size_t>(n));
     for (int64_t t = 0; t < n; ++t) {
@@ -352,7 +351,29 @@ int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t o
         sums[t] = row_sum(x_q + t * in_features, in_features);
     }
     run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
-        Output{acc, nullptr, nullptr, 0.0f, nullptr}, threads);
+        Output{acc, nullptr, 0, nullptr, 0.0f, nullptr}, threads);
+    return BC_OK;
+}
+
+int64_t bc_padded_in(int64_t in_features) { return ceil_div(in_features, BC_BLOCK_COLS) * BC_BLOCK_COLS; }
+
+void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int8_t *x_q, int32_t *sums, float *s) {
+    const int64_t ldx = bc_padded_in(in_features);
+    for (int64_t t = 0; t < n; ++t) {
+        int8_t *row = x_q + t * ldx;
+        bc_quantize_activations(x + t * in_features, 1, in_features, row, &s[t]);
+        std::memset(row + in_features, 0, size_t(ldx - in_features));
+        sums[t] = row_sum(row, in_features);
+    }
+}
+
+int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,
+                        int64_t out_features, int64_t in_features, float weight_scale, float *y, int64_t ldy, int isa,
+                        int threads) {
+    if (const int err = check(isa, n, out_features, in_features)) return err;
+    if (ldy < out_features) return BC_ERR_SHAPE;
+    run(isa, x_q, sums, n, weight, out_features, in_features, Output{nullptr, y, ldy, s, weight_scale, nullptr},
+        threads);
     return BC_OK;
 }
 

@@ -79,6 +79,19 @@ int bc_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_feat
 int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
                    const float *weight_scales, float *y, int isa, int threads);
 
+/* The same product in two steps, for callers that split one product into parts (ONNX Runtime's op): quantize the
+ * activations once, then compute any run of whole tiles from them, so that no part re-quantizes its input.
+ * bc_padded_in: the row stride ldx of the quantized activations, in_features rounded up to a k-block (16).
+ * bc_quantize_padded: x (n, in) fp32 -> x_q (n, ldx) int8 (zero padded), sums (n) int32 = per-token sum of x_q,
+ *     s (n) fp32, the quantization of bc_quantize_activations.
+ * bc_linear_quantized: y[t * ldy + o] = (float)(x_q[t] . T[o]) / weight_scale / s[t] for the out_features rows of
+ *     `weight` (which may start at any tile of a larger repacked matrix); bit for bit bc_linear's output. */
+int64_t bc_padded_in(int64_t in_features);
+void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int8_t *x_q, int32_t *sums, float *s);
+int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,
+                        int64_t out_features, int64_t in_features, float weight_scale, float *y, int64_t ldy, int isa,
+                        int threads);
+
 /* Threads for `tasks` parallel tasks totalling `work` multiply-adds: `requested` (0 = OpenMP's default), at most one
  * per task, and at most one per 2^18 multiply-adds (below that the fork/join costs more than it saves). Shared by
  * every kernel in this folder (the int8 lm_head too). */
