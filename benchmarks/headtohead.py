@@ -19,10 +19,12 @@ All engines use the same thread count, a 128-token prompt and 64 generated token
 interleaved round by round (every engine once per round), so a slow spell of the shared machine hits all of them;
 the best round per engine is reported, with the spread.
 
-Each decode figure is also given as a fraction of its physical bound: bytes of weights read per generated token
-(every weight tensor but the embedding table, which is gathered one row at a time, unless it doubles as the output
-matrix) times tokens/s, over the memory bandwidth measured in the same run (``torch.sum`` over a 1.5 GiB fp32
-tensor with the same threads).
+Each decode figure is also given as a fraction of its physical bound: bytes read per generated token times tokens/s,
+over the memory bandwidth (``torch.sum`` over a 1.5 GiB fp32 tensor with the same threads) measured right before
+that engine's run, since a shared host's bandwidth drifts by up to 2x within one run. The bytes are every weight
+tensor but the embedding table (gathered one row at a time, unless it doubles as the output matrix) plus the KV
+cache at the mean decoding position, in each engine's cache type: fp32 for bitconvert and ONNX Runtime, f16 for
+llama.cpp (its default).
 """
 
 from __future__ import annotations
@@ -107,6 +109,14 @@ def onnx_bytes_per_token(path: Path) -> int:
     return total
 
 
+def kv_cache_bytes(converted: Path, prompt: int, gen: int, value_bytes: int) -> int:
+    """Bytes of keys and values one decoding step reads at the mean position ``prompt + gen / 2``."""
+    config = json.loads((converted / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return int(2 * config["num_hidden_layers"] * kv_heads * head_dim * (prompt + gen / 2) * value_bytes)
+
+
 def parse_model(spec: str) -> tuple[str, Path, str | None]:
     """``NAME=CONVERTED[:SOURCE]`` -> (name, converted folder, source or None)."""
     name, _, rest = spec.partition("=")
@@ -135,11 +145,12 @@ def engines_for(name: str, converted: Path, source: str | None, workdir: Path, t
         if not onnx_path.exists():
             export_onnx(converted, onnx_path, graph="fused", lm_head="int8", logits="last")  # the fastest ORT path
         engines["ort"] = with_bytes(lambda: onnx_decode.measure_ort(onnx_path, threads, prompt, gen, repeats=1),
-                                    onnx_bytes_per_token(onnx_path))
+                                    onnx_bytes_per_token(onnx_path) + kv_cache_bytes(converted, prompt, gen, 4))
     if os.environ.get("LLAMA_CPP_DIR"):
+        kv_f16 = kv_cache_bytes(converted, prompt, gen, 2)
         for label, path in llamacpp.build_ggufs(converted, source, workdir / name, variants=gguf_variants).items():
             engines[f"llama.cpp {label}"] = with_bytes(lambda path=path: llamacpp.bench_gguf(path, threads, prompt, gen),
-                                                       gguf_bytes_per_token(path))
+                                                       gguf_bytes_per_token(path) + kv_f16)
     return engines
 
 
@@ -171,24 +182,28 @@ def main() -> None:
                               gguf_variants=tuple(variants.get(name, "").split(",")) if name in variants else ())
         runs = {engine: [] for engine in engines}
         for round_index in range(args.rounds):
-            results["bandwidth_gb_s"].append(memory_bandwidth(args.threads) / 1e9)
             for engine, measure in engines.items():
-                runs[engine].append(measure())
+                bandwidth = memory_bandwidth(args.threads) / 1e9
+                results["bandwidth_gb_s"].append(bandwidth)
+                runs[engine].append({**measure(), "bandwidth_gb_s": bandwidth})
                 figures = runs[engine][-1]
+                figures["fraction_of_bandwidth"] = figures["bytes_per_token"] * figures["decode_tok_s"] / 1e9 / bandwidth
                 print(f"  [{name} round {round_index + 1}] {engine:<26} decode {figures['decode_tok_s']:8.2f} "
-                      f"prefill {figures['prefill_tok_s']:8.2f} tok/s", flush=True)
+                      f"prefill {figures['prefill_tok_s']:8.2f} tok/s, {figures['fraction_of_bandwidth']:4.0%} of "
+                      f"{bandwidth:.1f} GB/s", flush=True)
         results["models"][name] = {engine: {"runs": runs[engine], "bytes_per_token": runs[engine][0]["bytes_per_token"]}
                                    for engine in engines}
 
-    bandwidth = max(results["bandwidth_gb_s"]) * 1e9
+    low, high = min(results["bandwidth_gb_s"]), max(results["bandwidth_gb_s"])
     print(f"\n{args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (best in this run)")
+          f"memory bandwidth {low:.1f}-{high:.1f} GB/s in this run (of bound: against the bandwidth measured "
+          "right before the best run)")
     print(f"{'model':<12} {'engine':<26} {'decode tok/s':>13} {'prefill tok/s':>14} {'MB/token':>9} {'of bound':>9}")
     for name, per_engine in results["models"].items():
         for engine, entry in per_engine.items():
-            decode_best = max(run["decode_tok_s"] for run in entry["runs"])
+            best = max(entry["runs"], key=lambda run: run["decode_tok_s"])
+            decode_best, fraction = best["decode_tok_s"], best["fraction_of_bandwidth"]
             prefill_best = max(run["prefill_tok_s"] for run in entry["runs"])
-            fraction = entry["bytes_per_token"] * decode_best / bandwidth
             entry.update(decode_tok_s=decode_best, prefill_tok_s=prefill_best, fraction_of_bandwidth=fraction)
             print(f"{name:<12} {engine:<26} {decode_best:13.2f} {prefill_best:14.2f} "
                   f"{entry['bytes_per_token'] / 1e6:9.1f} {fraction:9.0%}")
