@@ -56,8 +56,10 @@ GROUPS = ("ternary products", "lm_head", "attention", "norms/rotary/elementwise"
           "Python and I/O")
 
 
-def decoder_for(path: str | Path, threads: int, spinning: bool = False, profile_prefix: str | None = None):
-    """An :class:`~bitconvert.export.generate.OnnxDecoder` on ``threads`` intra-op threads."""
+def decoder_for(path: str | Path, threads: int, spinning: bool = False, profile_prefix: str | None = None,
+                library: str | Path | None = None):
+    """An :class:`~bitconvert.export.generate.OnnxDecoder` on ``threads`` intra-op threads; ``library``: a
+    TernaryMatMul library build instead of the current one."""
     import onnxruntime as ort
 
     from bitconvert.export import session
@@ -70,7 +72,7 @@ def decoder_for(path: str | Path, threads: int, spinning: bool = False, profile_
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    return OnnxDecoder(session(path, options))
+    return OnnxDecoder(session(path, options, library=library))
 
 
 def _time_once(decoder, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
