@@ -18,8 +18,9 @@
 // by 16-row tiles for one token (each part a contiguous slice of the repacked weights and of y) and by groups of
 // 8 tokens otherwise, and each part runs the core single-threaded. The activations are quantized once per call
 // (bc_quantize_padded, by token groups in the same pool) and every part reads them: at 7B shapes a decode step
-// has about 800 parts, and quantizing the 4,096-11,008 inputs in each of them cost more than the products. Built against the C API of the oldest supported
-// onnxruntime: RegisterCustomOps refuses an older runtime with an error status instead of crashing.
+// has about 800 parts, and quantizing the 4,096-11,008 inputs in each of them cost more than the products.
+// Built against the C API of the oldest supported onnxruntime: RegisterCustomOps refuses an older runtime with an
+// error status instead of crashing.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
