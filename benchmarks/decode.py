@@ -39,6 +39,14 @@ def prompt_ids(vocab_size: int, count: int) -> list[int]:
     return torch.randint(0, vocab_size, (count,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
+def kv_cache_bytes(config, prompt_tokens: int, new_tokens: int, value_bytes: int) -> int:
+    """Bytes of keys and values one decoding step reads at the mean position ``prompt_tokens + new_tokens / 2``,
+    for a transformers LLaMA ``config`` and a cache of ``value_bytes`` per value (4: fp32, 2: f16)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    mean_position = prompt_tokens + new_tokens / 2
+    return int(2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * mean_position * value_bytes)
+
+
 def bytes_per_token(model, prompt_tokens: int, new_tokens: int) -> int:
     """Bytes one decoding step reads: every ternary product's repacked weights, the lm_head in its storage type, the
     norms, and the KV cache (fp32 for the lean decoder, the model dtype for generate) at the mean position."""
@@ -52,9 +60,7 @@ def bytes_per_token(model, prompt_tokens: int, new_tokens: int) -> int:
     else:
         total += head.weight.numel() * head.weight.element_size()
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    mean_position = prompt_tokens + new_tokens / 2
-    total += int(2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * mean_position * 4)
+    total += kv_cache_bytes(config, prompt_tokens, new_tokens, 4)
     total += (2 * config.num_hidden_layers + 1) * config.hidden_size * 4
     return total
 

@@ -109,14 +109,6 @@ def onnx_bytes_per_token(path: Path) -> int:
     return total
 
 
-def kv_cache_bytes(converted: Path, prompt: int, gen: int, value_bytes: int) -> int:
-    """Bytes of keys and values one decoding step reads at the mean position ``prompt + gen / 2``."""
-    config = json.loads((converted / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    return int(2 * config["num_hidden_layers"] * kv_heads * head_dim * (prompt + gen / 2) * value_bytes)
-
-
 def parse_model(spec: str) -> tuple[str, Path, str | None]:
     """``NAME=CONVERTED[:SOURCE]`` -> (name, converted folder, source or None)."""
     name, _, rest = spec.partition("=")
@@ -131,11 +123,14 @@ def parse_model(spec: str) -> tuple[str, Path, str | None]:
 def engines_for(name: str, converted: Path, source: str | None, workdir: Path, threads: int,
                 prompt: int, gen: int, ort: bool = True, gguf_variants: tuple[str, ...] = ()) -> dict:
     """Engine name -> a callable returning ``{'decode_tok_s', 'prefill_tok_s', 'bytes_per_token'}``."""
+    from transformers import AutoConfig
+
     from bitconvert.export.exporter import export_onnx
 
     def with_bytes(measure, count: int):
         return lambda: {"bytes_per_token": count, **measure()}
 
+    config = AutoConfig.from_pretrained(converted)
     engines = {"bitconvert": lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen)}
     for head in ("int6", "int4"):
         engines[f"bitconvert {head}"] = lambda head=head: decode.measure_bitconvert(str(converted), threads, prompt, gen,
@@ -145,9 +140,9 @@ def engines_for(name: str, converted: Path, source: str | None, workdir: Path, t
         if not onnx_path.exists():
             export_onnx(converted, onnx_path, graph="fused", lm_head="int8", logits="last")  # the fastest ORT path
         engines["ort"] = with_bytes(lambda: onnx_decode.measure_ort(onnx_path, threads, prompt, gen, repeats=1),
-                                    onnx_bytes_per_token(onnx_path) + kv_cache_bytes(converted, prompt, gen, 4))
+                                    onnx_bytes_per_token(onnx_path) + decode.kv_cache_bytes(config, prompt, gen, 4))
     if os.environ.get("LLAMA_CPP_DIR"):
-        kv_f16 = kv_cache_bytes(converted, prompt, gen, 2)
+        kv_f16 = decode.kv_cache_bytes(config, prompt, gen, 2)
         for label, path in llamacpp.build_ggufs(converted, source, workdir / name, variants=gguf_variants).items():
             engines[f"llama.cpp {label}"] = with_bytes(lambda path=path: llamacpp.bench_gguf(path, threads, prompt, gen),
                                                        gguf_bytes_per_token(path) + kv_f16)
