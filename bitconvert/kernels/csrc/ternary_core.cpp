@@ -229,9 +229,11 @@ int check(int &isa, int64_t n, int64_t out_features, int64_t in_features) {
     return BC_OK;
 }
 
-int32_t row_sum(const int8_t *x, int64_t count) {
+// Zeroes the padding of an activation row (in_features values of ldx) and returns the sum of its values.
+int32_t pad_and_sum(int8_t *row, int64_t in_features, int64_t ldx) {
+    std::memset(row + in_features, 0, size_t(ldx - in_features));
     int32_t sum = 0;
-    for (int64_t k = 0; k < count; ++k) sum += x[k];
+    for (int64_t k = 0; k < in_features; ++k) sum += row[k];
     return sum;
 }
 
@@ -344,11 +346,11 @@ int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t o
                   int32_t *acc, int isa, int threads) {
     if (const int err = check(isa, n, out_features, in_features)) return err;
     const int64_t ldx = bc_padded_in(in_features);
-    std::vector<int8_t> padded(size_t(n * ldx), 0);
+    std::vector<int8_t> padded(size_t(n * ldx));
     std::vector<int32_t> sums(static_cast<size_t>(n));
     for (int64_t t = 0; t < n; ++t) {
         std::memcpy(&padded[t * ldx], x_q + t * in_features, size_t(in_features));
-        sums[t] = row_sum(x_q + t * in_features, in_features);
+        sums[t] = pad_and_sum(&padded[t * ldx], in_features, ldx);
     }
     run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
         Output{acc, nullptr, 0, nullptr, 0.0f, nullptr}, threads);
@@ -362,8 +364,7 @@ void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int8_t *
     for (int64_t t = 0; t < n; ++t) {
         int8_t *row = x_q + t * ldx;
         bc_quantize_activations(x + t * in_features, 1, in_features, row, &s[t]);
-        std::memset(row + in_features, 0, size_t(ldx - in_features));
-        sums[t] = row_sum(row, in_features);
+        sums[t] = pad_and_sum(row, in_features, ldx);
     }
 }
 
