@@ -35,9 +35,9 @@ def main() -> None:
     parser.add_argument("--json", default="bench-out/ort_library_ab.json")
     args = parser.parse_args()
     libraries = dict(spec.split("=", 1) for spec in args.library)
-    missing = [path for path in libraries.values() if not Path(path).is_file()]
+    missing = [path for path in [*libraries.values(), *args.models] if not Path(path).is_file()]
     if missing:
-        parser.error(f"no library file {missing[0]}")
+        parser.error(f"no such file: {missing[0]}")
 
     results = {}
     for model in args.models:
