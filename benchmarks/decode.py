@@ -19,7 +19,9 @@ benchmarks import.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from pathlib import Path
 import torch
 
 import bitconvert
+from bitconvert import bitlinear
+from bitconvert.kernels import KernelBackend
 from bitconvert.kernels.decode import Decoder
 from bitconvert.kernels.lm_head import QuantizedLmHead
 
@@ -119,14 +123,36 @@ def measure(runner: Runner, ids: list[int], new_tokens: int) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def kernel_layout(layout: str | None):
+    """Within the block, the kernels repack into ``layout`` (``BITCONVERT_LAYOUT``; None: the default) through a
+    fresh kernel backend; the previous backend and setting are restored after."""
+    if layout is None:
+        yield
+        return
+    saved_env, saved_backend = os.environ.get("BITCONVERT_LAYOUT"), bitlinear.get_backend()
+    os.environ["BITCONVERT_LAYOUT"] = layout
+    try:
+        bitlinear.set_backend(KernelBackend())
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("BITCONVERT_LAYOUT")
+        else:
+            os.environ["BITCONVERT_LAYOUT"] = saved_env
+        bitlinear.set_backend(saved_backend)
+
+
 def measure_bitconvert(folder, threads: int, prompt_tokens: int = 128, new_tokens: int = 64, runtime: str = "lean",
-                       repeats: int = 1, **load_options) -> dict:
+                       repeats: int = 1, layout: str | None = None, **load_options) -> dict:
     """Decode and prefill speed of a converted ``folder`` through ``bitconvert.load``, batch 1, greedy.
 
     ``threads``: torch's (and the kernels') thread count. ``runtime``: "lean" (:class:`Decoder`, the fastest path) or
     "generate" (transformers' ``generate`` on the loaded model). ``load_options`` go to ``bitconvert.load`` (e.g.
-    ``lm_head="exact"``, ``dtype="auto"``); ``lm_head`` defaults to "int8" here, the fastest path. The prompt is ``prompt_tokens`` fixed random ids; prefill is one forward
-    of it (last position's logits), decoding ``new_tokens`` steps after it; the best of ``repeats`` runs is kept.
+    ``lm_head="exact"``, ``dtype="auto"``); ``lm_head`` defaults to "int8" here, the fastest path. ``layout``: the
+    kernels' weight layout (``"2bit"``, ``"base3"``; None: the default for this CPU). The prompt is ``prompt_tokens``
+    fixed random ids; prefill is one forward of it (last position's logits), decoding ``new_tokens`` steps after it;
+    the best of ``repeats`` runs is kept.
 
     Returns a dict: decode_tok_s, prefill_tok_s (wall time; with threads=1 also decode_tok_s_cpu, prefill_tok_s_cpu
     from this process's CPU time), bytes_per_token, decode_gb_s (bytes_per_token x decode_tok_s / 1e9),
@@ -134,14 +160,15 @@ def measure_bitconvert(folder, threads: int, prompt_tokens: int = 128, new_token
     """
     torch.set_num_threads(threads)
     load_options.setdefault("lm_head", "int8")
-    runner = Runner(folder, runtime, prompt_tokens + new_tokens + 1, **load_options)
-    ids = prompt_ids(runner.model.config.vocab_size, prompt_tokens)
-    runs = [measure(runner, ids, new_tokens) for _ in range(repeats)]
+    with kernel_layout(layout):
+        runner = Runner(folder, runtime, prompt_tokens + new_tokens + 1, **load_options)
+        ids = prompt_ids(runner.model.config.vocab_size, prompt_tokens)
+        runs = [measure(runner, ids, new_tokens) for _ in range(repeats)]
     result = {key: max(run[key] for run in runs) for key in runs[0]}
     result["bytes_per_token"] = bytes_per_token(runner.model, prompt_tokens, new_tokens)
     result["decode_gb_s"] = result["bytes_per_token"] * result["decode_tok_s"] / 1e9
     result.update(runtime=runtime, threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                  load_options={key: str(value) for key, value in load_options.items()})
+                  layout=layout or "default", load_options={key: str(value) for key, value in load_options.items()})
     return result
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from bitconvert import kernels
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode  # noqa: E402  (benchmarks/ siblings)
@@ -89,20 +91,27 @@ def gguf_bytes_per_token(path: Path) -> int:
 
 def onnx_bytes_per_token(path: Path) -> int:
     """Bytes of the ONNX graph's initializers, less a table that is only ever the data input of a ``Gather``
-    (the embedding lookup reads one row per token)."""
+    (the embedding lookup reads one row per token); a TernaryMatMul weight counts as the op's repacked copy in the
+    layout it picks on this CPU (``kernels.layout_index``), which is what it reads."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
     consumers: dict[str, set[str]] = {}
+    ternary_rows: dict[str, int] = {}  # TernaryMatMul weight -> out_features
     for node in model.graph.node:
         for position, name in enumerate(node.input):
             consumers.setdefault(name, set()).add(node.op_type if position == 0 else f"{node.op_type}:{position}")
+        if node.op_type == "TernaryMatMul":
+            ternary_rows[node.input[1]] = next(a.i for a in node.attribute if a.name == "out_features")
+    layout = kernels.layout_index()
     total = 0
     for tensor in model.graph.initializer:
         if consumers.get(tensor.name) == {"Gather"}:
             continue
-        if uses_external_data(tensor):
+        if tensor.name in ternary_rows:
+            total += kernels.repacked_bytes(ternary_rows[tensor.name], tensor.dims[1], layout)
+        elif uses_external_data(tensor):
             total += int(next(entry.value for entry in tensor.external_data if entry.key == "length"))
         else:
             total += len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
@@ -135,6 +144,9 @@ def engines_for(name: str, converted: Path, source: str | None, workdir: Path, t
     for head in ("int6", "int4"):
         engines[f"bitconvert {head}"] = lambda head=head: decode.measure_bitconvert(str(converted), threads, prompt, gen,
                                                                                     lm_head=head)
+    if kernels.LAYOUTS[kernels.layout_index()] != "2bit":  # the same run in the layout every CPU has, for the ratio
+        engines["bitconvert 2bit"] = lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen,
+                                                                       layout="2bit")
     if ort:
         onnx_path = workdir / name / "model.onnx"
         if not onnx_path.exists():

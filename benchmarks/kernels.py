@@ -2,11 +2,14 @@
 
     PYTHONPATH=. python benchmarks/kernels.py [--json bench-out/kernels.json] [--threads N] [--repeats R]
 
+Every SIMD path runs in every weight layout it computes on (``kernel_avx512`` is the 2-bit layout,
+``kernel_avx512-base3`` the 1.67-bit one: ``bitconvert/kernels/csrc/ternary_core.h``).
 Prints a table and writes JSON. Times are medians over ``--repeats`` calls with the weights hot in cache, except the
 "streaming" rows: batch 1 cycling through distinct copies of the weights (> 1 GiB in all, larger than the L3),
 reported as weight bytes read per second and as a fraction of this machine's memory read bandwidth, measured in the
-same run (right before each such row) by summing > 1 GiB of distinct fp32 tensors. ``LLAMA_CPP_DIR`` naming a llama.cpp build adds the rows
-its ``test-backend-ops perf -o MUL_MAT`` prints for TQ2_0 (its own fixed shapes, its default threads).
+same run (right before each such row) by summing > 1 GiB of distinct fp32 tensors. ``LLAMA_CPP_DIR`` naming a
+llama.cpp build adds the rows its ``test-backend-ops perf -o MUL_MAT`` prints for TQ2_0 (its own fixed shapes, its
+default threads).
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     isas = args.isas.split(",") if args.isas else [name for name in kernels.supported_isas() if name != "scalar"]
+    paths = {  # label -> (isa index, layout index)
+        name if layout == 0 else f"{name}-{kernels.LAYOUTS[layout]}": (kernels.ISAS.index(name), layout)
+        for name in isas for layout in range(len(kernels.LAYOUTS))
+        if kernels.layout_supported(layout, kernels.ISAS.index(name))
+    }
     torch.manual_seed(0)
 
     bandwidth = memory_read_bandwidth(args.repeats)
@@ -108,7 +116,7 @@ def main() -> None:
         for out_features, in_features in shapes:
             ternary = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
             packed = pack_ternary(ternary)
-            weight = kernels.repack(packed, out_features)
+            weights = {layout: kernels.repack(packed, out_features, layout) for _, layout in paths.values()}
             weight_scale = torch.tensor([1.7])
             dense = ternary.float()
             dense_bf16 = dense.bfloat16()
@@ -123,27 +131,28 @@ def main() -> None:
                 if hf is not None:
                     with torch.no_grad():
                         timings["transformers_bitnet"] = median_us(lambda: hf(x_bf16), args.repeats)
-                for name in isas:
-                    isa = kernels.ISAS.index(name)
+                for name, (isa, layout) in paths.items():
                     timings[f"kernel_{name}"] = median_us(
-                        lambda: kernels.linear(x, weight, out_features, weight_scale, isa, args.threads), args.repeats
+                        lambda: kernels.linear(x, weights[layout], out_features, weight_scale, isa, args.threads,
+                                               layout), args.repeats
                     )
                 row = {"model": model, "out": out_features, "in": in_features, "batch": batch, "us": timings}
                 if batch == 1 and model == "llama2-7b":
-                    copies = [weight.clone() for _ in range(LARGE_WORKING_SET // weight.numel() + 1)]
                     # Re-measured next to each streaming row: on a shared machine the bandwidth drifts.
                     local_bandwidth = memory_read_bandwidth(args.repeats)
                     row["streaming"] = {"memory_read_bandwidth_bytes_per_s": local_bandwidth}
-                    for name in isas:
-                        isa = kernels.ISAS.index(name)
+                    for name, (isa, layout) in paths.items():
+                        weight = weights[layout]
+                        copies = [weight.clone() for _ in range(LARGE_WORKING_SET // weight.numel() + 1)]
                         us = cycling_us(
-                            lambda w: kernels.linear(x, w, out_features, weight_scale, isa, args.threads),
+                            lambda w: kernels.linear(x, w, out_features, weight_scale, isa, args.threads, layout),
                             copies, max(3, args.repeats // 5),
                         )
                         rate = weight.numel() / (us * 1e-6)
                         row["streaming"][f"kernel_{name}"] = {"us": us, "bytes_per_s": rate,
+                                                              "weights_per_s": out_features * in_features / (us * 1e-6),
                                                               "fraction_of_bandwidth": rate / local_bandwidth}
-                    del copies
+                        del copies
                 rows.append(row)
                 print_row(row)
 
@@ -172,8 +181,9 @@ def print_row(row: dict) -> None:
     if streaming:
         print(f"{'':13s} memory read bandwidth now: {streaming.pop('memory_read_bandwidth_bytes_per_s') / 1e9:.1f} GB/s")
     for name, entry in streaming.items():
-        print(f"{'':13s} streaming {name}: {entry['us']:.1f}us, {entry['bytes_per_s'] / 1e9:.1f} GB/s weights, "
-              f"{100 * entry['fraction_of_bandwidth']:.0f}% of measured bandwidth")
+        print(f"{'':13s} streaming {name}: {entry['us']:.1f}us, {entry['bytes_per_s'] / 1e9:.1f} GB/s weights "
+              f"({entry['weights_per_s'] / 1e9:.0f} G weights/s), {100 * entry['fraction_of_bandwidth']:.0f}% of "
+              "measured bandwidth")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,23 @@ def packed_layers(sizes, in_features, seed=0):
     return [PackedBitLinear.from_bitlinear(BitLinear(in_features, size)) for size in sizes]
 
 
+def default_path_layout(layout: str) -> int:
+    """The index of ``layout``, skipping the test where the default ISA path does not compute on it."""
+    index = kernels.LAYOUTS.index(layout)
+    if not kernels.layout_supported(index, kernels.isa_index()):
+        pytest.skip(f"the default ISA path lacks the {layout} layout")
+    return index
+
+
+@pytest.mark.parametrize("layout", kernels.LAYOUTS)
 @pytest.mark.parametrize("sizes", [(64, 32, 32), (13, 5, 7)], ids=["concatenated-tiles", "repacked"])
-def test_fused_projection_equals_separate_products_bit_for_bit(sizes):
+def test_fused_projection_equals_separate_products_bit_for_bit(sizes, layout):
+    layout = default_path_layout(layout)
     modules = packed_layers(sizes, 67)
     x = torch.randn(5, 67) * 3
     separate = [module(x) for module in modules]
-    fused = fuse_projections(modules)
+    fused = fuse_projections(modules, layout)
+    assert fused.layout == layout
     assert fused.out_features == sum(sizes)
     for got, want in zip(fused(x).split(sizes, dim=-1), separate):
         assert torch.equal(got, want)
@@ -45,10 +56,11 @@ def test_per_row_scales_equal_one_scale_per_product():
     (module,) = packed_layers((24,), 40, seed=3)
     x = torch.randn(3, 40)
     rows = module.weight_scale.expand(24).contiguous()
-    got = kernels.linear(x, module.kernel_weight, 24, rows)
-    assert torch.equal(got, kernels.linear(x, module.kernel_weight, 24, module.weight_scale))
+    weight, layout = module.kernel_weight, module.kernel_layout
+    got = kernels.linear(x, weight, 24, rows, layout=layout)
+    assert torch.equal(got, kernels.linear(x, weight, 24, module.weight_scale, layout=layout))
     with pytest.raises(RuntimeError, match="one per output row"):
-        kernels.linear(x, module.kernel_weight, 24, torch.ones(5))
+        kernels.linear(x, weight, 24, torch.ones(5), layout=layout)
 
 
 def test_rope_cache_write_equals_transformers_rotary():
@@ -176,8 +188,11 @@ def step_model(request, tmp_path_factory):
     return bitconvert.load(root / "out")
 
 
-def test_fused_step_matches_per_op_path(step_model):
+@pytest.mark.parametrize("layout", kernels.LAYOUTS)
+def test_fused_step_matches_per_op_path(step_model, layout, monkeypatch):
+    monkeypatch.setenv("BITCONVERT_LAYOUT", kernels.LAYOUTS[default_path_layout(layout)])
     fused, per_op = Decoder(step_model, max_len=48), Decoder(step_model, max_len=48, fused_step=False)
+    assert fused.layout == per_op.layout == kernels.LAYOUTS.index(layout)
     want = per_op.forward(IDS[:5])
     assert torch.equal(fused.forward(IDS[:5]), want)  # prefill runs per operator in both
     errors = []
@@ -223,7 +238,7 @@ def test_fused_step_attention_threads(tmp_path):
 def step_arguments(decoder, position=0, heads=None):
     """decode_layer's arguments for the first layer of ``decoder`` and a hidden state (1, hidden)."""
     return [torch.randn(1, decoder.embed.shape[1]), *decoder.step_arguments[0], position,
-            heads or decoder.heads, decoder.eps]
+            heads or decoder.heads, decoder.eps, decoder.layout]
 
 
 def test_decode_layer_refuses_bad_shapes(tiny_ternary):

@@ -90,13 +90,18 @@ def run_single(tmp_path, model, feed, threads=0):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("isa", kernels.ISAS)
+@pytest.mark.parametrize("isa,layout", [(isa, layout) for layout in kernels.LAYOUTS
+                                        for isa in kernels.LAYOUT_ISAS[layout]])
 @pytest.mark.parametrize("constant_weight", [True, False], ids=["initializer", "input"])
-def test_op_bit_exact(tmp_path, monkeypatch, isa, constant_weight, threads):
-    """Shapes off the 16-row/16-column grid; one token (work split by rows) and 18 (split by tokens)."""
+def test_op_bit_exact(tmp_path, monkeypatch, isa, layout, constant_weight, threads):
+    """Shapes off the 16-row/16-column (base3: 24-column) grid; one token (work split by rows) and 18 (split by
+    tokens); every layout the path computes on (BITCONVERT_LAYOUT)."""
     if isa not in kernels.supported_isas():
         pytest.skip(f"this CPU lacks the {isa} path")
+    if not kernels.layout_supported(kernels.LAYOUTS.index(layout), kernels.ISAS.index(isa)):
+        pytest.skip(f"this CPU's {isa} path lacks the {layout} layout")
     monkeypatch.setenv("BITCONVERT_ISA", isa)
+    monkeypatch.setenv("BITCONVERT_LAYOUT", layout)
     generator = torch.Generator().manual_seed(1)
     for out_features, in_features in [(20, 37), (1500, 700), (5, 1000)]:
         ternary = torch.randint(-1, 2, (out_features, in_features), generator=generator, dtype=torch.int8)
@@ -111,6 +116,17 @@ def test_op_bit_exact(tmp_path, monkeypatch, isa, constant_weight, threads):
             feed = {"X": tokens.numpy()} if constant_weight else {"X": tokens.numpy(), "W": packed.numpy()}
             expected = ternary_matmul(tokens, packed, scale, out_features).numpy()
             np.testing.assert_array_equal(run_single(tmp_path, model, feed, threads), expected)
+
+
+def test_op_refuses_a_layout_its_path_lacks(tmp_path, monkeypatch):
+    """BITCONVERT_LAYOUT reaches the op: base3 on the AVX2 path is refused when the kernel is created."""
+    if "avx2" not in kernels.supported_isas():
+        pytest.skip("this CPU lacks the avx2 path")
+    monkeypatch.setenv("BITCONVERT_ISA", "avx2")
+    monkeypatch.setenv("BITCONVERT_LAYOUT", "base3")
+    model = single_node_model(8, 16, np.zeros((2, 16), np.uint8), 1.0)
+    with pytest.raises(Exception, match="does not compute on the layout BITCONVERT_LAYOUT names"):
+        run_single(tmp_path, model, {"X": np.zeros((1, 2, 16), np.float32)})
 
 
 def test_reference_op_is_bitlinear():

@@ -1,4 +1,5 @@
-"""The compiled ternary kernels against independent references, bit for bit, on every ISA path this CPU has.
+"""The compiled ternary kernels against independent references, bit for bit, on every ISA path this CPU has, in
+every weight layout the path computes on.
 
 References: the exact int32 product ``x_q.int() @ T.int().t()`` (plain torch integer matmul, independent of the
 kernels' layout) and the pure-torch :class:`ReferenceBackend` math ``acc.float() / weight_scale / s``.
@@ -31,6 +32,26 @@ def require(isa: str) -> int:
     return kernels.ISAS.index(isa)
 
 
+def path_params():
+    """(isa, layout): every layout with every path that computes on it (kernels.LAYOUT_ISAS)."""
+    return [pytest.param(isa, layout, id=f"{isa}-{layout}")
+            for layout in kernels.LAYOUTS for isa in kernels.LAYOUT_ISAS[layout]]
+
+
+def require_path(isa: str, layout: str) -> tuple[int, int]:
+    """The indices of ``isa`` and ``layout``, skipping the test where this CPU cannot run that pair."""
+    index, layout_index = require(isa), kernels.LAYOUTS.index(layout)
+    if not kernels.layout_supported(layout_index, index):
+        pytest.skip(f"this CPU's {isa} path lacks the {layout} layout")
+    return index, layout_index
+
+
+def repacked(ternary: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``ternary`` (out, in) int8 repacked in every layout, by layout name."""
+    packed = pack_ternary(ternary)
+    return {name: kernels.repack(packed, ternary.shape[0], index) for index, name in enumerate(kernels.LAYOUTS)}
+
+
 def exact_product(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     return x_q.int() @ ternary.int().t()
 
@@ -43,45 +64,83 @@ def cases():
     for in_features in IN_FEATURES:
         for out_features in OUT_FEATURES:
             ternary = torch.randint(-1, 2, (out_features, in_features), generator=generator, dtype=torch.int8)
-            weight = kernels.repack(pack_ternary(ternary), out_features)
+            weights = repacked(ternary)
             for batch in BATCHES:
                 x = torch.randn(batch, in_features, generator=generator) * 4
                 x_q, scale = quantize_activations(x)
-                result.append((x, x_q, scale, ternary, weight, exact_product(x_q, ternary)))
+                result.append((x, x_q, scale, ternary, weights, exact_product(x_q, ternary)))
     return result
 
 
 def test_repacked_size():
     for out_features, in_features in [(1, 1), (13, 67), (576, 576), (4096, 1000)]:
-        packed = pack_ternary(torch.zeros(out_features, in_features, dtype=torch.int8))
-        expected = -(-out_features // 16) * -(-in_features // 16) * 64
-        assert kernels.repack(packed, out_features).numel() == expected
+        weights = repacked(torch.zeros(out_features, in_features, dtype=torch.int8))
+        tiles = -(-out_features // 16)
+        assert weights["2bit"].numel() == tiles * -(-in_features // 16) * 64  # 16 x 16 weights per 64 bytes
+        assert weights["base3"].numel() == tiles * -(-in_features // 24) * 80  # 16 x 24 weights per 80 bytes
+        for layout, name in enumerate(kernels.LAYOUTS):
+            assert kernels.repacked_bytes(out_features, in_features, layout) == weights[name].numel()
+
+
+def test_layout_isas_are_what_the_library_computes_on():
+    for isa in kernels.supported_isas():
+        index = kernels.ISAS.index(isa)
+        for layout, name in enumerate(kernels.LAYOUTS):
+            if kernels.layout_supported(layout, index):
+                assert isa in kernels.LAYOUT_ISAS[name], (isa, name)
+    assert kernels.layout_supported(kernels.LAYOUTS.index("base3"), 0)  # the scalar reference has every layout
+
+
+def test_layout_defaults_and_environment_variable(monkeypatch):
+    base3, best = kernels.LAYOUTS.index("base3"), kernels.isa_index()
+    monkeypatch.delenv("BITCONVERT_LAYOUT", raising=False)
+    assert kernels.layout_index(0) == 0  # the scalar reference defaults to 2bit
+    assert kernels.layout_index(best) == (base3 if best and kernels.layout_supported(base3, best) else 0)
+    monkeypatch.setenv("BITCONVERT_LAYOUT", "base3")
+    assert kernels.layout_index(0) == base3
+    if "avx2" in kernels.supported_isas():
+        with pytest.raises(RuntimeError, match="does not compute on the layout 'base3'"):
+            kernels.layout_index(kernels.ISAS.index("avx2"))
+    monkeypatch.setenv("BITCONVERT_LAYOUT", "base7")
+    with pytest.raises(RuntimeError, match="unknown weight layout 'base7'"):
+        kernels.layout_index(0)
+    monkeypatch.setenv("BITCONVERT_LAYOUT", "2bit")
+    assert kernels.KernelBackend().layout == 0
+
+
+def test_weight_of_another_layout_is_refused():
+    weights = repacked(torch.ones(32, 100, dtype=torch.int8))  # 2 tiles; 2bit: 7 x 64 bytes each, base3: 5 x 80
+    with pytest.raises(RuntimeError, match="has 896 bytes, expected 800 for \\(32, 100\\) in the base3 layout"):
+        kernels.linear(torch.randn(2, 100), weights["2bit"], 32, torch.ones(1), 0, 1, 1)
+    if "avx2" in kernels.supported_isas():
+        with pytest.raises(RuntimeError, match="does not compute on this weight layout"):
+            kernels.linear(torch.randn(2, 100), weights["base3"], 32, torch.ones(1), 1, 1, 1)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("isa", isa_params())
-def test_matmul_int_exact(cases, isa, threads):
-    index = require(isa)
-    for _, x_q, _, ternary, weight, expected in cases:
-        acc = kernels.matmul_int(x_q, weight, ternary.shape[0], index, threads)
+@pytest.mark.parametrize("isa,layout", path_params())
+def test_matmul_int_exact(cases, isa, layout, threads):
+    index, layout_index = require_path(isa, layout)
+    for _, x_q, _, ternary, weights, expected in cases:
+        acc = kernels.matmul_int(x_q, weights[layout], ternary.shape[0], index, threads, layout_index)
         assert acc.dtype == torch.int32
-        assert torch.equal(acc, expected), f"{isa} shape {tuple(ternary.shape)} batch {x_q.shape[0]}"
+        assert torch.equal(acc, expected), f"{isa} {layout} shape {tuple(ternary.shape)} batch {x_q.shape[0]}"
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("isa", isa_params())
-def test_linear_bit_exact(cases, isa, threads):
-    index = require(isa)
+@pytest.mark.parametrize("isa,layout", path_params())
+def test_linear_bit_exact(cases, isa, layout, threads):
+    index, layout_index = require_path(isa, layout)
     weight_scale = torch.tensor([1 / 0.0371])
-    for x, _, scale, ternary, weight, expected in cases:
-        y = kernels.linear(x, weight, ternary.shape[0], weight_scale, index, threads)
+    for x, _, scale, ternary, weights, expected in cases:
+        y = kernels.linear(x, weights[layout], ternary.shape[0], weight_scale, index, threads, layout_index)
         assert torch.equal(y, expected.float() / weight_scale / scale), f"{isa} {tuple(ternary.shape)} {x.shape[0]}"
 
 
-@pytest.mark.parametrize("isa", isa_params())
-def test_adversarial_values(isa):
+@pytest.mark.parametrize("isa,layout", path_params())
+def test_adversarial_values(isa, layout):
     """Saturated weights and activations, including -128 which quantization never produces, up to the longest row."""
-    index = require(isa)
+    index, layout_index = require_path(isa, layout)
     for in_features in (67, 1000, MAX_IN_FEATURES):
         activations = [
             torch.full((3, in_features), -128, dtype=torch.int8),
@@ -90,33 +149,33 @@ def test_adversarial_values(isa):
         ]
         for value in (-1, 0, 1):
             ternary = torch.full((13, in_features), value, dtype=torch.int8)
-            weight = kernels.repack(pack_ternary(ternary), 13)
+            weight = kernels.repack(pack_ternary(ternary), 13, layout_index)
             for x_q in activations:
                 for threads in (1, 2):
-                    acc = kernels.matmul_int(x_q, weight, 13, index, threads)
+                    acc = kernels.matmul_int(x_q, weight, 13, index, threads, layout_index)
                     assert torch.equal(acc, exact_product(x_q, ternary)), f"{isa} w={value} in={in_features}"
 
 
-@pytest.mark.parametrize("isa", isa_params())
-def test_rounding_ties_and_tiny_rows(isa):
+@pytest.mark.parametrize("isa,layout", path_params())
+def test_rounding_ties_and_tiny_rows(isa, layout):
     """Half-integer products (round half to even), all-zero rows (scale clamp at 1e-5) and huge/tiny magnitudes."""
-    index = require(isa)
+    index, layout_index = require_path(isa, layout)
     generator = torch.Generator().manual_seed(1)
     ternary = torch.randint(-1, 2, (13, 67), generator=generator, dtype=torch.int8)
-    weight = kernels.repack(pack_ternary(ternary), 13)
+    weight = kernels.repack(pack_ternary(ternary), 13, layout_index)
     halves = torch.randint(-254, 255, (4, 67), generator=generator).float() / 2
     halves[:, 0] = 127.0  # scale ~1, so x * s lands on .5 ties
     x = torch.cat([halves, torch.zeros(1, 67), torch.full((1, 67), 3e-6), torch.randn(2, 67) * 1e30])
     x_q, scale = quantize_activations(x)
     weight_scale = torch.tensor([2.5])
-    y = kernels.linear(x, weight, 13, weight_scale, index, 1)
+    y = kernels.linear(x, weight, 13, weight_scale, index, 1, layout_index)
     assert torch.equal(y, exact_product(x_q, ternary).float() / weight_scale / scale)
 
 
 def test_rejects_rows_longer_than_exact_int32_allows():
-    weight = kernels.repack(pack_ternary(torch.ones(1, MAX_IN_FEATURES + 1, dtype=torch.int8)), 1)
-    with pytest.raises(RuntimeError, match="in_features exceeds"):
-        kernels.matmul_int(torch.ones(1, MAX_IN_FEATURES + 1, dtype=torch.int8), weight, 1)
+    for layout, weight in enumerate(repacked(torch.ones(1, MAX_IN_FEATURES + 1, dtype=torch.int8)).values()):
+        with pytest.raises(RuntimeError, match="in_features exceeds"):
+            kernels.matmul_int(torch.ones(1, MAX_IN_FEATURES + 1, dtype=torch.int8), weight, 1, 0, 0, layout)
 
 
 def test_empty_batch():
@@ -124,16 +183,17 @@ def test_empty_batch():
     assert kernels.linear(torch.zeros(0, 7), weight, 5, torch.ones(1)).shape == (0, 5)
 
 
-@pytest.mark.parametrize("isa", isa_params())
-def test_packed_bitlinear_matches_reference_backend(isa, monkeypatch):
-    require(isa)
+@pytest.mark.parametrize("isa,layout", path_params())
+def test_packed_bitlinear_matches_reference_backend(isa, layout, monkeypatch):
+    _, layout_index = require_path(isa, layout)
     torch.manual_seed(2)
     layer = BitLinear(576, 1000, bias=True)
     packed = PackedBitLinear.from_bitlinear(layer)
     x = torch.randn(2, 9, 576)
     monkeypatch.setenv("BITCONVERT_ISA", isa)
+    monkeypatch.setenv("BITCONVERT_LAYOUT", layout)
     backend = kernels.KernelBackend()
-    assert backend.name == f"kernels-{isa}"
+    assert (backend.name, backend.layout) == (f"kernels-{isa}", layout_index)
     monkeypatch.setattr(bitlinear, "_backend", backend)
     got = packed(x)
     got_bf16 = packed(x.bfloat16())
@@ -268,7 +328,8 @@ def test_operators_trace_in_torch_compile_without_graph_breaks():
     w6, d6 = kernels.int6_quantize_rows(torch.randn(10, 24))
 
     def step(x):
-        y = torch.relu(torch.ops.bitconvert.ternary_linear(x, module.kernel_weight, 24, module.weight_scale, -1, 0))
+        y = torch.relu(torch.ops.bitconvert.ternary_linear(x, module.kernel_weight, 24, module.weight_scale, -1, 0,
+                                                           module.kernel_layout))
         return (torch.ops.bitconvert.int8_linear(y, w_q, d, -1, 0) + torch.ops.bitconvert.int4_linear(y, w4, d4, -1, 0)
                 + torch.ops.bitconvert.int6_linear(y, w6, d6, -1, 0))
 

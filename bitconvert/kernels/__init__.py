@@ -5,16 +5,22 @@ weights ``T`` (out, in), the exact int32 product ``acc = x_q @ T^T`` and the lay
 ``y = acc / weight_scale / s`` (fp32), bit for bit equal to :class:`bitconvert.bitlinear.ReferenceBackend`.
 It has a scalar reference path and AVX2, AVX-VNNI and AVX-512 VNNI paths, chosen from CPUID at run time or forced
 with ``BITCONVERT_ISA=scalar|avx2|avxvnni|avx512``, and runs on ``torch.get_num_threads()`` threads (OpenMP).
+The weights are repacked once into one of two layouts (:data:`LAYOUTS`, ``csrc/ternary_core.h``): ``2bit``, which
+every path computes on, and ``base3`` (3 weights per 5-bit index, 1.67 bits: 17% fewer bytes to stream per
+decoded token), which the scalar path and the AVX-512 path on CPUs with VBMI compute on. :func:`layout_index` picks
+base3 where the path has it (``BITCONVERT_LAYOUT=2bit|base3`` forces one).
 ``csrc/int8_core.{h,cpp}`` holds the int8 x int8, int4 x int8 and int6 x int8 products of the optional int8, int4 and
 int6 ``lm_head`` (:mod:`.lm_head`) on the same paths (int4: scalar and AVX2; int6: scalar, AVX2 and AVX-512 VNNI);
 :mod:`.decode` is the lean decoding loop built on both.
 
 ``csrc/torch_ops.cpp`` registers the operators (all CPU):
 
-    torch.ops.bitconvert.ternary_repack(packed uint8 (ceil(out/4), in), out_features) -> uint8 (bytes,)
-    torch.ops.bitconvert.ternary_matmul_int(x_q int8 (n, in), weight, out_features, isa=-1, threads=0) -> int32 (n, out)
+    torch.ops.bitconvert.ternary_repack(packed uint8 (ceil(out/4), in), out_features, layout=0) -> uint8 (bytes,)
+    torch.ops.bitconvert.ternary_repacked_bytes(out_features, in_features, layout) -> int
+    torch.ops.bitconvert.ternary_matmul_int(x_q int8 (n, in), weight, out_features, isa=-1, threads=0, layout=0)
+        -> int32 (n, out)
     torch.ops.bitconvert.ternary_linear(x float (n, in), weight, out_features, weight_scale fp32 (1,) or (out,),
-                                        isa=-1, threads=0) -> fp32 (n, out)
+                                        isa=-1, threads=0, layout=0) -> fp32 (n, out)
     torch.ops.bitconvert.int8_quantize_rows(w float (out, in)) -> (int8 (out, stride), fp32 (out,))
     torch.ops.bitconvert.int8_linear(x float (n, in), w_q, d, isa=-1, threads=0) -> fp32 (n, out)
     torch.ops.bitconvert.int4_quantize_rows(w float (out, in)) -> (uint8 (out, stride / 2), fp32 (out, stride / 32))
@@ -23,13 +29,15 @@ int6 ``lm_head`` (:mod:`.lm_head`) on the same paths (int4: scalar and AVX2; int
     torch.ops.bitconvert.int6_linear(x float (n, in), w_q, d, isa=-1, threads=0) -> fp32 (n, out)
     torch.ops.bitconvert.rope_cache_write(qkv, cos, sin, keys, values, start, heads) -> q   (csrc/decode_ops.cpp)
     torch.ops.bitconvert.decode_layer(x, input_norm, qkv_weight, qkv_scales, o_weight, o_scales, post_norm,
-        gate_up_weight, gate_up_scales, down_weight, down_scales, cos, sin, keys, values, position, heads, eps)
-        -> None: one decoder layer for one token, in place on x, keys, values      (csrc/decode_step.cpp)
+        gate_up_weight, gate_up_scales, down_weight, down_scales, cos, sin, keys, values, position, heads, eps,
+        layout=0) -> None: one decoder layer for one token, in place on x, keys, values (csrc/decode_step.cpp)
     torch.ops.bitconvert.ternary_isa(name="") -> int          ("" = BITCONVERT_ISA or the best path)
     torch.ops.bitconvert.ternary_isa_supported(isa) -> bool
+    torch.ops.bitconvert.ternary_layout(isa) -> int           (BITCONVERT_LAYOUT or the best layout of the path)
+    torch.ops.bitconvert.ternary_layout_supported(layout, isa) -> bool
 
-where ``weight`` is the repacked layout, ``isa`` an index into :data:`ISAS` (-1: default) and ``threads`` <= 0 means
-``torch.get_num_threads()``. The library is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja,
+where ``weight`` is repacked in ``layout`` (an index into :data:`LAYOUTS`), ``isa`` an index into :data:`ISAS` (-1:
+default) and ``threads`` <= 0 means ``torch.get_num_threads()``. The library is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja,
 no network) into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/bitconvert/torch_extensions`` and reused from there.
 """
 
@@ -45,6 +53,9 @@ from pathlib import Path
 import torch
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512")
+LAYOUTS = ("2bit", "base3")
+# The paths that compute on each layout (base3 on avx512 also needs VBMI: ``ternary_layout_supported`` checks the CPU).
+LAYOUT_ISAS = {"2bit": ISAS, "base3": ("scalar", "avx512")}
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp",
            CSRC / "decode_step.cpp")
@@ -110,11 +121,11 @@ def _register_fake_kernels() -> None:
     fake = torch.library.register_fake
 
     @fake("bitconvert::ternary_linear")
-    def _(x, weight, out_features, weight_scale, isa=-1, threads=0):
+    def _(x, weight, out_features, weight_scale, isa=-1, threads=0, layout=0):
         return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
     @fake("bitconvert::ternary_matmul_int")
-    def _(x_q, weight, out_features, isa=-1, threads=0):
+    def _(x_q, weight, out_features, isa=-1, threads=0, layout=0):
         return x_q.new_empty((x_q.shape[0], out_features), dtype=torch.int32)
 
     @fake("bitconvert::int8_linear")
@@ -130,7 +141,7 @@ def _register_fake_kernels() -> None:
 
     @fake("bitconvert::decode_layer")
     def _(x, input_norm, qkv_weight, qkv_scales, o_weight, o_scales, post_norm, gate_up_weight, gate_up_scales,
-          down_weight, down_scales, cos, sin, keys, values, position, heads, eps):
+          down_weight, down_scales, cos, sin, keys, values, position, heads, eps, layout=0):
         return None
 
 
@@ -149,23 +160,46 @@ def supported_isas() -> list[str]:
     return [name for i, name in enumerate(ISAS) if torch.ops.bitconvert.ternary_isa_supported(i)]
 
 
-def repack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """HF BitNet 2-bit layout uint8 (ceil(out/4), in) -> the kernels' layout (see ``csrc/ternary_core.h``)."""
+def layout_index(isa: int | None = None) -> int:
+    """Index into :data:`LAYOUTS` of the layout to repack into for the path ``isa`` (None: the default path):
+    ``BITCONVERT_LAYOUT`` if set, else base3 where that path computes on it, else 2bit.
+
+    Raises ``RuntimeError`` for an unknown name or a layout the path cannot compute on.
+    """
     load_library()
-    return torch.ops.bitconvert.ternary_repack(packed, out_features)
+    return int(torch.ops.bitconvert.ternary_layout(isa_index() if isa is None else isa))
 
 
-def matmul_int(x_q: torch.Tensor, weight: torch.Tensor, out_features: int, isa: int = -1, threads: int = 0):
-    """Exact int32 ``x_q @ T^T``: int8 (n, in) x repacked ``weight`` -> int32 (n, out)."""
+def layout_supported(layout: int, isa: int) -> bool:
+    """Whether the path ``isa`` computes on ``layout`` on this CPU."""
     load_library()
-    return torch.ops.bitconvert.ternary_matmul_int(x_q, weight, out_features, isa, threads)
+    return bool(torch.ops.bitconvert.ternary_layout_supported(layout, isa))
+
+
+def repacked_bytes(out_features: int, in_features: int, layout: int) -> int:
+    """Bytes of an (out, in) ternary matrix repacked in ``layout``."""
+    load_library()
+    return int(torch.ops.bitconvert.ternary_repacked_bytes(out_features, in_features, layout))
+
+
+def repack(packed: torch.Tensor, out_features: int, layout: int = 0) -> torch.Tensor:
+    """HF BitNet 2-bit layout uint8 (ceil(out/4), in) -> the kernels' ``layout`` (see ``csrc/ternary_core.h``)."""
+    load_library()
+    return torch.ops.bitconvert.ternary_repack(packed, out_features, layout)
+
+
+def matmul_int(x_q: torch.Tensor, weight: torch.Tensor, out_features: int, isa: int = -1, threads: int = 0,
+               layout: int = 0):
+    """Exact int32 ``x_q @ T^T``: int8 (n, in) x ``weight`` repacked in ``layout`` -> int32 (n, out)."""
+    load_library()
+    return torch.ops.bitconvert.ternary_matmul_int(x_q, weight, out_features, isa, threads, layout)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_features: int, weight_scale: torch.Tensor, isa: int = -1,
-           threads: int = 0) -> torch.Tensor:
+           threads: int = 0, layout: int = 0) -> torch.Tensor:
     """Fused ``quantize_activations`` + exact product + ``acc / weight_scale / s``: float (n, in) -> fp32 (n, out)."""
     load_library()
-    return torch.ops.bitconvert.ternary_linear(x, weight, out_features, weight_scale, isa, threads)
+    return torch.ops.bitconvert.ternary_linear(x, weight, out_features, weight_scale, isa, threads, layout)
 
 
 def int8_quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,26 +244,30 @@ def int6_linear(x: torch.Tensor, w_q: torch.Tensor, d: torch.Tensor, isa: int = 
 class KernelBackend:
     """:class:`~bitconvert.bitlinear.TernaryBackend` on the compiled kernels.
 
-    ``prepare`` repacks ``module.weight`` once into the non-persistent buffer ``module.kernel_weight`` (not saved in
-    state dicts); ``linear`` re-prepares a module whose ``weight`` was replaced or modified in place since.
+    ``prepare`` repacks ``module.weight`` once, in the backend's ``layout``, into the non-persistent buffer
+    ``module.kernel_weight`` (not saved in state dicts; ``module.kernel_layout`` says which layout);
+    ``linear`` re-prepares a module whose ``weight`` was replaced or modified in place since.
     ``isa``: a name from :data:`ISAS` or None for the default; ``threads`` <= 0: ``torch.get_num_threads()``.
     """
 
     def __init__(self, isa: str | None = None, threads: int = 0):
         self.isa = isa_index(isa)
+        self.layout = layout_index(self.isa)
         self.threads = threads
         self.name = f"kernels-{ISAS[self.isa]}"
 
     def prepare(self, module) -> None:
-        module.register_buffer("kernel_weight", repack(module.weight, module.out_features), persistent=False)
-        module._kernel_source = (module.weight, module.weight._version)
+        weight = repack(module.weight, module.out_features, self.layout)
+        module.register_buffer("kernel_weight", weight, persistent=False)
+        module.kernel_layout = self.layout
+        module._kernel_source = (module.weight, module.weight._version, self.layout)
 
     def linear(self, x: torch.Tensor, module) -> torch.Tensor:
         source = getattr(module, "_kernel_source", None)
-        if source is None or source[0] is not module.weight or source[1] != module.weight._version:
+        if source is None or source[0] is not module.weight or source[1:] != (module.weight._version, self.layout):
             self.prepare(module)
         return torch.ops.bitconvert.ternary_linear(
-            x, module.kernel_weight, module.out_features, module.weight_scale, self.isa, self.threads
+            x, module.kernel_weight, module.out_features, module.weight_scale, self.isa, self.threads, self.layout
         )
 
 

@@ -33,15 +33,16 @@ import torch.nn.functional as F
 
 from ..bitlinear import PackedBitLinear
 from ..packing import pack_ternary
-from . import load_library, repack
+from . import layout_index, load_library, repack
 
 
 @dataclass
 class FusedProjection:
-    """Several PackedBitLinear of one input as one product: repacked ``weight``, fp32 ``scales`` (out,), the
-    ``sizes`` of the parts in output order."""
+    """Several PackedBitLinear of one input as one product: ``weight`` repacked in ``layout``, fp32 ``scales``
+    (out,), the ``sizes`` of the parts in output order."""
 
     weight: torch.Tensor
+    layout: int
     scales: torch.Tensor
     sizes: tuple[int, ...]
 
@@ -51,29 +52,32 @@ class FusedProjection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # the operator's overload itself: no Python wrapper or overload resolution on the per-token path
-        return torch.ops.bitconvert.ternary_linear.default(x, self.weight, self.out_features, self.scales, -1, 0)
+        return torch.ops.bitconvert.ternary_linear.default(x, self.weight, self.out_features, self.scales, -1, 0,
+                                                           self.layout)
 
 
-def fuse_projections(modules: list[PackedBitLinear]) -> FusedProjection:
-    """One product for ``modules`` (same in_features): rows concatenated in order, each with its module's scale.
+def fuse_projections(modules: list[PackedBitLinear], layout: int) -> FusedProjection:
+    """One product for ``modules`` (same in_features) in ``layout``: rows concatenated in order, each with its
+    module's scale.
 
-    When every part has a multiple of 16 rows the repacked buffers are concatenated (their tiles are contiguous)
-    and each module's ``kernel_weight`` becomes a view into the fused buffer, so nothing is held twice; otherwise
-    the ternary codes are concatenated and repacked.
+    When every part has a multiple of 16 rows and was repacked in ``layout`` already, the repacked buffers are
+    concatenated (their tiles are contiguous) and each module's ``kernel_weight`` becomes a view into the fused
+    buffer, so nothing is held twice; otherwise the ternary codes are concatenated and repacked.
     """
     load_library()
     sizes = tuple(module.out_features for module in modules)
     scales = torch.cat([module.weight_scale.float().expand(module.out_features) for module in modules]).contiguous()
     parts = [getattr(module, "kernel_weight", None) for module in modules]
-    if all(size % 16 == 0 for size in sizes) and all(part is not None for part in parts):
+    in_layout = all(getattr(module, "kernel_layout", None) == layout for module in modules)
+    if all(size % 16 == 0 for size in sizes) and all(part is not None for part in parts) and in_layout:
         weight = torch.cat(parts)
         offset = 0
         for module, part in zip(modules, parts):
             module.kernel_weight = weight[offset:offset + part.numel()]
             offset += part.numel()
     else:
-        weight = repack(pack_ternary(torch.cat([module.ternary() for module in modules])), sum(sizes))
-    return FusedProjection(weight, scales, sizes)
+        weight = repack(pack_ternary(torch.cat([module.ternary() for module in modules])), sum(sizes), layout)
+    return FusedProjection(weight, layout, scales, sizes)
 
 
 def supported(model) -> str | None:
@@ -124,16 +128,17 @@ class Decoder:
         self.embed = model.model.embed_tokens.weight.detach().float()
         self.final_norm = model.model.norm.weight.detach().float()
         self.lm_head = model.lm_head
+        self.layout = layout_index()  # of the default path, which the products run on
         self.layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
                 layer.input_layernorm.weight.detach().float(),
-                fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj]),
-                fuse_projections([attn.o_proj]),
+                fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj], self.layout),
+                fuse_projections([attn.o_proj], self.layout),
                 layer.post_attention_layernorm.weight.detach().float(),
-                fuse_projections([mlp.gate_proj, mlp.up_proj]),
-                fuse_projections([mlp.down_proj]),
+                fuse_projections([mlp.gate_proj, mlp.up_proj], self.layout),
+                fuse_projections([mlp.down_proj], self.layout),
             ))
         cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(max_len)[None])
         self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()  # (max_len, head_dim)
@@ -142,7 +147,7 @@ class Decoder:
         self.values = torch.zeros(shape)
         self.layer_keys, self.layer_values = list(self.keys.unbind(0)), list(self.values.unbind(0))  # views
         self.fused_step = fused_step
-        # decode_layer's arguments after x, per layer, built once (the step then only adds position, heads, eps)
+        # decode_layer's arguments after x, per layer, built once (the step then adds position, heads, eps, layout)
         self.step_arguments = [
             (layer.input_norm, layer.qkv.weight, layer.qkv.scales, layer.o_proj.weight, layer.o_proj.scales,
              layer.post_norm, layer.gate_up.weight, layer.gate_up.scales, layer.down.weight, layer.down.scales,
@@ -181,9 +186,9 @@ class Decoder:
     def _step_layers(self, x: torch.Tensor, position: int) -> None:
         """All layers for one token x (1, hidden) at ``position``, in place: one ``decode_layer`` call each."""
         step = torch.ops.bitconvert.decode_layer.default
-        heads, eps = self.heads, self.eps
+        heads, eps, layout = self.heads, self.eps, self.layout
         for arguments in self.step_arguments:
-            step(x, *arguments, position, heads, eps)
+            step(x, *arguments, position, heads, eps, layout)
 
     def _layers(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """All layers for tokens x (T, hidden) at positions ``start ..``, per operator; returns the new hidden states."""

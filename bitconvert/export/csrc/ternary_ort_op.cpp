@@ -13,12 +13,13 @@
 //
 // W is repacked into the kernel layout once, when the kernel is created, if ONNX Runtime gives it as a constant
 // initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
-// has. Threads: ONNX Runtime's intra-op pool (SessionOptions.intra_op_num_threads), not OpenMP, so the op never
-// competes with the session's own threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds,
-// by 16-row tiles for one token (each part a contiguous slice of the repacked weights and of y) and by groups of
-// 8 tokens otherwise, and each part runs the core single-threaded. The activations are quantized once per call
-// (bc_quantize_padded, by token groups in the same pool) and every part reads them: at 7B shapes a decode step
-// has about 800 parts, and quantizing the 4,096-11,008 inputs in each of them cost more than the products.
+// has, the layout BITCONVERT_LAYOUT or the best that path computes on (bc_default_layout). Threads: ONNX Runtime's
+// intra-op pool (SessionOptions.intra_op_num_threads), not OpenMP, so the op never competes with the session's own
+// threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds, by 16-row tiles for one token (each
+// part a contiguous slice of the repacked weights and of y) and by groups of 8 tokens otherwise, and each part runs the
+// core single-threaded. The activations are quantized once per call (bc_quantize_padded, by token groups in the same
+// pool) and every part reads them: at 7B shapes a decode step has about 800 parts, and quantizing the 4,096-11,008
+// inputs in each of them cost more than the products.
 // Built against the C API of the oldest supported onnxruntime: RegisterCustomOps refuses an older runtime with an
 // error status instead of crashing.
 #define ORT_API_MANUAL_INIT
@@ -52,7 +53,7 @@ struct Job {
     const float *scales;            // one per segment
     const std::vector<int64_t> *ends;  // exclusive end row of each segment
     int64_t n, out_features, in_features, ldx, parts;
-    int isa;
+    int isa, layout;
     std::atomic<int> error{BC_OK};  // set by a failing part
 };
 
@@ -60,16 +61,15 @@ struct Job {
 void quantize_group(void *data, size_t index) {
     Job &job = *static_cast<Job *>(data);
     const int64_t first = int64_t(index) * kTokensPerGroup, count = std::min(kTokensPerGroup, job.n - first);
-    bc_quantize_padded(job.x + first * job.in_features, count, job.in_features, job.x_q + first * job.ldx,
+    bc_quantize_padded(job.x + first * job.in_features, count, job.in_features, job.layout, job.x_q + first * job.ldx,
                        job.x_sums + first, job.x_scales + first);
 }
 
 // Rows [row0, row1) of the output for tokens [first, last), all inside segment `seg`, into y (row stride N).
 int run_rows(const Job &job, int64_t first, int64_t last, int64_t row0, int64_t row1, size_t seg) {
-    const int64_t kblocks = ceil_div(job.in_features, BC_BLOCK_COLS);
-    const uint8_t *weight = job.weight + row0 / BC_TILE_ROWS * kblocks * BC_BLOCK_BYTES;
+    const uint8_t *weight = job.weight + row0 / BC_TILE_ROWS * bc_tile_bytes(job.in_features, job.layout);
     return bc_linear_quantized(job.x_q + first * job.ldx, job.x_sums + first, job.x_scales + first, last - first,
-                               weight, row1 - row0, job.in_features, job.scales[seg],
+                               weight, job.layout, row1 - row0, job.in_features, job.scales[seg],
                                job.y + first * job.out_features + row0, job.out_features, job.isa, 1);
 }
 
@@ -121,7 +121,7 @@ void check_weight_shape(const std::vector<int64_t> &shape, int64_t out_features)
 struct TernaryMatMulKernel {
     int64_t out_features = 0;
     std::vector<int64_t> segment_ends;  // exclusive end row of each segment; {out_features} without `segments`
-    int isa = BC_ISA_SCALAR;
+    int isa = BC_ISA_SCALAR, layout = BC_LAYOUT_2BIT;
     std::vector<uint8_t> repacked;  // empty unless W was a constant initializer
     int64_t repacked_in = 0;
 
@@ -131,16 +131,21 @@ struct TernaryMatMulKernel {
         if (out_features < 1) throw OpError("TernaryMatMul: attribute out_features must be >= 1");
         read_segments(kernel_info);
         isa = bc_default_isa();
-        if (isa == -2) throw OpError("TernaryMatMul: BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
+        if (isa == -2)
+            throw OpError("TernaryMatMul: BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
         if (isa == -3) throw OpError("TernaryMatMul: this CPU cannot run the path BITCONVERT_ISA names");
+        layout = bc_default_layout(isa);
+        if (layout == -2) throw OpError("TernaryMatMul: BITCONVERT_LAYOUT names no known layout (2bit, base3)");
+        if (layout == -3)
+            throw OpError("TernaryMatMul: the SIMD path does not compute on the layout BITCONVERT_LAYOUT names");
         int is_constant = 0;
         Ort::ConstValue weight = kernel_info.GetTensorConstantInput(1, &is_constant);
         if (is_constant) {
             std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
             check_weight_shape(shape, out_features);
             repacked_in = shape[1];
-            repacked.resize(bc_repacked_bytes(out_features, repacked_in));
-            bc_repack(weight.GetTensorData<uint8_t>(), out_features, repacked_in, repacked.data());
+            repacked.resize(bc_repacked_bytes(out_features, repacked_in, layout));
+            bc_repack(weight.GetTensorData<uint8_t>(), out_features, repacked_in, layout, repacked.data());
         }
     }
 
@@ -186,21 +191,21 @@ struct TernaryMatMulKernel {
         std::vector<uint8_t> per_call;
         const uint8_t *weight = repacked.data();
         if (repacked.empty()) {
-            per_call.resize(bc_repacked_bytes(out_features, in_features));
-            bc_repack(w.GetTensorData<uint8_t>(), out_features, in_features, per_call.data());
+            per_call.resize(bc_repacked_bytes(out_features, in_features, layout));
+            bc_repack(w.GetTensorData<uint8_t>(), out_features, in_features, layout, per_call.data());
             weight = per_call.data();
         }
         const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
         const int64_t work = tiles * BC_TILE_ROWS * n * in_features;
         const int64_t pieces = n == 1 ? tiles : ceil_div(n, kTokensPerGroup);
         const int64_t parts = std::max<int64_t>(1, std::min(work / kMinWorkPerPart, pieces));
-        const int64_t ldx = bc_padded_in(in_features);
+        const int64_t ldx = bc_padded_in(in_features, layout);
         std::vector<int8_t> x_q(size_t(n * ldx));
         std::vector<int32_t> x_sums(static_cast<size_t>(n));
         std::vector<float> x_scales(static_cast<size_t>(n));
         Job job{x.GetTensorData<float>(), x_q.data(), x_sums.data(), x_scales.data(), weight,
                 y.GetTensorMutableData<float>(), scale.GetTensorData<float>(), &segment_ends, n, out_features,
-                in_features, ldx, parts, isa, {BC_OK}};
+                in_features, ldx, parts, isa, layout, {BC_OK}};
         ctx.ParallelFor(quantize_group, size_t(ceil_div(n, kTokensPerGroup)), 0, &job);
         ctx.ParallelFor(run_part, size_t(parts), 0, &job);
         if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));

@@ -98,9 +98,9 @@ void attend_heads(const float *q, const float *keys, const float *values, int64_
 }
 
 // y (out) = the ternary product of one token x (in_features): bc_linear_rows with weight's per-row scales.
-void product(const float *x, int64_t in_features, const at::Tensor &weight, const at::Tensor &scales, float *y,
-             int threads) {
-    bitconvert::check_result(bc_linear_rows(x, 1, weight.data_ptr<uint8_t>(), scales.numel(), in_features,
+void product(const float *x, int64_t in_features, const at::Tensor &weight, int layout, const at::Tensor &scales,
+             float *y, int threads) {
+    bitconvert::check_result(bc_linear_rows(x, 1, weight.data_ptr<uint8_t>(), layout, scales.numel(), in_features,
                                             scales.data_ptr<float>(), y, BC_ISA_AUTO, threads),
                              BC_ISA_AUTO);
 }
@@ -126,10 +126,11 @@ void check_vector(const char *name, const at::Tensor &vector, int64_t n) {
 }
 
 // TORCH_CHECKs a product's repacked weight and fp32 per-row scales for in_features inputs; returns its out_features.
-int64_t check_product(const char *name, const at::Tensor &weight, const at::Tensor &scales, int64_t in_features) {
+int64_t check_product(const char *name, const at::Tensor &weight, int64_t layout, const at::Tensor &scales,
+                      int64_t in_features) {
     const int64_t out_features = scales.numel();
     check_vector(name, scales, out_features);
-    bitconvert::check_weight(weight, out_features, in_features);
+    bitconvert::check_weight(weight, layout, out_features, in_features);
     return out_features;
 }
 
@@ -145,23 +146,23 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
                   const at::Tensor &post_norm, const at::Tensor &gate_up_weight, const at::Tensor &gate_up_scales,
                   const at::Tensor &down_weight, const at::Tensor &down_scales, const at::Tensor &cos,
                   const at::Tensor &sin, at::Tensor keys, at::Tensor values, int64_t position, int64_t heads,
-                  double eps) {
+                  double eps, int64_t layout) {
     TORCH_CHECK(x.dtype() == at::kFloat && x.is_contiguous() && (x.dim() == 1 || (x.dim() == 2 && x.size(0) == 1)),
                 "bitconvert: decode_layer runs one token: x must be contiguous fp32 (1, hidden) or (hidden,), got ",
                 x.sizes(), " ", x.dtype());
     const int64_t hidden = x.numel();
     check_vector("input_norm", input_norm, hidden);
     check_vector("post_norm", post_norm, hidden);
-    const int64_t width = check_product("qkv", qkv_weight, qkv_scales, hidden);
+    const int64_t width = check_product("qkv", qkv_weight, layout, qkv_scales, hidden);
     bitconvert::check_rope_cache("decode_layer", width, cos, sin, keys, values, position, 1, heads);
     const int64_t kv_heads = keys.size(0), max_len = keys.size(1), dim = keys.size(2), length = position + 1;
-    TORCH_CHECK(check_product("o_proj", o_weight, o_scales, heads * dim) == hidden, "bitconvert: decode_layer: o_proj ",
-                "has ", o_scales.numel(), " rows, expected hidden size ", hidden);
-    const int64_t gate_up = check_product("gate_up", gate_up_weight, gate_up_scales, hidden);
+    TORCH_CHECK(check_product("o_proj", o_weight, layout, o_scales, heads * dim) == hidden,
+                "bitconvert: decode_layer: o_proj has ", o_scales.numel(), " rows, expected hidden size ", hidden);
+    const int64_t gate_up = check_product("gate_up", gate_up_weight, layout, gate_up_scales, hidden);
     TORCH_CHECK(gate_up % 2 == 0, "bitconvert: decode_layer: gate_up has an odd number of rows, ", gate_up);
     const int64_t intermediate = gate_up / 2;
-    TORCH_CHECK(check_product("down", down_weight, down_scales, intermediate) == hidden, "bitconvert: decode_layer: ",
-                "down has ", down_scales.numel(), " rows, expected hidden size ", hidden);
+    TORCH_CHECK(check_product("down", down_weight, layout, down_scales, intermediate) == hidden,
+                "bitconvert: decode_layer: down has ", down_scales.numel(), " rows, expected hidden size ", hidden);
 
     const int threads = bitconvert::resolve_threads(0);
     float *normed = workspace(2 * hidden + width + 2 * heads * dim + gate_up + intermediate + heads * length);
@@ -170,17 +171,17 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
     float *state = x.data_ptr<float>(), *key_cache = keys.data_ptr<float>(), *value_cache = values.data_ptr<float>();
 
     rms_norm(state, input_norm.data_ptr<float>(), hidden, float(eps), normed);
-    product(normed, hidden, qkv_weight, qkv_scales, qkv, threads);
+    product(normed, hidden, qkv_weight, int(layout), qkv_scales, qkv, threads);
     bitconvert::rope_cache_write_token(qkv, cos.data_ptr<float>() + position * dim, sin.data_ptr<float>() + position * dim,
                                        heads, kv_heads, dim, q, dim, key_cache + position * dim,
                                        value_cache + position * dim, max_len * dim);
     attend_heads(q, key_cache, value_cache, heads, kv_heads, max_len, length, dim, scores, attention, threads);
-    product(attention, heads * dim, o_weight, o_scales, delta, threads);
+    product(attention, heads * dim, o_weight, int(layout), o_scales, delta, threads);
     add(state, delta, hidden);
     rms_norm(state, post_norm.data_ptr<float>(), hidden, float(eps), normed);
-    product(normed, hidden, gate_up_weight, gate_up_scales, gates, threads);
+    product(normed, hidden, gate_up_weight, int(layout), gate_up_scales, gates, threads);
     swiglu(gates, intermediate, activation);
-    product(activation, intermediate, down_weight, down_scales, delta, threads);
+    product(activation, intermediate, down_weight, int(layout), down_scales, delta, threads);
     add(state, delta, hidden);
 }
 
@@ -190,7 +191,7 @@ TORCH_LIBRARY_FRAGMENT(bitconvert, m) {
     m.def("decode_layer(Tensor(a!) x, Tensor input_norm, Tensor qkv_weight, Tensor qkv_scales, Tensor o_weight, "
           "Tensor o_scales, Tensor post_norm, Tensor gate_up_weight, Tensor gate_up_scales, Tensor down_weight, "
           "Tensor down_scales, Tensor cos, Tensor sin, Tensor(b!) keys, Tensor(c!) values, int position, int heads, "
-          "float eps) -> ()");
+          "float eps, int layout=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bitconvert, CPU, m) { m.impl("decode_layer", &decode_layer); }

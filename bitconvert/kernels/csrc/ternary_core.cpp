@@ -1,5 +1,6 @@
-// Ternary x int8 kernels: the scalar reference and the AVX2, AVX-VNNI and AVX-512 VNNI paths, one per struct, each
-// computing the same thing on the layout described in ternary_core.h. Every SIMD path is compiled with a
+// Ternary x int8 kernels: the scalar reference and the AVX2, AVX-VNNI and AVX-512 VNNI paths on the 2-bit layout,
+// and the scalar reference and the AVX-512 VBMI path on the base-3 layout (both layouts: ternary_core.h), one struct
+// per path, each computing the same thing. Every SIMD path is compiled with a
 // function-level target attribute and only called after a CPUID check, so the library runs on any x86-64.
 // Build with -ffp-contract=off and without fast-math: the float steps must round exactly as torch does.
 #include "ternary_core.h"
@@ -26,9 +27,10 @@ constexpr int64_t kPrefetchBlocks = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// A tile function: raw[t * 16 + r] = sum over all k-blocks of code(row r, k) * x[t * ldx + k], for t < NT,
-// where w points at the tile's first block and x at the first of NT zero-padded activation rows.
-using TileFn = void (*)(const uint8_t *w, int64_t kblocks, const int8_t *x, int64_t ldx, int32_t *raw);
+// A tile function: raw[t * 16 + r] = sum over all columns k of code(row r, k) * x[t * ldx + k], for t < NT, where
+// w points at the tile's first unit (2-bit: k-block of 64 bytes; base3: pair of 80 bytes), `units` is their count,
+// and x at the first of NT zero-padded activation rows (base3: permuted as the layout states).
+using TileFn = void (*)(const uint8_t *w, int64_t units, const int8_t *x, int64_t ldx, int32_t *raw);
 
 int32_t load4(const int8_t *p) {
     int32_t v;
@@ -155,6 +157,84 @@ struct Avx512 {
     }
 };
 
+// ---- base-3 layout (ternary_core.h): 16 rows x 24 columns per 80-byte pair, 64 five-bit indices per 12-column block.
+constexpr int kPairBlocks = 2, kGroups = 4, kDigits = 3, kBlockCols = kGroups * kDigits;
+
+// The index of lane l of block h (0: A, 1: B) of a pair.
+int base3_index(const uint8_t *pair, int h, int lane) {
+    return ((pair[lane] >> (4 * h)) & 15) | (((pair[64 + 8 * h + lane / 8] >> (lane % 8)) & 1) << 4);
+}
+
+struct Base3Scalar {
+    template <int NT>
+    static void tile(const uint8_t *w, int64_t pairs, const int8_t *x, int64_t ldx, int32_t *raw) {
+        for (int t = 0; t < NT; ++t) {
+            for (int r = 0; r < BC_TILE_ROWS; ++r) {
+                int32_t sum = 0;
+                for (int64_t p = 0; p < pairs; ++p)
+                    for (int h = 0; h < kPairBlocks; ++h) {
+                        const int8_t *xb = x + t * ldx + (kPairBlocks * p + h) * kBlockCols;  // permuted block
+                        for (int g = 0; g < kGroups; ++g) {
+                            int index = base3_index(w + p * BC_PAIR_BYTES, h, kGroups * r + g);
+                            for (int j = 0; j < kDigits; ++j, index /= 3) sum += (index % 3) * xb[kGroups * j + g];
+                        }
+                    }
+                raw[t * BC_TILE_ROWS + r] = sum;
+            }
+        }
+    }
+};
+
+#define BC_TARGET_AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi")))
+
+// AVX-512 VBMI: per pair, the 64 indices of each block rebuilt with one masked add of 16, then vpermb against three
+// 64-byte tables gives digit plane j (lane 4r+g = digit j of row r's group g), one vpdpbusd per plane and token
+// against the 4 permuted activation bytes of digit j: lane r sums its 4 groups. All six planes of a pair add into
+// the same int32 lanes; with few tokens they rotate over several accumulator chains to hide the vpdpbusd latency.
+struct Base3Avx512 {
+    template <int NT>
+    BC_TARGET_AVX512VBMI static void tile(const uint8_t *w, int64_t pairs, const int8_t *x, int64_t ldx,
+                                          int32_t *raw) {
+        constexpr int kPlanes = kPairBlocks * kDigits, C = NT >= kPlanes ? 1 : kPlanes / NT;
+        alignas(64) static const uint8_t kTables[kDigits][64] = {
+            {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2},
+            {0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2},
+            {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2}};
+        __m512i tables[kDigits];
+        for (int j = 0; j < kDigits; ++j) tables[j] = _mm512_load_si512(kTables[j]);
+        const __m512i low = _mm512_set1_epi8(15), sixteen = _mm512_set1_epi8(16);
+        __m512i sum[NT][C];
+        for (int t = 0; t < NT; ++t)
+            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
+        for (int64_t p = 0; p < pairs; ++p) {
+            const uint8_t *pair = w + p * BC_PAIR_BYTES;
+            _mm_prefetch((const char *)(pair + kPrefetchBlocks * BC_PAIR_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(pair + kPrefetchBlocks * BC_PAIR_BYTES + 64), _MM_HINT_T0);
+            const __m512i nibbles = _mm512_loadu_si512(pair);
+            uint64_t fifth[kPairBlocks];
+            std::memcpy(fifth, pair + 64, sizeof fifth);
+            __m512i index[kPairBlocks] = {_mm512_and_si512(nibbles, low),
+                                          _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), low)};
+            for (int h = 0; h < kPairBlocks; ++h)
+                index[h] = _mm512_mask_add_epi8(index[h], _cvtu64_mask64(fifth[h]), index[h], sixteen);
+            for (int h = 0; h < kPairBlocks; ++h)
+                for (int j = 0; j < kDigits; ++j) {
+                    const __m512i plane = _mm512_permutexvar_epi8(index[h], tables[j]);
+                    const int chain = (kDigits * h + j) % C;
+                    for (int t = 0; t < NT; ++t) {
+                        const int8_t *xb = x + t * ldx + (kPairBlocks * p + h) * kBlockCols + kGroups * j;
+                        sum[t][chain] = _mm512_dpbusd_epi32(sum[t][chain], plane, _mm512_set1_epi32(load4(xb)));
+                    }
+                }
+        }
+        for (int t = 0; t < NT; ++t) {
+            __m512i total = sum[t][0];
+            for (int c = 1; c < C; ++c) total = _mm512_add_epi32(total, sum[t][c]);
+            _mm512_storeu_si512(raw + t * BC_TILE_ROWS, total);
+        }
+    }
+};
+
 // tiles[nt] handles nt tokens (1 <= nt <= kMaxTokens).
 struct Kernels {
     TileFn tiles[kMaxTokens + 1];
@@ -167,10 +247,20 @@ constexpr Kernels kernels_of() {
              &Path::template tile<8>}};
 }
 
-constexpr Kernels kKernels[BC_ISA_COUNT] = {kernels_of<Scalar>(), kernels_of<Avx2>(), kernels_of<AvxVnni>(),
-                                            kernels_of<Avx512>()};
+constexpr Kernels kNone = {};
+
+// kKernels[layout][isa]; all null where the path does not compute on the layout.
+constexpr Kernels kKernels[BC_LAYOUT_COUNT][BC_ISA_COUNT] = {
+    {kernels_of<Scalar>(), kernels_of<Avx2>(), kernels_of<AvxVnni>(), kernels_of<Avx512>()},
+    {kernels_of<Base3Scalar>(), kNone, kNone, kernels_of<Base3Avx512>()}};
 
 const char *const kIsaNames[BC_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512"};
+const char *const kLayoutNames[BC_LAYOUT_COUNT] = {"2bit", "base3"};
+
+// Tile geometry of a layout for in_features columns: units per tile (k-blocks or pairs) and their bytes.
+int64_t units_of(int64_t in_features, int layout) {
+    return layout == BC_LAYOUT_BASE3 ? ceil_div(in_features, BC_PAIR_COLS) : ceil_div(in_features, BC_BLOCK_COLS);
+}
 
 // What to do with the exact int32 products: store them, or scale them to the layer's fp32 output.
 struct Output {
@@ -182,13 +272,13 @@ struct Output {
     const float *row_scales;    // (out) per-row weight scales, or null
 };
 
-// x_q: n rows of ldx = 16 * kblocks int8 (zero padded); x_sum: per-token sum of x_q.
+// x_q: n rows of ldx = bc_padded_in(in_features, layout) int8 (zero padded); x_sum: per-token sum of x_q.
 // Work is split into (tile, token group) tasks, tile-major, so a thread reuses a tile's weights across groups.
-void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint8_t *weight, int64_t out_features,
-         int64_t in_features, const Output &out, int threads) {
-    const Kernels &kernels = kKernels[isa];
-    const int64_t kblocks = ceil_div(in_features, BC_BLOCK_COLS);
-    const int64_t ldx = kblocks * BC_BLOCK_COLS;
+void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint8_t *weight, int layout,
+         int64_t out_features, int64_t in_features, const Output &out, int threads) {
+    const Kernels &kernels = kKernels[layout][isa];
+    const int64_t units = units_of(in_features, layout), tile_bytes = bc_tile_bytes(in_features, layout);
+    const int64_t ldx = bc_padded_in(in_features, layout);
     const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
     const int64_t groups = ceil_div(n, kMaxTokens);
     const int64_t tasks = tiles * groups;
@@ -198,7 +288,7 @@ void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint
         const int64_t tile = task / groups, t0 = (task % groups) * kMaxTokens;
         const int nt = int(std::min<int64_t>(kMaxTokens, n - t0));
         int32_t raw[kMaxTokens * BC_TILE_ROWS];
-        kernels.tiles[nt](weight + tile * kblocks * BC_BLOCK_BYTES, kblocks, x_q + t0 * ldx, ldx, raw);
+        kernels.tiles[nt](weight + tile * tile_bytes, units, x_q + t0 * ldx, ldx, raw);
         const int64_t row0 = tile * BC_TILE_ROWS;
         const int rows = int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0));
         // Branch-free loops over the tile's rows, so the compiler vectorizes them (divps rounds as divss does).
@@ -222,30 +312,43 @@ void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint
     }
 }
 
-int check(int &isa, int64_t n, int64_t out_features, int64_t in_features) {
+int check(int &isa, int layout, int64_t n, int64_t out_features, int64_t in_features) {
     if (isa == BC_ISA_AUTO) isa = bc_default_isa();
     if (!bc_isa_supported(isa)) return BC_ERR_ISA;
+    if (!bc_layout_supported(layout, isa)) return BC_ERR_LAYOUT;
     if (n < 0 || out_features < 0 || in_features < 0 || in_features > BC_MAX_IN_FEATURES) return BC_ERR_SHAPE;
     return BC_OK;
 }
 
-// Zeroes the padding of an activation row (in_features values of ldx) and returns the sum of its values.
-int32_t pad_and_sum(int8_t *row, int64_t in_features, int64_t ldx) {
-    std::memset(row + in_features, 0, size_t(ldx - in_features));
+// Writes the int8 activation row src (in_features values) as the kernels read it, dst (ldx values): zero padded,
+// and for base3 permuted within each 12-column block (byte 4*j + g = column 3g + j); returns the sum of its values.
+int32_t layout_row(const int8_t *src, int64_t in_features, int layout, int8_t *dst) {
+    const int64_t ldx = bc_padded_in(in_features, layout);
     int32_t sum = 0;
-    for (int64_t k = 0; k < in_features; ++k) sum += row[k];
+    for (int64_t k = 0; k < in_features; ++k) sum += src[k];
+    if (layout == BC_LAYOUT_2BIT) {
+        std::memcpy(dst, src, size_t(in_features));
+        std::memset(dst + in_features, 0, size_t(ldx - in_features));
+        return sum;
+    }
+    for (int64_t block = 0; block < ldx; block += kBlockCols)
+        for (int j = 0; j < kDigits; ++j)
+            for (int g = 0; g < kGroups; ++g) {
+                const int64_t k = block + kDigits * g + j;
+                dst[block + kGroups * j + g] = k < in_features ? src[k] : 0;
+            }
     return sum;
 }
 
 // bc_linear / bc_linear_rows: quantize x per token, then the product scaled by one or per-row weight scales.
-int scaled_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
-                  float weight_scale, const float *row_scales, float *y, int isa, int threads) {
-    if (const int err = check(isa, n, out_features, in_features)) return err;
-    std::vector<int8_t> padded(size_t(n * bc_padded_in(in_features)));
+int scaled_linear(const float *x, int64_t n, const uint8_t *weight, int layout, int64_t out_features,
+                  int64_t in_features, float weight_scale, const float *row_scales, float *y, int isa, int threads) {
+    if (const int err = check(isa, layout, n, out_features, in_features)) return err;
+    std::vector<int8_t> padded(size_t(n * bc_padded_in(in_features, layout)));
     std::vector<int32_t> sums(static_cast<size_t>(n));
     std::vector<float> scales(static_cast<size_t>(n));
-    bc_quantize_padded(x, n, in_features, padded.data(), sums.data(), scales.data());
-    run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
+    bc_quantize_padded(x, n, in_features, layout, padded.data(), sums.data(), scales.data());
+    run(isa, padded.data(), sums.data(), n, weight, layout, out_features, in_features,
         Output{nullptr, y, out_features, scales.data(), weight_scale, row_scales}, threads);
     return BC_OK;
 }
@@ -307,24 +410,68 @@ int bc_default_isa(void) {
     return bc_isa_supported(isa) ? isa : -3;
 }
 
-size_t bc_repacked_bytes(int64_t out_features, int64_t in_features) {
-    return size_t(ceil_div(out_features, BC_TILE_ROWS) * ceil_div(in_features, BC_BLOCK_COLS)) * BC_BLOCK_BYTES;
+const char *bc_layout_name(int layout) {
+    return layout >= 0 && layout < BC_LAYOUT_COUNT ? kLayoutNames[layout] : nullptr;
 }
 
-void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features, uint8_t *dst) {
+int bc_layout_from_name(const char *name) {
+    for (int layout = 0; layout < BC_LAYOUT_COUNT; ++layout)
+        if (std::strcmp(name, kLayoutNames[layout]) == 0) return layout;
+    return -2;
+}
+
+int bc_layout_supported(int layout, int isa) {
+    if (layout < 0 || layout >= BC_LAYOUT_COUNT || !bc_isa_supported(isa)) return 0;
+    if (kKernels[layout][isa].tiles[1] == nullptr) return 0;
+    __builtin_cpu_init();
+    return layout != BC_LAYOUT_BASE3 || isa != BC_ISA_AVX512 || __builtin_cpu_supports("avx512vbmi");
+}
+
+int bc_default_layout(int isa) {
+    const char *name = std::getenv("BITCONVERT_LAYOUT");
+    if (name == nullptr || *name == '\0')
+        return bc_layout_supported(BC_LAYOUT_BASE3, isa) && isa != BC_ISA_SCALAR ? BC_LAYOUT_BASE3 : BC_LAYOUT_2BIT;
+    const int layout = bc_layout_from_name(name);
+    if (layout < 0) return -2;
+    return bc_layout_supported(layout, isa) ? layout : -3;
+}
+
+int64_t bc_tile_bytes(int64_t in_features, int layout) {
+    return units_of(in_features, layout) * (layout == BC_LAYOUT_BASE3 ? BC_PAIR_BYTES : BC_BLOCK_BYTES);
+}
+
+size_t bc_repacked_bytes(int64_t out_features, int64_t in_features, int layout) {
+    return size_t(ceil_div(out_features, BC_TILE_ROWS) * bc_tile_bytes(in_features, layout));
+}
+
+void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features, int layout, uint8_t *dst) {
     const int64_t packed_rows = ceil_div(out_features, 4);
-    const int64_t kblocks = ceil_div(in_features, BC_BLOCK_COLS);
-    std::memset(dst, 0x55, bc_repacked_bytes(out_features, in_features));  // code 1 (weight 0) everywhere
-    for (int64_t o = 0; o < out_features; ++o) {
-        const uint8_t *src = packed + (o % packed_rows) * in_features;
-        const int shift = 2 * int(o / packed_rows);
+    // code T + 1 of (row o, column k); 1 (weight 0) in the padding
+    auto code = [&](int64_t o, int64_t k) -> int {
+        if (o >= out_features || k >= in_features) return 1;
+        return (packed[(o % packed_rows) * in_features + k] >> (2 * int(o / packed_rows))) & 3;
+    };
+    const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS), units = units_of(in_features, layout);
+    std::memset(dst, 0, bc_repacked_bytes(out_features, in_features, layout));
+    for (int64_t o = 0; o < tiles * BC_TILE_ROWS; ++o) {
         const int64_t tile = o / BC_TILE_ROWS, r = o % BC_TILE_ROWS;
-        for (int64_t k = 0; k < in_features; ++k) {
-            const uint8_t code = (src[k] >> shift) & 3;
-            const int64_t b = k / BC_BLOCK_COLS, i = (k % BC_BLOCK_COLS) / 4, j = k % 4;
-            uint8_t &byte = dst[(tile * kblocks + b) * BC_BLOCK_BYTES + 4 * r + j];
-            byte = uint8_t((byte & ~(3 << (2 * i))) | (code << (2 * i)));
+        uint8_t *tile_bytes = dst + tile * bc_tile_bytes(in_features, layout);
+        if (layout == BC_LAYOUT_2BIT) {
+            for (int64_t k = 0; k < units * BC_BLOCK_COLS; ++k) {
+                const int64_t b = k / BC_BLOCK_COLS, i = (k % BC_BLOCK_COLS) / 4, j = k % 4;
+                tile_bytes[b * BC_BLOCK_BYTES + 4 * r + j] |= uint8_t(code(o, k) << (2 * i));
+            }
+            continue;
         }
+        for (int64_t block = 0; block < units * kPairBlocks; ++block)
+            for (int g = 0; g < kGroups; ++g) {
+                const int64_t k = block * kBlockCols + kDigits * g;
+                const int index = code(o, k) + 3 * code(o, k + 1) + 9 * code(o, k + 2);
+                uint8_t *pair = tile_bytes + block / kPairBlocks * BC_PAIR_BYTES;
+                const int h = int(block % kPairBlocks), lane = kGroups * int(r) + g;
+                pair[lane] |= uint8_t((index & 15) << (4 * h));
+                pair[64 + 8 * h + lane / 8] |= uint8_t((index >> 4) << (lane % 8));
+            }
     }
 }
 
@@ -342,50 +489,50 @@ void bc_quantize_activations(const float *x, int64_t n, int64_t in_features, int
     }
 }
 
-int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
-                  int32_t *acc, int isa, int threads) {
-    if (const int err = check(isa, n, out_features, in_features)) return err;
-    const int64_t ldx = bc_padded_in(in_features);
+int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int layout, int64_t out_features,
+                  int64_t in_features, int32_t *acc, int isa, int threads) {
+    if (const int err = check(isa, layout, n, out_features, in_features)) return err;
+    const int64_t ldx = bc_padded_in(in_features, layout);
     std::vector<int8_t> padded(size_t(n * ldx));
     std::vector<int32_t> sums(static_cast<size_t>(n));
-    for (int64_t t = 0; t < n; ++t) {
-        std::memcpy(&padded[t * ldx], x_q + t * in_features, size_t(in_features));
-        sums[t] = pad_and_sum(&padded[t * ldx], in_features, ldx);
-    }
-    run(isa, padded.data(), sums.data(), n, weight, out_features, in_features,
+    for (int64_t t = 0; t < n; ++t) sums[t] = layout_row(x_q + t * in_features, in_features, layout, &padded[t * ldx]);
+    run(isa, padded.data(), sums.data(), n, weight, layout, out_features, in_features,
         Output{acc, nullptr, 0, nullptr, 0.0f, nullptr}, threads);
     return BC_OK;
 }
 
-int64_t bc_padded_in(int64_t in_features) { return ceil_div(in_features, BC_BLOCK_COLS) * BC_BLOCK_COLS; }
+int64_t bc_padded_in(int64_t in_features, int layout) {
+    return units_of(in_features, layout) * (layout == BC_LAYOUT_BASE3 ? BC_PAIR_COLS : BC_BLOCK_COLS);
+}
 
-void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int8_t *x_q, int32_t *sums, float *s) {
-    const int64_t ldx = bc_padded_in(in_features);
+void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layout, int8_t *x_q, int32_t *sums,
+                        float *s) {
+    const int64_t ldx = bc_padded_in(in_features, layout);
+    std::vector<int8_t> row(static_cast<size_t>(in_features));
     for (int64_t t = 0; t < n; ++t) {
-        int8_t *row = x_q + t * ldx;
-        bc_quantize_activations(x + t * in_features, 1, in_features, row, &s[t]);
-        sums[t] = pad_and_sum(row, in_features, ldx);
+        bc_quantize_activations(x + t * in_features, 1, in_features, row.data(), &s[t]);
+        sums[t] = layout_row(row.data(), in_features, layout, x_q + t * ldx);
     }
 }
 
 int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,
-                        int64_t out_features, int64_t in_features, float weight_scale, float *y, int64_t ldy, int isa,
-                        int threads) {
-    if (const int err = check(isa, n, out_features, in_features)) return err;
+                        int layout, int64_t out_features, int64_t in_features, float weight_scale, float *y,
+                        int64_t ldy, int isa, int threads) {
+    if (const int err = check(isa, layout, n, out_features, in_features)) return err;
     if (ldy < out_features) return BC_ERR_SHAPE;
-    run(isa, x_q, sums, n, weight, out_features, in_features, Output{nullptr, y, ldy, s, weight_scale, nullptr},
-        threads);
+    run(isa, x_q, sums, n, weight, layout, out_features, in_features,
+        Output{nullptr, y, ldy, s, weight_scale, nullptr}, threads);
     return BC_OK;
 }
 
-int bc_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
-              float weight_scale, float *y, int isa, int threads) {
-    return scaled_linear(x, n, weight, out_features, in_features, weight_scale, nullptr, y, isa, threads);
+int bc_linear(const float *x, int64_t n, const uint8_t *weight, int layout, int64_t out_features,
+              int64_t in_features, float weight_scale, float *y, int isa, int threads) {
+    return scaled_linear(x, n, weight, layout, out_features, in_features, weight_scale, nullptr, y, isa, threads);
 }
 
-int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
-                   const float *weight_scales, float *y, int isa, int threads) {
-    return scaled_linear(x, n, weight, out_features, in_features, 0.0f, weight_scales, y, isa, threads);
+int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int layout, int64_t out_features,
+                   int64_t in_features, const float *weight_scales, float *y, int isa, int threads) {
+    return scaled_linear(x, n, weight, layout, out_features, in_features, 0.0f, weight_scales, y, isa, threads);
 }
 
 }  // extern "C"

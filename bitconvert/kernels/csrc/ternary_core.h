@@ -8,14 +8,29 @@
  * (fp32 throughout; torch computes `127 / t` as `t.reciprocal() * 127`, and so does this code, so the results equal
  * bitconvert.bitlinear's pure-torch path bit for bit).
  *
- * Kernel layout ("repacked"). The codes c = T + 1 in {0, 1, 2} are stored 2 bits each in 64-byte blocks that cover
- * 16 rows x 16 columns. Rows are padded to a multiple of 16 (tiles), columns to a multiple of 16 (k-blocks), with
- * code 1 (weight 0). Block (tile t, k-block b) sits at byte offset (t * kblocks + b) * 64, so one tile's weights are
- * contiguous. Inside a block, byte 4*r + j holds in bits 2i..2i+1 the code of row 16t + r, column 16b + 4i + j
- * (r < 16, i < 4, j < 4). Shifting a 64-byte block right by 2i and masking with 3 yields 16 lanes of 4 codes each
- * (lane r = row r, columns 16b+4i .. 16b+4i+3), which is the operand shape of vpdpbusd / vpmaddubsw against the
- * 4 broadcast activation bytes of those columns. Since sum_k c*x = sum_k T*x + sum_k x, the kernels compute
- * sum(c * x) with unsigned codes and subtract the per-token sum of x_q.
+ * Kernel layouts ("repacked"), chosen when the weights are repacked and passed to every call (`layout`). In both,
+ * the codes c = T + 1 in {0, 1, 2}; rows are padded to a multiple of 16 (tiles) with code 1 (weight 0), and one
+ * tile's weights are contiguous (tile t starts at byte t * bc_tile_bytes(in, layout)). Since
+ * sum_k c*x = sum_k T*x + sum_k x, the kernels compute sum(c * x) with unsigned codes and subtract the per-token sum
+ * of x_q.
+ *
+ * BC_LAYOUT_2BIT (2 bits per weight; every path). 64-byte blocks of 16 rows x 16 columns, columns padded to a
+ * multiple of 16 (k-blocks); block (tile t, k-block b) at byte (t * kblocks + b) * 64. Inside a block, byte 4*r + j
+ * holds in bits 2i..2i+1 the code of row 16t + r, column 16b + 4i + j (r < 16, i < 4, j < 4). Shifting a block
+ * right by 2i and masking with 3 yields 16 lanes of 4 codes each (lane r = row r, columns 16b+4i .. 16b+4i+3), the
+ * operand shape of vpdpbusd / vpmaddubsw against the 4 broadcast activation bytes of those columns.
+ *
+ * BC_LAYOUT_BASE3 (1.67 bits per weight; the scalar path, and AVX-512 with VBMI). Three codes of one row make one
+ * base-3 index u = c0 + 3 c1 + 9 c2 < 27 (columns 3g, 3g+1, 3g+2 of a 12-column block give the digits c0, c1, c2).
+ * A block covers 16 rows x 12 columns = 64 indices, lane 4*r + g holding row r's column group g (g < 4). Columns are
+ * padded to a multiple of 24: two blocks A (columns 24p .. 24p+11) and B (24p+12 .. 24p+23) make an 80-byte pair p
+ * at byte (t * pairs + p) * 80: bytes 0..63 hold lane l's low 4 index bits, A's in the low nibble of byte l and
+ * B's in the high nibble; bytes 64..71 and 72..79 hold the fifth bits of A's and B's 64 lanes (bit l % 8 of byte
+ * l / 8). The AVX-512 path rebuilds 64 indices with one masked add (the fifth bits loaded straight into a mask
+ * register) and turns them into the three digit planes with three vpermb table lookups; each plane is one vpdpbusd
+ * against 4 activation bytes, so the activations are stored permuted (bc_quantize_padded): within each 12-column
+ * block, byte 4*j + g holds column 3g + j. Against 2 bits it reads 17% fewer bytes for the same 3 vpdpbusd per
+ * 192 weights, which matters where decoding streams the weights from memory.
  *
  * Limits: in_features <= BC_MAX_IN_FEATURES keeps every int32 partial sum exact (the AVX-512 one-token path sums
  * codes scaled by up to 64: |64 * 2 * 128| per column, in/4 columns per chain, < 2^31 for in <= 2^19).
@@ -40,12 +55,17 @@ enum {
     BC_ISA_COUNT = 4
 };
 
+/* Weight layouts (above). */
+enum { BC_LAYOUT_2BIT = 0, BC_LAYOUT_BASE3 = 1, BC_LAYOUT_COUNT = 2 };
+
 /* Error codes returned by the compute functions. */
-enum { BC_OK = 0, BC_ERR_ISA = 1, BC_ERR_SHAPE = 2 };
+enum { BC_OK = 0, BC_ERR_ISA = 1, BC_ERR_SHAPE = 2, BC_ERR_LAYOUT = 3 };
 
 #define BC_TILE_ROWS 16
 #define BC_BLOCK_COLS 16
 #define BC_BLOCK_BYTES 64
+#define BC_PAIR_COLS 24
+#define BC_PAIR_BYTES 80
 #define BC_MAX_IN_FEATURES (1 << 19)
 
 const char *bc_isa_name(int isa);          /* "scalar", "avx2", "avxvnni", "avx512"; NULL if out of range */
@@ -55,42 +75,53 @@ int bc_best_isa(void);                     /* fastest supported path */
 /* BITCONVERT_ISA if set (-2 if it names an unknown path, -3 if the CPU lacks it), else bc_best_isa(). */
 int bc_default_isa(void);
 
-/* Bytes of the repacked layout for an (out, in) matrix. */
-size_t bc_repacked_bytes(int64_t out_features, int64_t in_features);
+const char *bc_layout_name(int layout);          /* "2bit", "base3"; NULL if out of range */
+int bc_layout_from_name(const char *name);        /* inverse of bc_layout_name; -2 if unknown */
+int bc_layout_supported(int layout, int isa);     /* 1 if the path isa computes on this layout on this CPU */
+/* The layout to repack into for path isa: BITCONVERT_LAYOUT if set (-2 if it names an unknown layout, -3 if isa
+ * cannot compute on it), else base3 where the SIMD path isa computes on it (fewer bytes to stream), else 2bit (and
+ * for the scalar reference). */
+int bc_default_layout(int isa);
+
+/* Bytes of one 16-row tile, and of the whole repacked (out, in) matrix, in `layout`. */
+int64_t bc_tile_bytes(int64_t in_features, int layout);
+size_t bc_repacked_bytes(int64_t out_features, int64_t in_features, int layout);
 
 /* Repack HF transformers' BitNet layout (uint8 (ceil(out/4), in), row i*R + r in bits 2i..2i+1 of packed row r,
- * code T + 1) into the kernel layout above; dst holds bc_repacked_bytes(out, in) bytes. */
-void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features, uint8_t *dst);
+ * code T + 1) into `layout`; dst holds bc_repacked_bytes(out, in, layout) bytes. */
+void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features, int layout, uint8_t *dst);
 
 /* Per-token absmax quantization as described above: x (n, in) fp32 -> x_q (n, in) int8, s (n) fp32. */
 void bc_quantize_activations(const float *x, int64_t n, int64_t in_features, int8_t *x_q, float *s);
 
 /* acc (n, out) int32 = x_q (n, in) @ T^T. threads <= 0: OpenMP's default. Returns a BC_ERR_* code. */
-int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
-                  int32_t *acc, int isa, int threads);
+int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int layout, int64_t out_features,
+                  int64_t in_features, int32_t *acc, int isa, int threads);
 
 /* Fused: y (n, out) fp32 = (x_q @ T^T) / weight_scale / s with (x_q, s) quantized from x (n, in). */
-int bc_linear(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
-              float weight_scale, float *y, int isa, int threads);
+int bc_linear(const float *x, int64_t n, const uint8_t *weight, int layout, int64_t out_features,
+              int64_t in_features, float weight_scale, float *y, int isa, int threads);
 
 /* As bc_linear with one weight scale per output row (weight_scales (out,)): y[t][o] = (float)acc / weight_scales[o]
  * / s[t]. Several projections of the same input concatenated row-wise (q/k/v, gate/up) become one product whose
  * rows equal the separate products bit for bit. */
-int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int64_t out_features, int64_t in_features,
-                   const float *weight_scales, float *y, int isa, int threads);
+int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int layout, int64_t out_features,
+                   int64_t in_features, const float *weight_scales, float *y, int isa, int threads);
 
 /* The same product in two steps, for callers that split one product into parts (ONNX Runtime's op): quantize the
  * activations once, then compute any run of whole tiles from them, so that no part re-quantizes its input.
- * bc_padded_in: the row stride ldx of the quantized activations, in_features rounded up to a k-block (16).
- * bc_quantize_padded: x (n, in) fp32 -> x_q (n, ldx) int8 (zero padded), sums (n) int32 = per-token sum of x_q,
- *     s (n) fp32, the quantization of bc_quantize_activations.
+ * bc_padded_in: the row stride ldx of the quantized activations, in_features rounded up to a k-block (16; base3:
+ *     a pair, 24).
+ * bc_quantize_padded: x (n, in) fp32 -> x_q (n, ldx) int8 (zero padded; base3: permuted as the layout states),
+ *     sums (n) int32 = per-token sum of x_q, s (n) fp32, the quantization of bc_quantize_activations.
  * bc_linear_quantized: y[t * ldy + o] = (float)(x_q[t] . T[o]) / weight_scale / s[t] for the out_features rows of
  *     `weight` (which may start at any tile of a larger repacked matrix); bit for bit bc_linear's output. */
-int64_t bc_padded_in(int64_t in_features);
-void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int8_t *x_q, int32_t *sums, float *s);
+int64_t bc_padded_in(int64_t in_features, int layout);
+void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layout, int8_t *x_q, int32_t *sums,
+                        float *s);
 int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,
-                        int64_t out_features, int64_t in_features, float weight_scale, float *y, int64_t ldy, int isa,
-                        int threads);
+                        int layout, int64_t out_features, int64_t in_features, float weight_scale, float *y,
+                        int64_t ldy, int isa, int threads);
 
 /* Threads for `tasks` parallel tasks totalling `work` multiply-adds: `requested` (0 = OpenMP's default), at most one
  * per task, and at most one per 2^18 multiply-adds (below that the fork/join costs more than it saves). Shared by

@@ -11,30 +11,38 @@
 
 namespace {
 
+using bitconvert::check_layout;
 using bitconvert::check_result;
 using bitconvert::check_weight;
 using bitconvert::resolve_threads;
 
-// packed: uint8 (ceil(out/4), in) in HF BitNet layout -> uint8 (bc_repacked_bytes,) kernel layout.
-at::Tensor ternary_repack(const at::Tensor &packed, int64_t out_features) {
+// packed: uint8 (ceil(out/4), in) in HF BitNet layout -> uint8 (bc_repacked_bytes,) in kernel layout `layout`.
+at::Tensor ternary_repack(const at::Tensor &packed, int64_t out_features, int64_t layout) {
+    check_layout(layout);
     TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2, "bitconvert: packed weight must be 2-D uint8");
     TORCH_CHECK(packed.size(0) == (out_features + 3) / 4, "bitconvert: packed weight has ", packed.size(0),
                 " rows, expected ceil(", out_features, "/4)");
     const at::Tensor src = packed.contiguous().cpu();
-    at::Tensor dst = at::empty({int64_t(bc_repacked_bytes(out_features, src.size(1)))}, src.options());
-    bc_repack(src.data_ptr<uint8_t>(), out_features, src.size(1), dst.data_ptr<uint8_t>());
+    at::Tensor dst = at::empty({int64_t(bc_repacked_bytes(out_features, src.size(1), int(layout)))}, src.options());
+    bc_repack(src.data_ptr<uint8_t>(), out_features, src.size(1), int(layout), dst.data_ptr<uint8_t>());
     return dst;
+}
+
+int64_t ternary_repacked_bytes(int64_t out_features, int64_t in_features, int64_t layout) {
+    check_layout(layout);
+    TORCH_CHECK(out_features >= 0 && in_features >= 0, "bitconvert: negative matrix shape");
+    return int64_t(bc_repacked_bytes(out_features, in_features, int(layout)));
 }
 
 // x_q: int8 (n, in); returns int32 (n, out) = x_q @ T^T.
 at::Tensor ternary_matmul_int(const at::Tensor &x_q, const at::Tensor &weight, int64_t out_features, int64_t isa,
-                              int64_t threads) {
+                              int64_t threads, int64_t layout) {
     TORCH_CHECK(x_q.dtype() == at::kChar && x_q.dim() == 2, "bitconvert: x_q must be 2-D int8");
     const at::Tensor x = x_q.contiguous();
-    check_weight(weight, out_features, x.size(1));
+    check_weight(weight, layout, out_features, x.size(1));
     at::Tensor acc = at::empty({x.size(0), out_features}, x.options().dtype(at::kInt));
-    check_result(bc_matmul_int(x.data_ptr<int8_t>(), x.size(0), weight.data_ptr<uint8_t>(), out_features, x.size(1),
-                               acc.data_ptr<int32_t>(), int(isa), resolve_threads(threads)),
+    check_result(bc_matmul_int(x.data_ptr<int8_t>(), x.size(0), weight.data_ptr<uint8_t>(), int(layout), out_features,
+                               x.size(1), acc.data_ptr<int32_t>(), int(isa), resolve_threads(threads)),
                  isa);
     return acc;
 }
@@ -42,21 +50,23 @@ at::Tensor ternary_matmul_int(const at::Tensor &x_q, const at::Tensor &weight, i
 // x: float (n, in); weight_scale: fp32 (1,) = 1/g, or (out,) one per row (concatenated projections);
 // returns fp32 (n, out) = (x_q @ T^T) / weight_scale / s.
 at::Tensor ternary_linear(const at::Tensor &x, const at::Tensor &weight, int64_t out_features,
-                          const at::Tensor &weight_scale, int64_t isa, int64_t threads) {
+                          const at::Tensor &weight_scale, int64_t isa, int64_t threads, int64_t layout) {
     TORCH_CHECK(x.dim() == 2, "bitconvert: x must be 2-D (tokens, in_features)");
     TORCH_CHECK(weight_scale.numel() == 1 || weight_scale.numel() == out_features,
                 "bitconvert: weight_scale must hold one value or one per output row");
     const at::Tensor xf = x.to(at::kFloat).contiguous();
-    check_weight(weight, out_features, xf.size(1));
+    check_weight(weight, layout, out_features, xf.size(1));
     at::Tensor y = at::empty({xf.size(0), out_features}, xf.options());
     int code;
     if (weight_scale.numel() == 1 && out_features != 1) {
-        code = bc_linear(xf.data_ptr<float>(), xf.size(0), weight.data_ptr<uint8_t>(), out_features, xf.size(1),
+        code = bc_linear(xf.data_ptr<float>(), xf.size(0), weight.data_ptr<uint8_t>(), int(layout), out_features,
+                         xf.size(1),
                          weight_scale.to(at::kFloat).item<float>(), y.data_ptr<float>(), int(isa),
                          resolve_threads(threads));
     } else {
         const at::Tensor scales = weight_scale.to(at::kFloat).contiguous();
-        code = bc_linear_rows(xf.data_ptr<float>(), xf.size(0), weight.data_ptr<uint8_t>(), out_features, xf.size(1),
+        code = bc_linear_rows(xf.data_ptr<float>(), xf.size(0), weight.data_ptr<uint8_t>(), int(layout), out_features,
+                              xf.size(1),
                               scales.data_ptr<float>(), y.data_ptr<float>(), int(isa), resolve_threads(threads));
     }
     check_result(code, isa);
@@ -176,14 +186,29 @@ int64_t ternary_isa(c10::string_view name) {
 
 bool ternary_isa_supported(int64_t isa) { return bc_isa_supported(int(isa)) != 0; }
 
+// The layout to repack into for path isa: BITCONVERT_LAYOUT or the best the path computes on (bc_default_layout).
+int64_t ternary_layout(int64_t isa) {
+    const int layout = bc_default_layout(int(isa));
+    const char *name = std::getenv("BITCONVERT_LAYOUT");
+    TORCH_CHECK(layout != -2, "bitconvert: unknown weight layout '", name, "' in BITCONVERT_LAYOUT; choose 2bit or base3");
+    TORCH_CHECK(layout != -3, "bitconvert: the ISA path ", bc_isa_name(int(isa)), " does not compute on the layout '",
+                name, "' that BITCONVERT_LAYOUT names");
+    return layout;
+}
+
+bool ternary_layout_supported(int64_t layout, int64_t isa) { return bc_layout_supported(int(layout), int(isa)) != 0; }
+
 }  // namespace
 
 TORCH_LIBRARY(bitconvert, m) {
-    m.def("ternary_repack(Tensor packed, int out_features) -> Tensor");
-    m.def("ternary_matmul_int(Tensor x_q, Tensor weight, int out_features, int isa=-1, int threads=0) -> Tensor");
+    m.def("ternary_repack(Tensor packed, int out_features, int layout=0) -> Tensor");
+    m.def("ternary_repacked_bytes(int out_features, int in_features, int layout) -> int", &ternary_repacked_bytes);
     m.def(
-        "ternary_linear(Tensor x, Tensor weight, int out_features, Tensor weight_scale, int isa=-1, int threads=0)"
+        "ternary_matmul_int(Tensor x_q, Tensor weight, int out_features, int isa=-1, int threads=0, int layout=0)"
         " -> Tensor");
+    m.def(
+        "ternary_linear(Tensor x, Tensor weight, int out_features, Tensor weight_scale, int isa=-1, int threads=0,"
+        " int layout=0) -> Tensor");
     m.def("int8_quantize_rows(Tensor w) -> (Tensor, Tensor)");
     m.def("int8_linear(Tensor x, Tensor w_q, Tensor d, int isa=-1, int threads=0) -> Tensor");
     m.def("int4_quantize_rows(Tensor w) -> (Tensor, Tensor)");
@@ -192,6 +217,8 @@ TORCH_LIBRARY(bitconvert, m) {
     m.def("int6_linear(Tensor x, Tensor w_q, Tensor d, int isa=-1, int threads=0) -> Tensor");
     m.def("ternary_isa(str name='') -> int", &ternary_isa);
     m.def("ternary_isa_supported(int isa) -> bool", &ternary_isa_supported);
+    m.def("ternary_layout(int isa) -> int", &ternary_layout);
+    m.def("ternary_layout_supported(int layout, int isa) -> bool", &ternary_layout_supported);
 }
 
 TORCH_LIBRARY_IMPL(bitconvert, CPU, m) {
