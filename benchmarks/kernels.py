@@ -78,12 +78,18 @@ def transformers_bitlinear(out_features: int, in_features: int, packed: torch.Te
     return module
 
 
-def llama_cpp_rows(directory: str) -> list[dict]:
-    """Parse ``test-backend-ops perf -o MUL_MAT`` lines for TQ2_0 (``MUL_MAT(type_a=tq2_0,...): N runs - T us/run``)."""
+def test_backend_ops(directory: str) -> Path:
+    """llama.cpp's ``test-backend-ops`` under ``directory``; exits with one line if the build lacks it."""
     binaries = sorted(Path(directory).rglob("test-backend-ops"))
     if not binaries:
-        raise FileNotFoundError(f"no test-backend-ops under {directory}")
-    text = subprocess.run([str(binaries[0]), "perf", "-o", "MUL_MAT"], capture_output=True, text=True, check=True).stdout
+        raise SystemExit(f"error: LLAMA_CPP_DIR={directory} has no test-backend-ops; build that target "
+                         "(cmake --build DIR --target test-backend-ops) or unset LLAMA_CPP_DIR")
+    return binaries[0]
+
+
+def llama_cpp_rows(binary: Path) -> list[dict]:
+    """Parse ``test-backend-ops perf -o MUL_MAT`` lines for TQ2_0 (``MUL_MAT(type_a=tq2_0,...): N runs - T us/run``)."""
+    text = subprocess.run([str(binary), "perf", "-o", "MUL_MAT"], capture_output=True, text=True, check=True).stdout
     rows = []
     for params, us in re.findall(r"MUL_MAT\((type_a=tq2_0[^)]*)\):.*?([\d.]+) us/run", text):
         fields = dict(re.findall(r"(\w+)=(\[[^\]]*\]|[^,]+)", params))
@@ -100,6 +106,7 @@ def main() -> None:
     parser.add_argument("--isas", default=None, help="comma-separated paths (default: every SIMD path this CPU has)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' torch.compile'd path")
     args = parser.parse_args()
+    llama_cpp_binary = test_backend_ops(os.environ["LLAMA_CPP_DIR"]) if os.environ.get("LLAMA_CPP_DIR") else None
     torch.set_num_threads(args.threads)
     isas = args.isas.split(",") if args.isas else [name for name in kernels.supported_isas() if name != "scalar"]
     paths = {  # label -> (isa index, layout index)
@@ -157,8 +164,8 @@ def main() -> None:
                 print_row(row)
 
     llama_cpp = None
-    if os.environ.get("LLAMA_CPP_DIR"):
-        llama_cpp = llama_cpp_rows(os.environ["LLAMA_CPP_DIR"])
+    if llama_cpp_binary is not None:
+        llama_cpp = llama_cpp_rows(llama_cpp_binary)
         for entry in llama_cpp:
             print(f"llama.cpp TQ2_0 m={entry['m']} n={entry['n']} k={entry['k']}: {entry['us']:.1f} us")
     result = {
