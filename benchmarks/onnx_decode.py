@@ -78,7 +78,7 @@ def decoder_for(path: str | Path, threads: int, spinning: bool = False, profile_
 def _time_once(decoder, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds): the prompt in one step, then ``new_tokens`` greedy single-token steps."""
     start = time.perf_counter()
-    logits, cache = decoder.step(prompt, decoder.empty_cache())
+    logits, cache = decoder.step(prompt, decoder.empty_cache(capacity=prompt.shape[1] + new_tokens))
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(new_tokens):
@@ -160,7 +160,7 @@ def profile_ort(onnx_path: str | Path, threads: int, prompt_tokens: int = 128, n
     decoder = decoder_for(onnx_path, threads, spinning, profile_prefix=str(Path(workdir) / "ort_profile"))
     vocab = decoder.session.get_outputs()[0].shape[-1]
     prompt = _random_prompt(decoder, prompt_tokens)
-    logits, cache = decoder.step(prompt, decoder.empty_cache())
+    logits, cache = decoder.step(prompt, decoder.empty_cache(capacity=prompt.shape[1] + new_tokens))
     walls = []
     for _ in range(new_tokens):
         start = time.perf_counter()

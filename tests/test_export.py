@@ -173,7 +173,7 @@ def feed_for(tokens: np.ndarray, decoder: OnnxDecoder) -> dict:
     cache = decoder.empty_cache(tokens.shape[0])
     batch, length = tokens.shape
     return {"input_ids": tokens, "attention_mask": np.ones((batch, length), np.int64),
-            "position_ids": np.broadcast_to(np.arange(length), (batch, length)).copy(), **cache}
+            "position_ids": np.broadcast_to(np.arange(length), (batch, length)).copy(), **cache.values}
 
 
 def assert_logits_close(actual, expected, tolerance=LOGIT_TOLERANCE):
@@ -367,6 +367,25 @@ def test_fused_chunked_prompt_after_cache(fused_onnx, torch_model):
     first, cache = decoder.step(tokens[:, :4].numpy(), decoder.empty_cache())
     second, _ = decoder.step(tokens[:, 4:].numpy(), cache)
     assert_logits_close(np.concatenate([first, second], axis=1), expected)
+
+
+def test_fused_cache_written_in_place_equals_growing_cache(fused_onnx):
+    """The fused graph with past and present bound to one buffer (GroupQueryAttention appends in place) gives the
+    logits of the copying cache bit for bit, prompt and single steps, and refuses to step beyond its capacity."""
+    decoder = OnnxDecoder(session(fused_onnx))
+    assert decoder.shares_cache
+    tokens = np.random.default_rng(7).integers(0, 256, (1, 10))
+    shared, growing = decoder.empty_cache(capacity=10), decoder.empty_cache()
+    assert (shared.capacity, growing.capacity) == (10, 0)
+    for start, end in ((0, 6), (6, 7), (7, 8), (8, 10)):
+        got, shared = decoder.step(tokens[:, start:end], shared)
+        want, growing = decoder.step(tokens[:, start:end], growing)
+        np.testing.assert_array_equal(got, want)
+    assert shared.length == growing.length == 10
+    np.testing.assert_array_equal(shared.values["past_key_values.0.key"].numpy(),
+                                  growing.values["past_key_values.0.key"].numpy())
+    with pytest.raises(BitconvertError, match="holds 10 positions; 11 needed"):
+        decoder.step(tokens[:, :1], shared)
 
 
 def test_int8_layout_round_trip():
