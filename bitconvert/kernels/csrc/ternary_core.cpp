@@ -191,47 +191,96 @@ struct Base3Scalar {
 // 64-byte tables gives digit plane j (lane 4r+g = digit j of row r's group g), one vpdpbusd per plane and token
 // against the 4 permuted activation bytes of digit j: lane r sums its 4 groups. All six planes of a pair add into
 // the same int32 lanes; with few tokens they rotate over several accumulator chains to hide the vpdpbusd latency.
+// For several token groups of one tile (prefill), `decode` writes a tile's planes out once (6 x 64 bytes per pair,
+// kept in the thread's cache) and `planes_tile` reads them back per group instead of decoding again.
 struct Base3Avx512 {
-    template <int NT>
-    BC_TARGET_AVX512VBMI static void tile(const uint8_t *w, int64_t pairs, const int8_t *x, int64_t ldx,
-                                          int32_t *raw) {
-        constexpr int kPlanes = kPairBlocks * kDigits, C = NT >= kPlanes ? 1 : kPlanes / NT;
+    static constexpr int kPlanes = kPairBlocks * kDigits;
+    static constexpr int64_t kPlaneBytes = kPlanes * 64;  // decoded bytes per pair
+
+    // The six digit planes of pair p of w: planes[3h + j] = digit j of block h.
+    BC_TARGET_AVX512VBMI static inline void decode_pair(const uint8_t *w, int64_t p, __m512i planes[kPlanes]) {
         alignas(64) static const uint8_t kTables[kDigits][64] = {
             {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2},
             {0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2},
             {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2}};
-        __m512i tables[kDigits];
-        for (int j = 0; j < kDigits; ++j) tables[j] = _mm512_load_si512(kTables[j]);
-        const __m512i low = _mm512_set1_epi8(15), sixteen = _mm512_set1_epi8(16);
-        __m512i sum[NT][C];
-        for (int t = 0; t < NT; ++t)
-            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
-        for (int64_t p = 0; p < pairs; ++p) {
-            const uint8_t *pair = w + p * BC_PAIR_BYTES;
-            _mm_prefetch((const char *)(pair + kPrefetchBlocks * BC_PAIR_BYTES), _MM_HINT_T0);
-            _mm_prefetch((const char *)(pair + kPrefetchBlocks * BC_PAIR_BYTES + 64), _MM_HINT_T0);
-            const __m512i nibbles = _mm512_loadu_si512(pair);
-            uint64_t fifth[kPairBlocks];
-            std::memcpy(fifth, pair + 64, sizeof fifth);
-            __m512i index[kPairBlocks] = {_mm512_and_si512(nibbles, low),
-                                          _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), low)};
-            for (int h = 0; h < kPairBlocks; ++h)
-                index[h] = _mm512_mask_add_epi8(index[h], _cvtu64_mask64(fifth[h]), index[h], sixteen);
-            for (int h = 0; h < kPairBlocks; ++h)
-                for (int j = 0; j < kDigits; ++j) {
-                    const __m512i plane = _mm512_permutexvar_epi8(index[h], tables[j]);
-                    const int chain = (kDigits * h + j) % C;
-                    for (int t = 0; t < NT; ++t) {
-                        const int8_t *xb = x + t * ldx + (kPairBlocks * p + h) * kBlockCols + kGroups * j;
-                        sum[t][chain] = _mm512_dpbusd_epi32(sum[t][chain], plane, _mm512_set1_epi32(load4(xb)));
-                    }
-                }
+        const uint8_t *pair = w + p * BC_PAIR_BYTES;
+        _mm_prefetch((const char *)(pair + kPrefetchBlocks * BC_PAIR_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pair + kPrefetchBlocks * BC_PAIR_BYTES + 64), _MM_HINT_T0);
+        const __m512i nibbles = _mm512_loadu_si512(pair), low = _mm512_set1_epi8(15);
+        uint64_t fifth[kPairBlocks];
+        std::memcpy(fifth, pair + 64, sizeof fifth);
+        const __m512i index[kPairBlocks] = {_mm512_and_si512(nibbles, low),
+                                            _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), low)};
+        for (int h = 0; h < kPairBlocks; ++h) {
+            const __m512i full = _mm512_mask_add_epi8(index[h], _cvtu64_mask64(fifth[h]), index[h],
+                                                      _mm512_set1_epi8(16));
+            for (int j = 0; j < kDigits; ++j)
+                planes[kDigits * h + j] = _mm512_permutexvar_epi8(full, _mm512_load_si512(kTables[j]));
         }
+    }
+
+    // sum[t][chain] += the six planes of pair p against token t's activations.
+    template <int NT, int C>
+    BC_TARGET_AVX512VBMI static inline void accumulate(const __m512i planes[kPlanes], const int8_t *x, int64_t ldx,
+                                                       int64_t p, __m512i (&sum)[NT][C]) {
+        for (int h = 0; h < kPairBlocks; ++h)
+            for (int j = 0; j < kDigits; ++j) {
+                const int plane = kDigits * h + j;
+                for (int t = 0; t < NT; ++t) {
+                    const int8_t *xb = x + t * ldx + (kPairBlocks * p + h) * kBlockCols + kGroups * j;
+                    sum[t][plane % C] = _mm512_dpbusd_epi32(sum[t][plane % C], planes[plane],
+                                                            _mm512_set1_epi32(load4(xb)));
+                }
+            }
+    }
+
+    template <int NT, int C>
+    BC_TARGET_AVX512VBMI static inline void store(__m512i (&sum)[NT][C], int32_t *raw) {
         for (int t = 0; t < NT; ++t) {
             __m512i total = sum[t][0];
             for (int c = 1; c < C; ++c) total = _mm512_add_epi32(total, sum[t][c]);
             _mm512_storeu_si512(raw + t * BC_TILE_ROWS, total);
         }
+    }
+
+    template <int NT>
+    BC_TARGET_AVX512VBMI static void tile(const uint8_t *w, int64_t pairs, const int8_t *x, int64_t ldx,
+                                          int32_t *raw) {
+        constexpr int C = NT >= kPlanes ? 1 : kPlanes / NT;
+        __m512i sum[NT][C];
+        for (int t = 0; t < NT; ++t)
+            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
+        for (int64_t p = 0; p < pairs; ++p) {
+            __m512i planes[kPlanes];
+            decode_pair(w, p, planes);
+            accumulate<NT, C>(planes, x, ldx, p, sum);
+        }
+        store<NT, C>(sum, raw);
+    }
+
+    // out (pairs * kPlaneBytes): the planes of a tile's pairs, in order.
+    BC_TARGET_AVX512VBMI static void decode(const uint8_t *w, int64_t pairs, uint8_t *out) {
+        for (int64_t p = 0; p < pairs; ++p) {
+            __m512i planes[kPlanes];
+            decode_pair(w, p, planes);
+            for (int i = 0; i < kPlanes; ++i) _mm512_storeu_si512(out + p * kPlaneBytes + 64 * i, planes[i]);
+        }
+    }
+
+    // As tile, from the planes `decode` wrote.
+    template <int NT>
+    BC_TARGET_AVX512VBMI static void planes_tile(const uint8_t *decoded, int64_t pairs, const int8_t *x, int64_t ldx,
+                                                 int32_t *raw) {
+        constexpr int C = NT >= kPlanes ? 1 : kPlanes / NT;
+        __m512i sum[NT][C];
+        for (int t = 0; t < NT; ++t)
+            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
+        for (int64_t p = 0; p < pairs; ++p) {
+            __m512i planes[kPlanes];
+            for (int i = 0; i < kPlanes; ++i) planes[i] = _mm512_loadu_si512(decoded + p * kPlaneBytes + 64 * i);
+            accumulate<NT, C>(planes, x, ldx, p, sum);
+        }
+        store<NT, C>(sum, raw);
     }
 };
 
@@ -245,6 +294,24 @@ constexpr Kernels kernels_of() {
     return {{nullptr, &Path::template tile<1>, &Path::template tile<2>, &Path::template tile<3>,
              &Path::template tile<4>, &Path::template tile<5>, &Path::template tile<6>, &Path::template tile<7>,
              &Path::template tile<8>}};
+}
+
+// A path that decodes a tile once for several token groups: decode(w, units, out) writes unit_bytes per unit, and
+// tiles[nt] computes from them what the path's own tiles compute from w.
+struct DecodedKernels {
+    int64_t unit_bytes;
+    void (*decode)(const uint8_t *w, int64_t units, uint8_t *out);
+    TileFn tiles[kMaxTokens + 1];
+};
+
+constexpr DecodedKernels kBase3Avx512Decoded = {
+    Base3Avx512::kPlaneBytes, &Base3Avx512::decode,
+    {nullptr, &Base3Avx512::planes_tile<1>, &Base3Avx512::planes_tile<2>, &Base3Avx512::planes_tile<3>,
+     &Base3Avx512::planes_tile<4>, &Base3Avx512::planes_tile<5>, &Base3Avx512::planes_tile<6>,
+     &Base3Avx512::planes_tile<7>, &Base3Avx512::planes_tile<8>}};
+
+const DecodedKernels *decoded_kernels(int layout, int isa) {
+    return layout == BC_LAYOUT_BASE3 && isa == BC_ISA_AVX512 ? &kBase3Avx512Decoded : nullptr;
 }
 
 constexpr Kernels kNone = {};
@@ -272,8 +339,32 @@ struct Output {
     const float *row_scales;    // (out) per-row weight scales, or null
 };
 
+// Writes one tile's raw sums (tokens t0 .. t0 + nt - 1, `rows` valid rows from row0) as `out` asks.
+// Branch-free loops over the tile's rows, so the compiler vectorizes them (divps rounds as divss does).
+void write_tile(const Output &out, const int32_t *raw, const int32_t *x_sum, int64_t t0, int nt, int64_t row0,
+                int rows, int64_t out_features) {
+    for (int t = 0; t < nt; ++t) {
+        const int64_t token = t0 + t;
+        const int32_t *tile_acc = raw + t * BC_TILE_ROWS;
+        const int32_t sum = x_sum[token];
+        if (out.acc) {
+            int32_t *acc = out.acc + token * out_features + row0;
+            for (int r = 0; r < rows; ++r) acc[r] = tile_acc[r] - sum;
+        } else if (out.row_scales) {
+            const float s = out.scale[token], *ws = out.row_scales + row0;
+            float *y = out.y + token * out.ldy + row0;
+            for (int r = 0; r < rows; ++r) y[r] = float(tile_acc[r] - sum) / ws[r] / s;
+        } else {
+            const float s = out.scale[token], ws = out.weight_scale;
+            float *y = out.y + token * out.ldy + row0;
+            for (int r = 0; r < rows; ++r) y[r] = float(tile_acc[r] - sum) / ws / s;
+        }
+    }
+}
+
 // x_q: n rows of ldx = bc_padded_in(in_features, layout) int8 (zero padded); x_sum: per-token sum of x_q.
-// Work is split into (tile, token group) tasks, tile-major, so a thread reuses a tile's weights across groups.
+// Work is split into (tile, token group) tasks, tile-major, so a thread reuses a tile's weights across groups; with
+// several groups, a path that has DecodedKernels decodes each of its tiles once into the thread's buffer.
 void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint8_t *weight, int layout,
          int64_t out_features, int64_t in_features, const Output &out, int threads) {
     const Kernels &kernels = kKernels[layout][isa];
@@ -283,31 +374,27 @@ void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint
     const int64_t groups = ceil_div(n, kMaxTokens);
     const int64_t tasks = tiles * groups;
     const int nthreads = bc_thread_count(threads, tasks, tiles * BC_TILE_ROWS * n * ldx);
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t tile = task / groups, t0 = (task % groups) * kMaxTokens;
-        const int nt = int(std::min<int64_t>(kMaxTokens, n - t0));
-        int32_t raw[kMaxTokens * BC_TILE_ROWS];
-        kernels.tiles[nt](weight + tile * tile_bytes, units, x_q + t0 * ldx, ldx, raw);
-        const int64_t row0 = tile * BC_TILE_ROWS;
-        const int rows = int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0));
-        // Branch-free loops over the tile's rows, so the compiler vectorizes them (divps rounds as divss does).
-        for (int t = 0; t < nt; ++t) {
-            const int64_t token = t0 + t;
-            const int32_t *tile_acc = raw + t * BC_TILE_ROWS;
-            const int32_t sum = x_sum[token];
-            if (out.acc) {
-                int32_t *acc = out.acc + token * out_features + row0;
-                for (int r = 0; r < rows; ++r) acc[r] = tile_acc[r] - sum;
-            } else if (out.row_scales) {
-                const float s = out.scale[token], *ws = out.row_scales + row0;
-                float *y = out.y + token * out.ldy + row0;
-                for (int r = 0; r < rows; ++r) y[r] = float(tile_acc[r] - sum) / ws[r] / s;
+    const DecodedKernels *decoded = groups > 1 ? decoded_kernels(layout, isa) : nullptr;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        std::vector<uint8_t> buffer(decoded ? size_t(units * decoded->unit_bytes) : 0);
+        int64_t buffered_tile = -1;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; ++task) {
+            const int64_t tile = task / groups, t0 = (task % groups) * kMaxTokens;
+            const int nt = int(std::min<int64_t>(kMaxTokens, n - t0));
+            const uint8_t *w = weight + tile * tile_bytes;
+            int32_t raw[kMaxTokens * BC_TILE_ROWS];
+            if (decoded) {
+                if (tile != buffered_tile) decoded->decode(w, units, buffer.data());
+                buffered_tile = tile;
+                decoded->tiles[nt](buffer.data(), units, x_q + t0 * ldx, ldx, raw);
             } else {
-                const float s = out.scale[token], ws = out.weight_scale;
-                float *y = out.y + token * out.ldy + row0;
-                for (int r = 0; r < rows; ++r) y[r] = float(tile_acc[r] - sum) / ws / s;
+                kernels.tiles[nt](w, units, x_q + t0 * ldx, ldx, raw);
             }
+            const int64_t row0 = tile * BC_TILE_ROWS;
+            write_tile(out, raw, x_sum, t0, nt, row0, int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0)),
+                       out_features);
         }
     }
 }
