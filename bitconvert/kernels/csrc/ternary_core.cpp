@@ -219,23 +219,27 @@ struct Base3Avx512 {
         }
     }
 
-    // sum[t][chain] += the six planes of pair p against token t's activations.
-    template <int NT, int C>
-    BC_TARGET_AVX512VBMI static inline void accumulate(const __m512i planes[kPlanes], const int8_t *x, int64_t ldx,
-                                                       int64_t p, __m512i (&sum)[NT][C]) {
-        for (int h = 0; h < kPairBlocks; ++h)
-            for (int j = 0; j < kDigits; ++j) {
-                const int plane = kDigits * h + j;
+    // raw[t * 16 + r] for NT tokens, the six planes of each pair p given by planes_of(p, planes): one vpdpbusd per
+    // plane and token, rotating over C accumulator chains per token.
+    template <int NT, class PlanesOf>
+    BC_TARGET_AVX512VBMI static inline void compute(int64_t pairs, const int8_t *x, int64_t ldx, int32_t *raw,
+                                                    PlanesOf planes_of) {
+        constexpr int C = NT >= kPlanes ? 1 : kPlanes / NT;
+        __m512i sum[NT][C];
+        for (int t = 0; t < NT; ++t)
+            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
+        for (int64_t p = 0; p < pairs; ++p) {
+            __m512i planes[kPlanes];
+            planes_of(p, planes);
+            for (int plane = 0; plane < kPlanes; ++plane) {
+                const int h = plane / kDigits, j = plane % kDigits;
                 for (int t = 0; t < NT; ++t) {
                     const int8_t *xb = x + t * ldx + (kPairBlocks * p + h) * kBlockCols + kGroups * j;
                     sum[t][plane % C] = _mm512_dpbusd_epi32(sum[t][plane % C], planes[plane],
                                                             _mm512_set1_epi32(load4(xb)));
                 }
             }
-    }
-
-    template <int NT, int C>
-    BC_TARGET_AVX512VBMI static inline void store(__m512i (&sum)[NT][C], int32_t *raw) {
+        }
         for (int t = 0; t < NT; ++t) {
             __m512i total = sum[t][0];
             for (int c = 1; c < C; ++c) total = _mm512_add_epi32(total, sum[t][c]);
@@ -243,19 +247,22 @@ struct Base3Avx512 {
         }
     }
 
+    struct DecodeFrom {  // the planes of the repacked weights w
+        const uint8_t *w;
+        BC_TARGET_AVX512VBMI void operator()(int64_t p, __m512i *planes) const { decode_pair(w, p, planes); }
+    };
+
+    struct LoadFrom {  // the planes `decode` wrote
+        const uint8_t *decoded;
+        BC_TARGET_AVX512VBMI void operator()(int64_t p, __m512i *planes) const {
+            for (int i = 0; i < kPlanes; ++i) planes[i] = _mm512_loadu_si512(decoded + p * kPlaneBytes + 64 * i);
+        }
+    };
+
     template <int NT>
     BC_TARGET_AVX512VBMI static void tile(const uint8_t *w, int64_t pairs, const int8_t *x, int64_t ldx,
                                           int32_t *raw) {
-        constexpr int C = NT >= kPlanes ? 1 : kPlanes / NT;
-        __m512i sum[NT][C];
-        for (int t = 0; t < NT; ++t)
-            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
-        for (int64_t p = 0; p < pairs; ++p) {
-            __m512i planes[kPlanes];
-            decode_pair(w, p, planes);
-            accumulate<NT, C>(planes, x, ldx, p, sum);
-        }
-        store<NT, C>(sum, raw);
+        compute<NT>(pairs, x, ldx, raw, DecodeFrom{w});
     }
 
     // out (pairs * kPlaneBytes): the planes of a tile's pairs, in order.
@@ -271,16 +278,7 @@ struct Base3Avx512 {
     template <int NT>
     BC_TARGET_AVX512VBMI static void planes_tile(const uint8_t *decoded, int64_t pairs, const int8_t *x, int64_t ldx,
                                                  int32_t *raw) {
-        constexpr int C = NT >= kPlanes ? 1 : kPlanes / NT;
-        __m512i sum[NT][C];
-        for (int t = 0; t < NT; ++t)
-            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
-        for (int64_t p = 0; p < pairs; ++p) {
-            __m512i planes[kPlanes];
-            for (int i = 0; i < kPlanes; ++i) planes[i] = _mm512_loadu_si512(decoded + p * kPlaneBytes + 64 * i);
-            accumulate<NT, C>(planes, x, ldx, p, sum);
-        }
-        store<NT, C>(sum, raw);
+        compute<NT>(pairs, x, ldx, raw, LoadFrom{decoded});
     }
 };
 
