@@ -17,7 +17,7 @@ from bitconvert.packing import pack_ternary
 
 IN_FEATURES = (1, 3, 67, 576, 1000)
 OUT_FEATURES = (1, 5, 13, 576)
-BATCHES = (1, 3, 17, 64)
+BATCHES = (1, 3, 6, 17, 22, 64)  # one tile call of 1, 3, 6 tokens; several calls per tile (8 + 1, 8 + 6, 8 x 8)
 MAX_IN_FEATURES = 1 << 19  # BC_MAX_IN_FEATURES: every int32 partial sum stays exact up to here
 
 
@@ -96,6 +96,7 @@ def test_layout_defaults_and_environment_variable(monkeypatch):
     monkeypatch.delenv("BITCONVERT_LAYOUT", raising=False)
     assert kernels.layout_index(0) == 0  # the scalar reference defaults to 2bit
     assert kernels.layout_index(best) == (base3 if best and kernels.layout_supported(base3, best) else 0)
+    assert torch.ops.bitconvert.ternary_layout(-1) == kernels.layout_index(best)  # -1: the default path
     monkeypatch.setenv("BITCONVERT_LAYOUT", "base3")
     assert kernels.layout_index(0) == base3
     if "avx2" in kernels.supported_isas():

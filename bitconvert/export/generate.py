@@ -2,7 +2,7 @@
 
 Step t feeds the new tokens (the whole prompt first, then one token), ``attention_mask`` of ones over all positions
 so far, ``position_ids`` counting on from the cache length, and the previous step's ``present.*`` as
-``past_key_values.*`` (empty, length 0, at the first step). The next token is the argmax of the last logits (greedy)
+``past_key_values.*`` (empty, length 0, at the first step; or the shared buffers below). The next token is the argmax of the last logits (greedy)
 or a sample from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and to the smallest
 set whose probability reaches ``top_p``.
 
@@ -94,7 +94,8 @@ class OnnxDecoder:
                       for name in self.past_names}, 0, capacity)
 
     def step(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
-        """Run ``tokens`` (B, S) int64 after ``cache``; returns logits (B, S, V) and the grown cache."""
+        """Run ``tokens`` (B, S) int64 after ``cache``; returns logits (B, S, V) and the grown cache. A cache with a
+        capacity is written in place: the returned one shares its buffers, so step on from the newest only."""
         batch, length = tokens.shape
         past = cache.length
         if cache.capacity and past + length > cache.capacity:

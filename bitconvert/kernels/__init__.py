@@ -8,7 +8,9 @@ with ``BITCONVERT_ISA=scalar|avx2|avxvnni|avx512``, and runs on ``torch.get_num_
 The weights are repacked once into one of two layouts (:data:`LAYOUTS`, ``csrc/ternary_core.h``): ``2bit``, which
 every path computes on, and ``base3`` (3 weights per 5-bit index, 1.67 bits: 17% fewer bytes to stream per
 decoded token), which the scalar path and the AVX-512 path on CPUs with VBMI compute on. :func:`layout_index` picks
-base3 where the path has it (``BITCONVERT_LAYOUT=2bit|base3`` forces one).
+base3 where a SIMD path has it, 2bit otherwise and for the scalar reference (``BITCONVERT_LAYOUT=2bit|base3`` forces
+one). A repacked weight does not record its layout: keep it beside the weight (``KernelBackend`` sets
+``module.kernel_layout``).
 ``csrc/int8_core.{h,cpp}`` holds the int8 x int8, int4 x int8 and int6 x int8 products of the optional int8, int4 and
 int6 ``lm_head`` (:mod:`.lm_head`) on the same paths (int4: scalar and AVX2; int6: scalar, AVX2 and AVX-512 VNNI);
 :mod:`.decode` is the lean decoding loop built on both.
@@ -162,7 +164,7 @@ def supported_isas() -> list[str]:
 
 def layout_index(isa: int | None = None) -> int:
     """Index into :data:`LAYOUTS` of the layout to repack into for the path ``isa`` (None: the default path):
-    ``BITCONVERT_LAYOUT`` if set, else base3 where that path computes on it, else 2bit.
+    ``BITCONVERT_LAYOUT`` if set, else base3 where that SIMD path computes on it, else 2bit (also for scalar).
 
     Raises ``RuntimeError`` for an unknown name or a layout the path cannot compute on.
     """

@@ -27,7 +27,8 @@ inline void check_layout(int64_t layout) {
                 "; choose 0 (2bit) or 1 (base3)");
 }
 
-// weight: `layout` (ternary_core.h) of an (out_features, in_features) matrix.
+// weight: `layout` (ternary_core.h) of an (out_features, in_features) matrix. The size tells the layouts apart for
+// every in_features but 73-80, so the caller keeps the layout beside the weight (KernelBackend: kernel_layout).
 inline void check_weight(const at::Tensor &weight, int64_t layout, int64_t out_features, int64_t in_features) {
     check_layout(layout);
     TORCH_CHECK(weight.dtype() == at::kByte && weight.is_contiguous() && weight.device().is_cpu(),

@@ -513,6 +513,8 @@ int bc_layout_supported(int layout, int isa) {
 }
 
 int bc_default_layout(int isa) {
+    if (isa == BC_ISA_AUTO) isa = bc_default_isa();
+    if (!bc_isa_supported(isa)) return -3;
     const char *name = std::getenv("BITCONVERT_LAYOUT");
     if (name == nullptr || *name == '\0')
         return bc_layout_supported(BC_LAYOUT_BASE3, isa) && isa != BC_ISA_SCALAR ? BC_LAYOUT_BASE3 : BC_LAYOUT_2BIT;

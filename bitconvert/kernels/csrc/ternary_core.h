@@ -78,9 +78,11 @@ int bc_default_isa(void);
 const char *bc_layout_name(int layout);          /* "2bit", "base3"; NULL if out of range */
 int bc_layout_from_name(const char *name);        /* inverse of bc_layout_name; -2 if unknown */
 int bc_layout_supported(int layout, int isa);     /* 1 if the path isa computes on this layout on this CPU */
-/* The layout to repack into for path isa: BITCONVERT_LAYOUT if set (-2 if it names an unknown layout, -3 if isa
- * cannot compute on it), else base3 where the SIMD path isa computes on it (fewer bytes to stream), else 2bit (and
- * for the scalar reference). */
+/* The layout to repack into for path isa (BC_ISA_AUTO: bc_default_isa()): BITCONVERT_LAYOUT if set (-2 if it
+ * names an unknown layout, -3 if isa cannot compute on it or is no path), else base3 where the SIMD path isa
+ * computes on it (fewer bytes to stream), else 2bit (and for the scalar reference).
+ * The layout of a repacked weight is the caller's to keep beside it: the compute functions trust `layout`, and the
+ * torch bindings' size check tells the layouts apart except for in_features 73-80 (equal sizes there). */
 int bc_default_layout(int isa);
 
 /* Bytes of one 16-row tile, and of the whole repacked (out, in) matrix, in `layout`. */

@@ -188,11 +188,14 @@ bool ternary_isa_supported(int64_t isa) { return bc_isa_supported(int(isa)) != 0
 
 // The layout to repack into for path isa: BITCONVERT_LAYOUT or the best the path computes on (bc_default_layout).
 int64_t ternary_layout(int64_t isa) {
-    const int layout = bc_default_layout(int(isa));
+    const int path = isa < 0 ? int(ternary_isa("")) : int(isa);
+    TORCH_CHECK(bc_isa_supported(path), "bitconvert: this CPU cannot run the ISA path ", isa);
+    const int layout = bc_default_layout(path);
     const char *name = std::getenv("BITCONVERT_LAYOUT");
-    TORCH_CHECK(layout != -2, "bitconvert: unknown weight layout '", name, "' in BITCONVERT_LAYOUT; choose 2bit or base3");
-    TORCH_CHECK(layout != -3, "bitconvert: the ISA path ", bc_isa_name(int(isa)), " does not compute on the layout '",
-                name, "' that BITCONVERT_LAYOUT names");
+    TORCH_CHECK(layout != -2, "bitconvert: unknown weight layout '", name,
+                "' in BITCONVERT_LAYOUT; choose 2bit or base3");
+    TORCH_CHECK(layout != -3, "bitconvert: the ISA path ", bc_isa_name(path), " does not compute on the layout '", name,
+                "' that BITCONVERT_LAYOUT names");
     return layout;
 }
 
