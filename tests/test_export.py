@@ -376,6 +376,7 @@ def test_fused_cache_written_in_place_equals_growing_cache(fused_onnx):
     assert decoder.shares_cache
     tokens = np.random.default_rng(7).integers(0, 256, (1, 10))
     shared, growing = decoder.empty_cache(capacity=10), decoder.empty_cache()
+    assert decoder.empty_cache(2, capacity=10).capacity == 0  # ORT's kernel: batch 1 only (see empty_cache)
     assert (shared.capacity, growing.capacity) == (10, 0)
     for start, end in ((0, 6), (6, 7), (7, 8), (8, 10)):
         got, shared = decoder.step(tokens[:, start:end], shared)

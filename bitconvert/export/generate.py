@@ -8,7 +8,7 @@ set whose probability reaches ``top_p``.
 
 The cache stays in ONNX Runtime between steps (``OrtValue``s through an I/O binding): only the logits are copied out,
 not the (layers x 2 x B x H_kv x T x D) floats of ``present.*`` that ``InferenceSession.run`` would convert to numpy
-and back on every token. With a ``--graph fused`` export and a known length (``empty_cache(capacity=N)``, as
+and back on every token. With a ``--graph fused`` export, batch 1 and a known length (``empty_cache(capacity=N)``, as
 ``generate`` does), each layer's ``past_key_values.*`` and ``present.*`` are bound to one preallocated buffer of N
 positions: ORT's GroupQueryAttention then writes the new keys and values in place instead of copying the whole
 cache into a new ``present`` every step (at 7B shapes and position 160 that copy read and wrote 168 MB per
@@ -86,9 +86,11 @@ class OnnxDecoder:
         self.shares_cache = session.get_modelmeta().custom_metadata_map.get("bitconvert.graph") == "fused"
 
     def empty_cache(self, batch: int = 1, capacity: int = 0) -> Cache:
-        """An empty cache; with ``capacity`` > 0 and a graph that ``shares_cache``, buffers of that many positions
-        written in place (a step beyond them is refused), else growing ``present`` values."""
-        capacity = capacity if self.shares_cache else 0
+        """An empty cache; with ``capacity`` > 0, batch 1 and a graph that ``shares_cache``, buffers of that many
+        positions written in place (a step beyond them is refused), else growing ``present`` values. (ORT 1.32's
+        CPU GroupQueryAttention takes a shared buffer as past context, and refuses a multi-token step on past
+        context above batch 1.)"""
+        capacity = capacity if self.shares_cache and batch == 1 else 0
         shape = (batch, self.kv_heads, capacity, self.head_dim)
         return Cache({name: OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
                       for name in self.past_names}, 0, capacity)
