@@ -2,9 +2,9 @@
 
 Step t feeds the new tokens (the whole prompt first, then one token), ``attention_mask`` of ones over all positions
 so far, ``position_ids`` counting on from the cache length, and the previous step's ``present.*`` as
-``past_key_values.*`` (empty, length 0, at the first step; or the shared buffers below). The next token is the argmax of the last logits (greedy)
-or a sample from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and to the smallest
-set whose probability reaches ``top_p``.
+``past_key_values.*`` (empty, length 0, at the first step; or the shared buffers below). The next token is the
+argmax of the last logits (greedy) or a sample from ``softmax(logits / temperature)`` restricted to the ``top_k``
+most likely tokens and to the smallest set whose probability reaches ``top_p``.
 
 The cache stays in ONNX Runtime between steps (``OrtValue``s through an I/O binding): only the logits are copied out,
 not the (layers x 2 x B x H_kv x T x D) floats of ``present.*`` that ``InferenceSession.run`` would convert to numpy
