@@ -39,8 +39,9 @@ int6 ``lm_head`` (:mod:`.lm_head`) on the same paths (int4: scalar and AVX2; int
     torch.ops.bitconvert.ternary_layout_supported(layout, isa) -> bool
 
 where ``weight`` is repacked in ``layout`` (an index into :data:`LAYOUTS`), ``isa`` an index into :data:`ISAS` (-1:
-default) and ``threads`` <= 0 means ``torch.get_num_threads()``. The library is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja,
-no network) into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/bitconvert/torch_extensions`` and reused from there.
+default) and ``threads`` <= 0 means ``torch.get_num_threads()``. The library is compiled on first use with
+``torch.utils.cpp_extension.load`` (ninja, no network) into ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/bitconvert/torch_extensions`` and reused from there.
 """
 
 from __future__ import annotations
