@@ -322,10 +322,14 @@ constexpr Kernels kKernels[BC_LAYOUT_COUNT][BC_ISA_COUNT] = {
 const char *const kIsaNames[BC_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512"};
 const char *const kLayoutNames[BC_LAYOUT_COUNT] = {"2bit", "base3"};
 
-// Tile geometry of a layout for in_features columns: units per tile (k-blocks or pairs) and their bytes.
-int64_t units_of(int64_t in_features, int layout) {
-    return layout == BC_LAYOUT_BASE3 ? ceil_div(in_features, BC_PAIR_COLS) : ceil_div(in_features, BC_BLOCK_COLS);
-}
+// A layout's tile unit (2bit: k-block, base3: pair): the columns it covers and its bytes.
+struct Unit {
+    int64_t cols, bytes;
+};
+constexpr Unit kUnits[BC_LAYOUT_COUNT] = {{BC_BLOCK_COLS, BC_BLOCK_BYTES}, {BC_PAIR_COLS, BC_PAIR_BYTES}};
+
+// Units per tile row for in_features columns.
+int64_t units_of(int64_t in_features, int layout) { return ceil_div(in_features, kUnits[layout].cols); }
 
 // What to do with the exact int32 products: store them, or scale them to the layer's fp32 output.
 struct Output {
@@ -407,12 +411,13 @@ int check(int &isa, int layout, int64_t n, int64_t out_features, int64_t in_feat
 
 // Writes the int8 activation row src (in_features values) as the kernels read it, dst (ldx values): zero padded,
 // and for base3 permuted within each 12-column block (byte 4*j + g = column 3g + j); returns the sum of its values.
+// For 2bit, dst may be src (the row is then only padded).
 int32_t layout_row(const int8_t *src, int64_t in_features, int layout, int8_t *dst) {
     const int64_t ldx = bc_padded_in(in_features, layout);
     int32_t sum = 0;
     for (int64_t k = 0; k < in_features; ++k) sum += src[k];
     if (layout == BC_LAYOUT_2BIT) {
-        std::memcpy(dst, src, size_t(in_features));
+        if (dst != src) std::memcpy(dst, src, size_t(in_features));
         std::memset(dst + in_features, 0, size_t(ldx - in_features));
         return sum;
     }
@@ -524,7 +529,7 @@ int bc_default_layout(int isa) {
 }
 
 int64_t bc_tile_bytes(int64_t in_features, int layout) {
-    return units_of(in_features, layout) * (layout == BC_LAYOUT_BASE3 ? BC_PAIR_BYTES : BC_BLOCK_BYTES);
+    return units_of(in_features, layout) * kUnits[layout].bytes;
 }
 
 size_t bc_repacked_bytes(int64_t out_features, int64_t in_features, int layout) {
@@ -589,16 +594,18 @@ int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int layou
 }
 
 int64_t bc_padded_in(int64_t in_features, int layout) {
-    return units_of(in_features, layout) * (layout == BC_LAYOUT_BASE3 ? BC_PAIR_COLS : BC_BLOCK_COLS);
+    return units_of(in_features, layout) * kUnits[layout].cols;
 }
 
 void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layout, int8_t *x_q, int32_t *sums,
                         float *s) {
     const int64_t ldx = bc_padded_in(in_features, layout);
-    std::vector<int8_t> row(static_cast<size_t>(in_features));
+    // 2bit quantizes straight into x_q; base3 quantizes a row aside and writes it permuted
+    std::vector<int8_t> aside(layout == BC_LAYOUT_2BIT ? 0 : size_t(in_features));
     for (int64_t t = 0; t < n; ++t) {
-        bc_quantize_activations(x + t * in_features, 1, in_features, row.data(), &s[t]);
-        sums[t] = layout_row(row.data(), in_features, layout, x_q + t * ldx);
+        int8_t *dst = x_q + t * ldx, *row = aside.empty() ? dst : aside.data();
+        bc_quantize_activations(x + t * in_features, 1, in_features, row, &s[t]);
+        sums[t] = layout_row(row, in_features, layout, dst);
     }
 }
 
