@@ -35,7 +35,7 @@ from bitconvert.errors import BitconvertError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(seq_len=32, batch_size=4, lr=3e-3, lr_warmup_steps=2, warmup_quant_steps=4, heldout_sequences=4,
-            distill=False, progress=False)
+            distill=False, progress=False, precision="fp32")  # fp32: the same arithmetic on every CI CPU
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -135,7 +135,7 @@ def _logits_match_latent_model_at_lambda_one(out: Path, sub_norm: bool):
     with torch.no_grad():
         expected = trained.eval()(ids).logits
         ours = load(out)(ids).logits
-        stock = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+        stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
     # Float fake quantization vs the integer path: they differ by fp32 summation order only, but an activation that
     # lands on an int8 rounding boundary can round the other way in one path (the order depends on the CPU's SIMD
     # width), which moves the following logits by about one quantization step, ~1e-3 of their spread (measured 1.6e-3
@@ -161,6 +161,42 @@ def test_distillation_with_sub_norm(tiny_src, text_file, tmp_path):
         assert math.isclose(r["loss"], 0.3 * r["ce"] + 0.7 * r["kl"], rel_tol=1e-5)
     assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
     _logits_match_latent_model_at_lambda_one(out, sub_norm=True)
+
+
+def test_precision_rules():
+    assert ds.cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    assert ds.cpu_has_native_bf16("flags : fpu avx2 amx_bf16 amx_tile")
+    assert not ds.cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_vnni")
+    assert ds.resolve_bf16("bf16", cuda=False, user_config=None, saved_config=None)
+    assert not ds.resolve_bf16("fp32", cuda=False, user_config=None, saved_config=None)
+    assert ds.resolve_bf16("auto", cuda=False, user_config=None, saved_config=None) == ds.cpu_has_native_bf16()
+    saved_bf16 = {"bf16": {"enabled": True}}
+    assert ds.resolve_bf16("auto", cuda=False, user_config=None, saved_config=saved_bf16)
+    assert not ds.resolve_bf16("auto", cuda=False, user_config=None, saved_config={})
+    with pytest.raises(BitconvertError, match="conflicts with the run being resumed, which trains in bf16"):
+        ds.resolve_bf16("fp32", cuda=False, user_config=None, saved_config=saved_bf16)
+    with pytest.raises(BitconvertError, match="with --deepspeed set its \"bf16\" section"):
+        ds.resolve_bf16("bf16", cuda=False, user_config={}, saved_config=None)
+    hp = ds.TrainingHyperparameters(4, 1, 1e-3, 0.1, 1, 0.0, 1.0, "adamw", 10)
+    assert ds.resolve_config(None, hp, world_size=1, cuda=False, bf16=True)["bf16"] == {"enabled": True}
+    assert "bf16" not in ds.resolve_config(None, hp, world_size=1, cuda=False, bf16=False)
+
+
+def test_bf16_distillation_writes_a_model_with_the_trained_logits(tiny_src, text_file, tmp_path):
+    """bf16 mixed precision (forced, so that it runs on every CPU): the student, the teacher and the written float
+    parts are bf16, and the folder still reproduces the trained model; a resume cannot switch precision."""
+    out = tmp_path / "bf16"
+    result = run_finetune(tiny_src, text_file, out, max_steps=12, distill=True, eval_every=6, precision="bf16",
+                          warmup_quant_steps=0)
+    records = [r for r in result.history if r["kind"] == "train"]
+    assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
+    report = json.loads((out / "bitconvert.json").read_text())
+    assert report["options"]["training"]["precision"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    _logits_match_latent_model_at_lambda_one(out, sub_norm=False)
+    with pytest.raises(BitconvertError, match="--precision fp32 conflicts"):
+        run_finetune(tiny_src, text_file, tmp_path / "bf16", max_steps=14, resume=True, overwrite=True,
+                     save_dir=tmp_path / "bf16-checkpoints")
 
 
 def test_resume_continues_the_same_loss_sequence(tiny_src, text_file, tmp_path):

@@ -74,6 +74,10 @@ def register(subparsers) -> None:
     optim.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (default 1.0)")
     optim.add_argument("--optim", choices=("adamw", "adamw8bit"), default="adamw",
                        help="adamw, or bitsandbytes' 8-bit AdamW where it supports the device")
+    optim.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="training precision of the generated DeepSpeed config: bf16 (fp32 master weights and "
+                       "optimizer state) or fp32; auto (default): bf16 on GPUs and CPUs that have it in hardware "
+                       "(AVX512_BF16, AMX), fp32 elsewhere; a resumed run keeps its own")
     optim.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
     optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     optim.add_argument("--deepspeed", metavar="JSON", dest="deepspeed_config",

@@ -4,6 +4,8 @@ the engine.
 Config rules, as HF Trainer users expect: a user's JSON config is used as given, except that ``"auto"`` values (and
 missing batch keys) are filled from bitconvert's flags: micro-batch (``--batch-size``), gradient accumulation
 (``--grad-accum``), clipping (``--grad-clip``), optimizer lr/weight decay/betas, scheduler steps and lr.
+Precision (``--precision``, generated config only): bf16 mixed precision (bf16 weights and activations, fp32 master
+weights and optimizer state in DeepSpeed's optimizer wrapper) where the device multiplies bf16 in hardware, else fp32.
 Without an ``optimizer`` section bitconvert adds AdamW (or, for ``--optim adamw8bit``, passes bitsandbytes'
 8-bit AdamW as a client optimizer); without a ``scheduler`` section bitconvert uses its linear LR warm-up then cosine decay
 (DeepSpeed's ``WarmupCosineLR``) over the whole run. The effective config is written beside the checkpoints.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ from .schedule import lr_multiplier
 
 ADAM_BETAS = (0.9, 0.95)  # from-scratch BitNet recipes
 ADAM_EPS = 1e-8
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def ensure_process_group_env() -> None:
@@ -68,6 +72,42 @@ def read_user_config(path: str) -> dict:
     return config
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16 among the ``/proc/cpuinfo`` flags).
+
+    Measured on a 2-core AMD EPYC Zen 4 (AVX512_BF16), SmolLM2-135M QAT step of 4 x 256 tokens: 150 tokens/s in fp32,
+    217 in bf16 (DeepSpeed's bf16 mode). Without the instructions oneDNN emulates bf16, so fp32 stays the default there
+    (and where ``/proc/cpuinfo`` does not exist)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def resolve_bf16(precision: str, *, cuda: bool, user_config: dict | None, saved_config: dict | None) -> bool:
+    """Whether the generated config trains in bf16: ``--precision`` bf16/fp32 as asked; ``auto`` bf16 where the
+    device has it in hardware. A resumed run (``saved_config``, its ``ds_config.json``) keeps its precision, since its
+    checkpoint's optimizer state is laid out for it; a user config decides for itself."""
+    if precision not in PRECISIONS:
+        raise BitconvertError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if user_config is not None:
+        if precision != "auto":
+            raise BitconvertError("--precision applies to the generated DeepSpeed config; with --deepspeed set its "
+                                  "\"bf16\" section instead")
+        return bool(user_config.get("bf16", {}).get("enabled"))
+    if saved_config is not None:
+        saved = "bf16" if saved_config.get("bf16", {}).get("enabled") else "fp32"
+        if precision not in ("auto", saved):
+            raise BitconvertError(f"--precision {precision} conflicts with the run being resumed, which trains in "
+                                  f"{saved}; drop --precision")
+        return saved == "bf16"
+    if precision != "auto":
+        return precision == "bf16"
+    return torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+
+
 def _fill(section: dict, key: str, value) -> None:
     if section.get(key, "auto") == "auto":
         section[key] = value
@@ -90,8 +130,9 @@ def batch_shape(user_config: dict | None, batch_size: int, grad_accum: int, path
 
 
 def resolve_config(user_config: dict | None, hp: TrainingHyperparameters, *, world_size: int, cuda: bool,
-                   path: str = "generated") -> dict:
-    """The effective DeepSpeed config: ``user_config`` with its gaps filled, or the default one."""
+                   path: str = "generated", bf16: bool = False) -> dict:
+    """The effective DeepSpeed config: ``user_config`` with its gaps filled, or the default one (in bf16 if
+    ``bf16``, see :func:`resolve_bf16`)."""
     config = json.loads(json.dumps(user_config)) if user_config is not None else {}
     micro, accum = batch_shape(config, hp.batch_size, hp.grad_accum, path)
     config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"] = micro, accum
@@ -102,7 +143,7 @@ def resolve_config(user_config: dict | None, hp: TrainingHyperparameters, *, wor
     stage = config["zero_optimization"].get("stage", 0) if isinstance(config["zero_optimization"], dict) else None
     if stage not in (0, 1, 2):
         raise BitconvertError(f"DeepSpeed config '{path}': ZeRO stage {stage!r} is not supported (use 0, 1 or 2)")
-    if user_config is None and cuda and torch.cuda.is_bf16_supported():
+    if user_config is None and bf16:
         config["bf16"] = {"enabled": True}
     if "optimizer" in config:
         if hp.optim != "adamw":

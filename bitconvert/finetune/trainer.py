@@ -73,6 +73,7 @@ class FinetuneOptions:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     optim: str = "adamw"
+    precision: str = "auto"  # auto: bf16 where the device has it in hardware (:func:`.engine.resolve_bf16`)
     save_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 200
@@ -250,7 +251,11 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     hp = ds.TrainingHyperparameters(opts.batch_size, opts.grad_accum, peak_lr, opts.min_lr_ratio, lr_warmup,
                                     opts.weight_decay, opts.grad_clip, opts.optim, total_steps)
     config_name = opts.deepspeed_config or "generated"
-    config = ds.resolve_config(user_config, hp, world_size=world, cuda=torch.cuda.is_available(), path=config_name)
+    cuda = torch.cuda.is_available()
+    saved_config = opts.save_dir / "ds_config.json"
+    bf16 = ds.resolve_bf16(opts.precision, cuda=cuda, user_config=user_config,
+                           saved_config=json.loads(saved_config.read_text()) if opts.resume and saved_config.is_file() else None)
+    config = ds.resolve_config(user_config, hp, world_size=world, cuda=cuda, path=config_name, bf16=bf16)
     engine, device = ds.initialize(model, config, hp, config_name)
     if teacher is not None:
         teacher.to(device=device, dtype=next(engine.module.parameters()).dtype)
@@ -321,7 +326,8 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
 
     history = []
     if rank == 0:
-        training = {"steps": step, "tokens": step * tokens_per_step, "world_size": world, "deepspeed_config": config}
+        training = {"steps": step, "tokens": step * tokens_per_step, "world_size": world, "deepspeed_config": config,
+                    "precision": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
         training.update(lr=peak_lr, lr_warmup_steps=lr_warmup, warmup_quant_steps=quant_warmup, teacher=models.teacher_source,
                         sub_norm=models.sub_norm, started_from="converted folder" if models.converted else "source")
         history = _write_output(engine.module, tokenizer, opts, models.source, training, models.sub_norm)
