@@ -27,7 +27,7 @@ from tiny import make_tiny_llama  # noqa: E402
 from bitconvert.cli import main  # noqa: E402
 from bitconvert.finetune import FinetuneOptions, finetune  # noqa: E402
 from bitconvert.finetune import engine as ds  # noqa: E402
-from bitconvert.finetune import trainer  # noqa: E402
+from bitconvert.finetune import precision, trainer  # noqa: E402
 from bitconvert.finetune.loss import distillation_kl  # noqa: E402
 from bitconvert.finetune.runlog import read_log  # noqa: E402
 from bitconvert.finetune.schedule import lr_multiplier, quant_lambda  # noqa: E402
@@ -164,19 +164,19 @@ def test_distillation_with_sub_norm(tiny_src, text_file, tmp_path):
 
 
 def test_precision_rules():
-    assert ds.cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
-    assert ds.cpu_has_native_bf16("flags : fpu avx2 amx_bf16 amx_tile")
-    assert not ds.cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_vnni")
-    assert ds.resolve_bf16("bf16", cuda=False, user_config=None, saved_config=None)
-    assert not ds.resolve_bf16("fp32", cuda=False, user_config=None, saved_config=None)
-    assert ds.resolve_bf16("auto", cuda=False, user_config=None, saved_config=None) == ds.cpu_has_native_bf16()
+    assert precision.cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    assert precision.cpu_has_native_bf16("flags : fpu avx2 amx_bf16 amx_tile")
+    assert not precision.cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_vnni")
+    assert precision.resolve_bf16("bf16", cuda=False, user_config=None, saved_config=None)
+    assert not precision.resolve_bf16("fp32", cuda=False, user_config=None, saved_config=None)
+    assert precision.resolve_bf16("auto", cuda=False, user_config=None, saved_config=None) == precision.cpu_has_native_bf16()
     saved_bf16 = {"bf16": {"enabled": True}}
-    assert ds.resolve_bf16("auto", cuda=False, user_config=None, saved_config=saved_bf16)
-    assert not ds.resolve_bf16("auto", cuda=False, user_config=None, saved_config={})
+    assert precision.resolve_bf16("auto", cuda=False, user_config=None, saved_config=saved_bf16)
+    assert not precision.resolve_bf16("auto", cuda=False, user_config=None, saved_config={})
     with pytest.raises(BitconvertError, match="conflicts with the run being resumed, which trains in bf16"):
-        ds.resolve_bf16("fp32", cuda=False, user_config=None, saved_config=saved_bf16)
+        precision.resolve_bf16("fp32", cuda=False, user_config=None, saved_config=saved_bf16)
     with pytest.raises(BitconvertError, match="with --deepspeed set its \"bf16\" section"):
-        ds.resolve_bf16("bf16", cuda=False, user_config={}, saved_config=None)
+        precision.resolve_bf16("bf16", cuda=False, user_config={}, saved_config=None)
     hp = ds.TrainingHyperparameters(4, 1, 1e-3, 0.1, 1, 0.0, 1.0, "adamw", 10)
     assert ds.resolve_config(None, hp, world_size=1, cuda=False, bf16=True)["bf16"] == {"enabled": True}
     assert "bf16" not in ds.resolve_config(None, hp, world_size=1, cuda=False, bf16=False)

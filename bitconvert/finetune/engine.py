@@ -4,8 +4,7 @@ the engine.
 Config rules, as HF Trainer users expect: a user's JSON config is used as given, except that ``"auto"`` values (and
 missing batch keys) are filled from bitconvert's flags: micro-batch (``--batch-size``), gradient accumulation
 (``--grad-accum``), clipping (``--grad-clip``), optimizer lr/weight decay/betas, scheduler steps and lr.
-Precision (``--precision``, generated config only): bf16 mixed precision (bf16 weights and activations, fp32 master
-weights and optimizer state in DeepSpeed's optimizer wrapper) where the device multiplies bf16 in hardware, else fp32.
+The generated config trains in bf16 when asked to (:mod:`.precision` decides).
 Without an ``optimizer`` section bitconvert adds AdamW (or, for ``--optim adamw8bit``, passes bitsandbytes'
 8-bit AdamW as a client optimizer); without a ``scheduler`` section bitconvert uses its linear LR warm-up then cosine decay
 (DeepSpeed's ``WarmupCosineLR``) over the whole run. The effective config is written beside the checkpoints.
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,6 @@ from .schedule import lr_multiplier
 
 ADAM_BETAS = (0.9, 0.95)  # from-scratch BitNet recipes
 ADAM_EPS = 1e-8
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def ensure_process_group_env() -> None:
@@ -70,42 +67,6 @@ def read_user_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise BitconvertError(f"DeepSpeed config '{path}' must be a JSON object")
     return config
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16 among the ``/proc/cpuinfo`` flags).
-
-    Measured on a 2-core AMD EPYC Zen 4 (AVX512_BF16), SmolLM2-135M QAT step of 4 x 256 tokens: 150 tokens/s in fp32,
-    217 in bf16 (DeepSpeed's bf16 mode). Without the instructions oneDNN emulates bf16, so fp32 stays the default there
-    (and where ``/proc/cpuinfo`` does not exist)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
-
-
-def resolve_bf16(precision: str, *, cuda: bool, user_config: dict | None, saved_config: dict | None) -> bool:
-    """Whether the generated config trains in bf16: ``--precision`` bf16/fp32 as asked; ``auto`` bf16 where the
-    device has it in hardware. A resumed run (``saved_config``, its ``ds_config.json``) keeps its precision, since its
-    checkpoint's optimizer state is laid out for it; a user config decides for itself."""
-    if precision not in PRECISIONS:
-        raise BitconvertError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if user_config is not None:
-        if precision != "auto":
-            raise BitconvertError("--precision applies to the generated DeepSpeed config; with --deepspeed set its "
-                                  "\"bf16\" section instead")
-        return bool(user_config.get("bf16", {}).get("enabled"))
-    if saved_config is not None:
-        saved = "bf16" if saved_config.get("bf16", {}).get("enabled") else "fp32"
-        if precision not in ("auto", saved):
-            raise BitconvertError(f"--precision {precision} conflicts with the run being resumed, which trains in "
-                                  f"{saved}; drop --precision")
-        return saved == "bf16"
-    if precision != "auto":
-        return precision == "bf16"
-    return torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
 
 
 def _fill(section: dict, key: str, value) -> None:

@@ -38,6 +38,7 @@ from . import engine as ds
 from .data import PackedCorpus, batches
 from .export import write_trained_model
 from .loss import cross_entropy, distillation_kl, hidden_cosine
+from .precision import resolve_bf16
 from .runlog import StepLog, plot_loss_curve, read_log
 from .schedule import quant_lambda, resolve_lr, resolve_warmups
 from .student import run_models
@@ -253,7 +254,7 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     config_name = opts.deepspeed_config or "generated"
     cuda = torch.cuda.is_available()
     saved_config = opts.save_dir / "ds_config.json"
-    bf16 = ds.resolve_bf16(opts.precision, cuda=cuda, user_config=user_config,
+    bf16 = resolve_bf16(opts.precision, cuda=cuda, user_config=user_config,
                            saved_config=json.loads(saved_config.read_text()) if opts.resume and saved_config.is_file() else None)
     config = ds.resolve_config(user_config, hp, world_size=world, cuda=cuda, path=config_name, bf16=bf16)
     engine, device = ds.initialize(model, config, hp, config_name)
