@@ -25,7 +25,7 @@ from bitconvert.convert.gptq import gptq_fit
 from bitconvert.convert.layers import LayerStream
 from bitconvert.convert.readers import StateDictReader
 from bitconvert.convert.reconstruct import relative_error
-from bitconvert.convert.scale_search import TernaryFit, absmean_fit, hessian, search_scale
+from bitconvert.convert.scale_search import Inputs, OutputError, TernaryFit, absmean_fit, search_scale
 from bitconvert.load import load
 from tiny import make_tiny_llama, tiny_config
 
@@ -127,8 +127,9 @@ def test_staged_forward_of_a_calibrated_layer_equals_its_forward():
 
 # --- scale/threshold search -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("rows", [256, 32])  # N > in: errors through H; N <= in: through the outputs
 @pytest.mark.parametrize("seed", range(12))
-def test_scale_search_never_worse_than_absmean(seed):
+def test_scale_search_never_worse_than_absmean(seed, rows):
     generator = torch.Generator().manual_seed(seed)
     out_features, in_features = 24, 40
     weight = torch.randn(out_features, in_features, generator=generator)
@@ -136,10 +137,10 @@ def test_scale_search_never_worse_than_absmean(seed):
         weight = weight ** 3  # heavy tails
     if seed % 3 == 2:
         weight[:, :4] *= 10  # a few large columns
-    x = torch.randn(256, in_features, generator=generator)
+    x = torch.randn(rows, in_features, generator=generator)
     x[:, seed % in_features] *= 20  # an outlier channel, as LLM activations have
     x_q = fake_quantize_activations(x)
-    fit = search_scale(weight, hessian(x_q))
+    fit = search_scale(weight, Inputs.quantized(x))
     absmean = absmean_fit(weight)
     searched, baseline = _output_error(x_q, weight, fit.codes, fit.scale), _output_error(x_q, weight, absmean.codes, absmean.scale)
     # The traces are fp32 products summed in float64: relative error ~1e-6 of tr(W H W^T), which bounds any tie.
@@ -148,11 +149,29 @@ def test_scale_search_never_worse_than_absmean(seed):
     assert set(fit.codes.unique().tolist()) <= {-1, 0, 1}
 
 
+@pytest.mark.parametrize("rows", [64, 300])
+def test_output_error_is_the_same_through_the_outputs_and_through_h(rows):
+    """Both ways of evaluating E(T) and a*(T) agree, and the integer product X T^T is exact."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(48, 200, generator=generator)
+    inputs = Inputs.quantized(torch.randn(rows, 200, generator=generator) * torch.rand(200, generator=generator) * 5)
+    codes = torch.randint(-1, 2, (48, 200), dtype=torch.int8, generator=generator)
+    exact = (inputs.codes.double() @ codes.double().t()) / inputs.scale.double()
+    assert torch.allclose(inputs.times_codes(codes).double(), exact, rtol=1e-7, atol=0)
+    outputs, through_h = OutputError(weight, inputs, True), OutputError(weight, inputs, False)
+    assert outputs.through_outputs != through_h.through_outputs
+    (a1, e1), (a2, e2) = outputs.best_scale(codes), through_h.best_scale(codes)
+    # fp32 products summed in float64: the two differ by fp32 rounding, ~1e-6 relative
+    assert a1.item() == pytest.approx(a2.item(), rel=1e-5) and e1 == pytest.approx(e2, rel=1e-5)
+    reference = _output_error(inputs.x, weight, codes, a1)
+    assert e1 == pytest.approx(reference, rel=1e-5)
+
+
 def test_scale_search_by_hand_prefers_dropping_an_outlier():
     """W = [4, 1, 1, 1], X = I (output error = weight error): absmean g = 1.75 gives T = [1, 1, 1, 1], error
     2.25^2 + 3 * 0.75^2 = 6.75; the best ternary is a = 4 on T = [1, 0, 0, 0], error 3."""
     weight = torch.tensor([[4.0, 1.0, 1.0, 1.0]])
-    h = torch.eye(4)
+    h = Inputs.exact(torch.eye(4))
     absmean = absmean_fit(weight, h)  # 1 / 1.75 = 0.57 rounds to 1
     assert absmean.codes.tolist() == [[1, 1, 1, 1]]
     assert absmean.error == pytest.approx(2.25**2 + 3 * 0.75**2)
@@ -169,7 +188,7 @@ def test_gptq_compensates_on_a_hand_made_layer():
     0.2^2. With the scale re-fitted to [0, 1] (a = 0.8) the error vanishes."""
     x = torch.randn(64, 1).repeat(1, 2)
     weight = torch.tensor([[0.4, 0.4]])
-    h = hessian(x)
+    h = Inputs.exact(x)
     codes, scale = torch.zeros(1, 2, dtype=torch.int8), torch.tensor(1.0)  # round to nearest on {-1, 0, 1}
     error = _output_error(x, weight, codes, scale)
     fit = gptq_fit(weight, h, TernaryFit(codes, scale, error, error))
@@ -181,9 +200,10 @@ def test_gptq_compensates_on_a_hand_made_layer():
 def test_gptq_beats_round_to_nearest_on_correlated_inputs(seed):
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(32, 32, generator=generator)
-    x = fake_quantize_activations(torch.randn(512, 32, generator=generator) @ mixing)
+    inputs = Inputs.quantized(torch.randn(512, 32, generator=generator) @ mixing)
+    x = inputs.x
     weight = torch.randn(16, 32, generator=generator)
-    h = hessian(x)
+    h = inputs
     start = search_scale(weight, h)
     fit = gptq_fit(weight, h, start)
     assert _output_error(x, weight, fit.codes, fit.scale) < 0.9 * _output_error(x, weight, start.codes, start.scale)

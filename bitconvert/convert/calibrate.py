@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..bitlinear import BitLinear, fake_quantize_activations
+from ..bitlinear import BitLinear
 from ..checkpoint import TernaryWeight
 from .calib_data import calibration_tokens
 from .device import resolve_device
@@ -31,7 +31,7 @@ from .equalize import LayerActivations, equalize_layer
 from .gptq import gptq_fit
 from .layers import LayerStream
 from .reconstruct import reconstruct_layer, relative_error
-from .scale_search import TernaryFit, absmean_fit, hessian, search_scale
+from .scale_search import Inputs, TernaryFit, absmean_fit, search_scale
 
 # LayerStream.stages' names -> the projections that read that input
 PROJECTION_GROUPS = {"attention": ("self_attn", ("q_proj", "k_proj", "v_proj")), "values": ("self_attn", ("o_proj",)),
@@ -74,17 +74,17 @@ class CalibrationConfig:
     seed: int = 0
 
 
-def fit_projection(weight: torch.Tensor, h: torch.Tensor, config: CalibrationConfig) -> TernaryFit:
-    """Codes and scale for one projection given ``H`` of its (quantized-path) inputs."""
-    fit = search_scale(weight, h) if config.optimal_scale else absmean_fit(weight, h)
-    return gptq_fit(weight, h, fit) if config.gptq else fit
+def fit_projection(weight: torch.Tensor, inputs: Inputs, config: CalibrationConfig) -> TernaryFit:
+    """Codes and scale for one projection given its (quantized-path) inputs."""
+    fit = search_scale(weight, inputs) if config.optimal_scale else absmean_fit(weight, inputs)
+    return gptq_fit(weight, inputs, fit) if config.gptq else fit
 
 
 def _search_fit(config: CalibrationConfig):
     """The quantizer the equalization search scores candidates with (no error compensation: it is the slow part)."""
     if config.optimal_scale:
-        return lambda weight, x_q: search_scale(weight, hessian(x_q), SEARCH_THRESHOLDS, alternating_steps=1)
-    return lambda weight, x_q: absmean_fit(weight)
+        return lambda weight, inputs: search_scale(weight, inputs, SEARCH_THRESHOLDS, alternating_steps=1)
+    return lambda weight, inputs: absmean_fit(weight)
 
 
 def _search_activations(stream: LayerStream, layer, hidden: torch.Tensor) -> LayerActivations:
@@ -116,20 +116,18 @@ def calibrate_layer(stream: LayerStream, layer, h_q: torch.Tensor, config: Calib
             break
         block_name, names = PROJECTION_GROUPS[stage]
         block = getattr(layer, block_name)
-        x_q = fake_quantize_activations(inputs)
-        h = hessian(x_q)
+        quantized = Inputs.quantized(inputs)
         for name in names:
             linear = getattr(block, name)
             weight = linear.weight.detach().float()
-            fit = fit_projection(weight, h, config)
+            fit = fit_projection(weight, quantized, config)
             reference = weight.cpu().clone()
-            output_power = ((weight @ h) * weight).sum(dtype=torch.float64).item()
             fits[f"{block_name}.{name}.weight"] = TernaryWeight(
                 fit.codes.cpu(), fit.scale.cpu(), reference,
-                {"calibration_output_error": fit.error / max(output_power, 1e-30),
-                 "absmean_output_error": fit.absmean_error / max(output_power, 1e-30)})
+                {"calibration_output_error": fit.error / max(fit.output_power, 1e-30),
+                 "absmean_output_error": fit.absmean_error / max(fit.output_power, 1e-30)})
             setattr(block, name, _ternary_module(linear, fit))
-        del x_q, h, inputs
+        del quantized, inputs
     info["fits"] = fits
     return info
 

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..bitlinear import fake_quantize_activations
-from .scale_search import TernaryFit
+from .scale_search import Inputs, TernaryFit
 
 ALPHAS = (0.0, -0.25, 0.25)
 
-Fit = Callable[[torch.Tensor, torch.Tensor], TernaryFit]  # (weight (out, in), quantized inputs (N, in)) -> fit
+Fit = Callable[[torch.Tensor, Inputs], TernaryFit]  # (weight (out, in), its int8-quantized inputs) -> fit
 
 
 @dataclass
@@ -99,23 +98,21 @@ def awq_factor(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _consumer_error(x: torch.Tensor, weights: list[torch.Tensor], c: torch.Tensor, fit: Fit) -> tuple[float, list]:
-    """``sum ||x W^T - Q8(x / c) Q(W c)^T||^2`` over ``weights``, and the fitted dequantized weights."""
-    x_q = fake_quantize_activations(x / c)
-    total, fitted = 0.0, []
+def _consumer_error(x: torch.Tensor, weights: list[torch.Tensor], c: torch.Tensor, fit: Fit) -> float:
+    """``sum ||x W^T - Q8(x / c) Q(W c)^T||^2`` over ``weights``."""
+    inputs = Inputs.quantized(x / c)
+    total = 0.0
     for weight in weights:
-        result = fit(weight * c, x_q)
-        dequantized = result.codes.float() * result.scale
-        total += (x @ weight.t() - x_q @ dequantized.t()).pow(2).sum().item()
-        fitted.append(dequantized)
-    return total, fitted
+        result = fit(weight * c, inputs)
+        total += (x @ weight.t() - inputs.times_codes(result.codes) * result.scale).pow(2).sum().item()
+    return total
 
 
 def _producer_error(x: torch.Tensor, weight: torch.Tensor, c: torch.Tensor, fit: Fit) -> torch.Tensor:
     """The producer's output error in unscaled units, (N, out): ``(Q8(x) Q(W / c)^T) * c - x W^T``."""
-    x_q = fake_quantize_activations(x)
-    result = fit(weight / c.unsqueeze(1), x_q)
-    return (x_q @ (result.codes.float() * result.scale).t()) * c - x @ weight.t()
+    inputs = Inputs.quantized(x)
+    result = fit(weight / c.unsqueeze(1), inputs)
+    return (inputs.times_codes(result.codes) * result.scale) * c - x @ weight.t()
 
 
 def _best_alpha(stats: torch.Tensor, error: Callable[[torch.Tensor], float]) -> tuple[float, torch.Tensor, dict]:
@@ -140,7 +137,7 @@ def equalize_layer(layer, acts: LayerActivations, fit: Fit) -> dict:
         chosen[site] = {"alpha": alpha, "error_ratio": errors[alpha] / errors[0.0] if errors[0.0] else 1.0}
 
     qkv = [attention.q_proj.weight.float(), attention.k_proj.weight.float(), attention.v_proj.weight.float()]
-    alpha, c, errors = _best_alpha(acts.attention_in, lambda c: _consumer_error(acts.attention_in, qkv, c, fit)[0])
+    alpha, c, errors = _best_alpha(acts.attention_in, lambda c: _consumer_error(acts.attention_in, qkv, c, fit))
     scale_attention_inputs(layer, c)
     record("attention_in", alpha, errors)
 
@@ -154,14 +151,14 @@ def equalize_layer(layer, acts: LayerActivations, fit: Fit) -> dict:
         producer = _producer_error(attention_in, v_weight, c, fit)  # (N, kv_heads * head_dim)
         producer = producer.view(-1, kv_heads, head_dim).repeat_interleave(heads // kv_heads, dim=1)
         carried = producer.reshape(-1, heads * head_dim) @ o_weight.t()
-        return _consumer_error(acts.values_in, [o_weight], expand_to_heads(c, layer), fit)[0] + carried.pow(2).sum().item()
+        return _consumer_error(acts.values_in, [o_weight], expand_to_heads(c, layer), fit) + carried.pow(2).sum().item()
 
     alpha, c, errors = _best_alpha(_kv_stats(acts.values_in, layer), values_error)
     scale_values(layer, c)
     record("values", alpha, errors)
 
     gate_up = [mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()]
-    alpha, c, errors = _best_alpha(acts.mlp_in, lambda c: _consumer_error(acts.mlp_in, gate_up, c, fit)[0])
+    alpha, c, errors = _best_alpha(acts.mlp_in, lambda c: _consumer_error(acts.mlp_in, gate_up, c, fit))
     scale_mlp_inputs(layer, c)
     record("mlp_in", alpha, errors)
 
@@ -170,7 +167,7 @@ def equalize_layer(layer, acts: LayerActivations, fit: Fit) -> dict:
 
     def up_error(c):
         carried = (acts.gate_act * _producer_error(mlp_in, up_weight, c, fit)) @ down_weight.t()
-        return _consumer_error(acts.down_in, [down_weight], c, fit)[0] + carried.pow(2).sum().item()
+        return _consumer_error(acts.down_in, [down_weight], c, fit) + carried.pow(2).sum().item()
 
     alpha, c, errors = _best_alpha(acts.down_in, up_error)
     scale_up(layer, c)

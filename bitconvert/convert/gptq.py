@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .scale_search import OutputError, TernaryFit
+from .scale_search import Inputs, OutputError, TernaryFit
 
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (GPTQ's default)
 BLOCK = 128
@@ -71,11 +71,12 @@ def gptq_codes(weight: torch.Tensor, h: torch.Tensor, scale: torch.Tensor) -> to
     return result
 
 
-def gptq_fit(weight: torch.Tensor, h: torch.Tensor, start: TernaryFit) -> TernaryFit:
-    """GPTQ codes on ``start``'s grid with the scale re-fitted; ``start`` itself if that is not better."""
-    objective = OutputError(weight, h)
-    codes = gptq_codes(weight, h, start.scale)
+def gptq_fit(weight: torch.Tensor, inputs: Inputs, start: TernaryFit) -> TernaryFit:
+    """GPTQ codes on ``start``'s grid (from ``H = X^T X``) with the scale re-fitted; ``start`` itself if that is not
+    better."""
+    objective = OutputError(weight, inputs)
+    codes = gptq_codes(weight, inputs.hessian(), start.scale)
     scale, error = objective.best_scale(codes)
     if not error < start.error:
         return start
-    return TernaryFit(codes, scale, error, start.absmean_error)
+    return TernaryFit(codes, scale, error, start.absmean_error, objective.base.item())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..bitlinear import EPS, ternarize, weight_scale
+from ..bitlinear import EPS, quantize_activations, ternarize, weight_scale
 
 # delta / mean|W| tried; TWN's optimum for Gaussian weights is about 0.7 mean|W| (absmean rounding uses 0.5).
 THRESHOLD_GRID = tuple(0.4 + 0.1 * i for i in range(6))
@@ -27,63 +27,122 @@ ALTERNATING_STEPS = 4
 
 @dataclass
 class TernaryFit:
-    """Codes ``T`` int8 (out, in), scale ``a`` fp32 0-dim, and the output error ``E`` (and absmean's) as floats."""
+    """Codes ``T`` int8 (out, in), scale ``a`` fp32 0-dim, the output error ``E`` and absmean's, and ``tr(W H W^T)``
+    (the output's own power, which the errors are relative to) as floats."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     error: float
     absmean_error: float
+    output_power: float = float("nan")
 
 
-def hessian(x: torch.Tensor) -> torch.Tensor:
-    """``H = X^T X`` (in, in) in fp32 for inputs ``x`` (..., in)."""
-    flat = x.reshape(-1, x.shape[-1]).float()
-    return flat.t() @ flat
+class Inputs:
+    """A projection's calibration inputs ``X`` (N, in): int8 activation codes with per-token scales (``X = codes / s``,
+    what the inference path feeds the projection; :meth:`quantized`) or any float matrix (:meth:`exact`).
+
+    ``hessian()`` is ``H = X^T X`` (in, in) fp32, computed once and kept (the projections of one group share it);
+    ``times_codes(T)`` is ``X T^T`` (N, out) for ternary ``T``: for int8 codes the exact int32 product
+    (``torch._int_mm``; an fp32 product where that is not available is exact too, every partial sum being an
+    integer below ``128 * in < 2^24``), then divided by ``s``."""
+
+    def __init__(self, x: torch.Tensor, codes: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+        self.x = x.reshape(-1, x.shape[-1]).float()
+        self.codes, self.scale = codes, scale
+        self._hessian = None
+
+    @classmethod
+    def quantized(cls, activations: torch.Tensor) -> "Inputs":
+        codes, scale = quantize_activations(activations.reshape(-1, activations.shape[-1]))
+        return cls(codes.float() / scale, codes, scale)
+
+    @classmethod
+    def exact(cls, x: torch.Tensor) -> "Inputs":
+        return cls(x)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self._hessian is None:
+            self._hessian = self.x.t() @ self.x
+        return self._hessian
+
+    def times_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.codes is None:
+            return self.x @ codes.float().t()
+        try:
+            product = torch._int_mm(self.codes, codes.t())
+        except RuntimeError:  # shapes or devices _int_mm does not take
+            product = self.codes.float() @ codes.float().t()
+        return product.float() / self.scale
 
 
 class OutputError:
-    """Evaluates ``E(T)`` and ``a*(T)`` for one ``W`` and ``H`` (the traces in float64 from fp32 products)."""
+    """Evaluates ``E(T)`` and ``a*(T)`` for one ``W`` (out, in) and its inputs, two ways with the same value (traces
+    summed in float64 from fp32 products):
+    - through the outputs, when ``N <= in``: ``Y = X W^T`` once, then per candidate ``Z = X T^T`` (exact integers for
+      int8 inputs), ``tr(W H W^T) = ||Y||^2``, ``tr(W H T^T) = <Y, Z>``, ``tr(T H T^T) = ||Z||^2``: ``N in out``
+      multiply-adds per candidate, int8 ones, about 4.5x faster per multiply-add than fp32 on an AVX-512 VNNI CPU;
+    - through ``H``, when ``N > in``: ``W H`` once, then per candidate ``T H``: ``in^2 out`` fp32 multiply-adds, whatever N.
+    At Llama-2-7B shapes and 4,096 calibration tokens the first takes 0.45 s per down_proj candidate on 2 cores
+    (Zen 4), where ``T H`` took 5.4 s."""
 
-    def __init__(self, weight: torch.Tensor, h: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, inputs: Inputs, through_outputs: bool | None = None):
         self.weight = weight.float()
-        self.h = h.float()
-        self.wh = self.weight @ self.h
-        self.base = (self.wh * self.weight).sum(dtype=torch.float64)
+        self.inputs = inputs
+        self.through_outputs = inputs.rows <= weight.shape[1] if through_outputs is None else through_outputs
+        if self.through_outputs:
+            self.y = inputs.x @ self.weight.t()
+            self.base = self.y.pow(2).sum(dtype=torch.float64)
+        else:
+            self.h = inputs.hessian()
+            self.wh = self.weight @ self.h
+            self.base = (self.wh * self.weight).sum(dtype=torch.float64)
+
+    def _traces(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tr(W H T^T), tr(T H T^T))`` in float64."""
+        if self.through_outputs:
+            z = self.inputs.times_codes(codes)
+            return (self.y * z).sum(dtype=torch.float64), z.pow(2).sum(dtype=torch.float64)
+        t = codes.float()
+        return (self.wh * t).sum(dtype=torch.float64), ((t @ self.h) * t).sum(dtype=torch.float64)
 
     def best_scale(self, codes: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``(a*, E)`` for ``codes``; all-zero codes give ``a = 1e-5`` and ``E = tr(W H W^T)``."""
-        t = codes.float()
-        cross = (self.wh * t).sum(dtype=torch.float64)
-        power = ((t @ self.h) * t).sum(dtype=torch.float64)
+        cross, power = self._traces(codes)
         if power <= 0 or cross <= 0:
             return torch.tensor(EPS), self.base.item()
         scale = (cross / power).float().clamp(min=EPS)
         return scale, (self.base - 2 * scale.double() * cross + scale.double() ** 2 * power).item()
 
     def error(self, codes: torch.Tensor, scale: torch.Tensor) -> float:
-        t = codes.float()
-        cross = (self.wh * t).sum(dtype=torch.float64)
-        power = ((t @ self.h) * t).sum(dtype=torch.float64)
+        cross, power = self._traces(codes)
         return (self.base - 2 * scale.double() * cross + scale.double() ** 2 * power).item()
 
 
-def absmean_fit(weight: torch.Tensor, h: torch.Tensor | None = None) -> TernaryFit:
-    """BitNet's round-to-nearest: ``g = mean|W|``, ``T = clamp(round(W / g))`` (errors NaN without ``h``)."""
+def absmean_fit(weight: torch.Tensor, inputs: Inputs | None = None) -> TernaryFit:
+    """BitNet's round-to-nearest: ``g = mean|W|``, ``T = clamp(round(W / g))`` (errors NaN without ``inputs``)."""
     scale = weight_scale(weight)
     codes = ternarize(weight, scale)
-    error = OutputError(weight, h).error(codes, scale) if h is not None else float("nan")
-    return TernaryFit(codes, scale, error, error)
+    if inputs is None:
+        return TernaryFit(codes, scale, float("nan"), float("nan"))
+    objective = OutputError(weight, inputs)
+    error = objective.error(codes, scale)
+    return TernaryFit(codes, scale, error, error, objective.base.item())
 
 
-def search_scale(weight: torch.Tensor, h: torch.Tensor, thresholds: tuple[float, ...] = THRESHOLD_GRID,
+def search_scale(weight: torch.Tensor, inputs: Inputs, thresholds: tuple[float, ...] = THRESHOLD_GRID,
                  alternating_steps: int = ALTERNATING_STEPS) -> TernaryFit:
     """The codes and scale of smallest output error among the candidates in the module docstring (``thresholds``:
     the grid of ``delta / mean|W|``)."""
     weight = weight.float()
-    objective = OutputError(weight, h)
+    objective = OutputError(weight, inputs)
     absmean = absmean_fit(weight)
     absmean_error = objective.error(absmean.codes, absmean.scale)
-    best = TernaryFit(absmean.codes, absmean.scale, absmean_error, absmean_error)
+    power = objective.base.item()
+    best = TernaryFit(absmean.codes, absmean.scale, absmean_error, absmean_error, power)
     magnitude = weight.abs()
     mean = magnitude.mean().clamp(min=EPS)
     sign = weight.sign().to(torch.int8)
@@ -91,11 +150,11 @@ def search_scale(weight: torch.Tensor, h: torch.Tensor, thresholds: tuple[float,
         codes = sign * (magnitude > ratio * mean)
         scale, error = objective.best_scale(codes)
         if error < best.error:
-            best = TernaryFit(codes, scale, error, absmean_error)
+            best = TernaryFit(codes, scale, error, absmean_error, power)
     for _ in range(alternating_steps):
         codes = ternarize(weight, best.scale)
         scale, error = objective.best_scale(codes)
         if not error < best.error:
             break
-        best = TernaryFit(codes, scale, error, absmean_error)
+        best = TernaryFit(codes, scale, error, absmean_error, power)
     return best
