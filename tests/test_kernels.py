@@ -109,6 +109,17 @@ def test_layout_defaults_and_environment_variable(monkeypatch):
     assert kernels.KernelBackend().layout == 0
 
 
+@pytest.mark.parametrize("variable, value, message", [("BITCONVERT_LAYOUT", "base7", "unknown weight layout 'base7'"),
+                                                      ("BITCONVERT_ISA", "avx9", "unknown ISA path 'avx9'")])
+def test_a_bad_environment_choice_is_an_error_not_a_slow_fallback(monkeypatch, variable, value, message):
+    from bitconvert.errors import BitconvertError
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(BitconvertError, match=message) as raised:
+        kernels.default_backend()
+    assert "\n" not in str(raised.value) and "unset it" in str(raised.value)
+
+
 def test_weight_of_another_layout_is_refused():
     weights = repacked(torch.ones(32, 100, dtype=torch.int8))  # 2 tiles; 2bit: 7 x 64 bytes each, base3: 5 x 80
     with pytest.raises(RuntimeError, match="has 896 bytes, expected 800 for \\(32, 100\\) in the base3 layout"):

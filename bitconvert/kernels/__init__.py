@@ -275,11 +275,20 @@ class KernelBackend:
 
 
 def default_backend():
-    """:class:`KernelBackend` if the library builds and loads, else the pure-torch backend with one warning."""
+    """:class:`KernelBackend` if the library builds and loads, else the pure-torch backend with one warning.
+
+    A ``BITCONVERT_ISA`` or ``BITCONVERT_LAYOUT`` that this CPU cannot honour is the user's own setting, not a build
+    failure: it raises :class:`~bitconvert.errors.BitconvertError` (one line naming the variable) rather than
+    running the several times slower pure-torch path."""
     try:
         return KernelBackend()
     except Exception as error:  # a compiler or loader failure must not stop inference
         from ..bitlinear import ReferenceBackend
+        from ..errors import BitconvertError
+
+        if _loaded and any(os.environ.get(name) for name in ("BITCONVERT_ISA", "BITCONVERT_LAYOUT")):
+            reason = str(error).strip().splitlines()[0]
+            raise BitconvertError(f"{reason.removeprefix('bitconvert: ')}; fix it or unset it for the default") from None
 
         warnings.warn(
             f"bitconvert: the ternary CPU kernels are unavailable ({type(error).__name__}: {error}); "
