@@ -93,7 +93,7 @@ def batch_shape(user_config: dict | None, batch_size: int, grad_accum: int, path
 def resolve_config(user_config: dict | None, hp: TrainingHyperparameters, *, world_size: int, cuda: bool,
                    path: str = "generated", bf16: bool = False) -> dict:
     """The effective DeepSpeed config: ``user_config`` with its gaps filled, or the default one (in bf16 if
-    ``bf16``, see :func:`resolve_bf16`)."""
+    ``bf16``, see :func:`.precision.resolve_bf16`)."""
     config = json.loads(json.dumps(user_config)) if user_config is not None else {}
     micro, accum = batch_shape(config, hp.batch_size, hp.grad_accum, path)
     config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"] = micro, accum

@@ -52,4 +52,3 @@ def resolve_bf16(precision: str, *, cuda: bool, user_config: dict | None, saved_
     if precision != "auto":
         return precision == "bf16"
     return torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
-

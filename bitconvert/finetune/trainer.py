@@ -74,7 +74,7 @@ class FinetuneOptions:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     optim: str = "adamw"
-    precision: str = "auto"  # auto: bf16 where the device has it in hardware (:func:`.engine.resolve_bf16`)
+    precision: str = "auto"  # auto: bf16 where the device has it in hardware (:func:`.precision.resolve_bf16`)
     save_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 200
@@ -253,9 +253,9 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
                                     opts.weight_decay, opts.grad_clip, opts.optim, total_steps)
     config_name = opts.deepspeed_config or "generated"
     cuda = torch.cuda.is_available()
-    saved_config = opts.save_dir / "ds_config.json"
-    bf16 = resolve_bf16(opts.precision, cuda=cuda, user_config=user_config,
-                           saved_config=json.loads(saved_config.read_text()) if opts.resume and saved_config.is_file() else None)
+    saved_path = opts.save_dir / "ds_config.json"  # a resumed run's own config, which fixes its precision
+    saved_config = json.loads(saved_path.read_text()) if opts.resume and saved_path.is_file() else None
+    bf16 = resolve_bf16(opts.precision, cuda=cuda, user_config=user_config, saved_config=saved_config)
     config = ds.resolve_config(user_config, hp, world_size=world, cuda=cuda, path=config_name, bf16=bf16)
     engine, device = ds.initialize(model, config, hp, config_name)
     if teacher is not None:
