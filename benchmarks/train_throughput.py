@@ -1,7 +1,8 @@
 """Training throughput: QAT (BitLinear fake quantization + STE, lambda = 1) vs a plain full-precision fine-tune,
 and (``--distill``) QAT with the frozen full-precision teacher's forward and the logit KL (the recommended recipe).
 
-Same model, same batches, same DeepSpeed config (bitconvert's generated default), in one process: DeepSpeed engines
+Same model, same batches, same DeepSpeed config (bitconvert's generated default, in the precision that
+``--precision`` resolves to), in one process: DeepSpeed engines
 whose optimizer steps alternate (FP, QAT, [QAT + teacher], FP, ...) so that a machine shared with other work slows
 them alike. Reports tokens/s from the fastest timed step of each (the least disturbed by other work; the median is
 printed too), the overhead ``1 - qat / fp`` (target < 30%) and the teacher's cost ``1 - distill / qat``.
@@ -28,6 +29,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--distill", action="store_true", help="also time QAT with the teacher and the logit KL")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="as `bitconvert finetune --precision` (the figures in docs/finetune.md: fp32)")
     parser.add_argument("--json", default="train_throughput.json", help="where to write the results")
     return parser.parse_args()
 
@@ -59,6 +62,7 @@ def main():
     args = parse_args()
     from bitconvert.finetune import engine as ds
     from bitconvert.finetune.data import PackedCorpus, batches
+    from bitconvert.finetune.precision import resolve_bf16
     from bitconvert.quantize import TernaryConfig, quantize_
     from bitconvert.sources import load_full_precision, resolve_source
 
@@ -71,12 +75,16 @@ def main():
     quantize_(qat, TernaryConfig(mode="train", quant_lambda=1.0))
     total = args.warmup + args.steps
     hp = ds.TrainingHyperparameters(args.batch_size, 1, 1e-4, 0.1, 1, 0.0, 1.0, "adamw", 2 * total)
-    config = ds.resolve_config(None, hp, world_size=1, cuda=torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    bf16 = resolve_bf16(args.precision, cuda=cuda, user_config=None, saved_config=None)
+    config = ds.resolve_config(None, hp, world_size=1, cuda=cuda, bf16=bf16)
     teacher = None
     if args.distill:
         teacher = type(full)(full.config)
         teacher.load_state_dict(full.state_dict())
         teacher.eval().requires_grad_(False)
+        if bf16:
+            teacher.bfloat16()  # as finetune runs it
         student = type(full)(full.config)
         student.load_state_dict(full.state_dict())
         quantize_(student, TernaryConfig(mode="train", quant_lambda=1.0))

@@ -262,8 +262,8 @@ def set_backend(backend: TernaryBackend) -> None:
 
 def get_backend() -> TernaryBackend:
     """The current backend; chosen on first use: the compiled kernels (:mod:`bitconvert.kernels`, built on first use)
-    if they build and load, else :class:`ReferenceBackend` with one warning. ``BITCONVERT_BACKEND=torch`` forces the
-    reference."""
+    if they build and load, else :class:`ReferenceBackend` with one warning (a bad ``BITCONVERT_ISA`` or
+    ``BITCONVERT_LAYOUT`` is an error instead). ``BITCONVERT_BACKEND=torch`` forces the reference."""
     global _backend
     if _backend is None:
         if os.environ.get("BITCONVERT_BACKEND", "").lower() == "torch":

@@ -159,7 +159,7 @@ def test_output_error_is_the_same_through_the_outputs_and_through_h(rows):
     exact = (inputs.codes.double() @ codes.double().t()) / inputs.scale.double()
     assert torch.allclose(inputs.times_codes(codes).double(), exact, rtol=1e-7, atol=0)
     outputs, through_h = OutputError(weight, inputs, True), OutputError(weight, inputs, False)
-    assert outputs.through_outputs != through_h.through_outputs
+    assert OutputError(weight, inputs).through_outputs == (rows <= 200)  # the cheaper way by default
     (a1, e1), (a2, e2) = outputs.best_scale(codes), through_h.best_scale(codes)
     # fp32 products summed in float64: the two differ by fp32 rounding, ~1e-6 relative
     assert a1.item() == pytest.approx(a2.item(), rel=1e-5) and e1 == pytest.approx(e2, rel=1e-5)

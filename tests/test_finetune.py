@@ -173,28 +173,40 @@ def test_precision_rules():
     saved_bf16 = {"bf16": {"enabled": True}}
     assert precision.resolve_bf16("auto", cuda=False, user_config=None, saved_config=saved_bf16)
     assert not precision.resolve_bf16("auto", cuda=False, user_config=None, saved_config={})
-    with pytest.raises(BitconvertError, match="conflicts with the run being resumed, which trains in bf16"):
+    with pytest.raises(BitconvertError, match="trains in fp32 but the run being resumed trained in bf16"):
         precision.resolve_bf16("fp32", cuda=False, user_config=None, saved_config=saved_bf16)
+    with pytest.raises(BitconvertError, match="trains in fp32 but the run being resumed trained in bf16"):
+        precision.resolve_bf16("auto", cuda=False, user_config={"bf16": {"enabled": False}}, saved_config=saved_bf16)
+    assert precision.resolve_bf16("auto", cuda=False, user_config={"bf16": {"enabled": True}}, saved_config=saved_bf16)
+    auto_section = {"bf16": {"enabled": "auto"}}
+    assert precision.resolve_bf16("auto", cuda=False, user_config=auto_section,
+                                  saved_config=None) == precision.cpu_has_native_bf16()
     with pytest.raises(BitconvertError, match="with --deepspeed set its \"bf16\" section"):
         precision.resolve_bf16("bf16", cuda=False, user_config={}, saved_config=None)
     hp = ds.TrainingHyperparameters(4, 1, 1e-3, 0.1, 1, 0.0, 1.0, "adamw", 10)
     assert ds.resolve_config(None, hp, world_size=1, cuda=False, bf16=True)["bf16"] == {"enabled": True}
     assert "bf16" not in ds.resolve_config(None, hp, world_size=1, cuda=False, bf16=False)
+    assert ds.resolve_config(auto_section, hp, world_size=1, cuda=False, bf16=True)["bf16"] == {"enabled": True}
 
 
 def test_bf16_distillation_writes_a_model_with_the_trained_logits(tiny_src, text_file, tmp_path):
-    """bf16 mixed precision (forced, so that it runs on every CPU): the student, the teacher and the written float
-    parts are bf16, and the folder still reproduces the trained model; a resume cannot switch precision."""
+    """bf16 mixed precision (forced, so that it runs on every CPU): the folder is written from the fp32 master
+    weights and reproduces the trained model; a resume cannot switch precision."""
     out = tmp_path / "bf16"
     result = run_finetune(tiny_src, text_file, out, max_steps=12, distill=True, eval_every=6, precision="bf16",
                           warmup_quant_steps=0)
     records = [r for r in result.history if r["kind"] == "train"]
     assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
     report = json.loads((out / "bitconvert.json").read_text())
-    assert report["options"]["training"]["precision"] == "bfloat16"
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert report["options"]["training"]["precision"] == "bf16"
+    # written from the fp32 master weights, not their bf16 copies: latent values that bf16 cannot hold
+    from safetensors.torch import load_file
+
+    latent = load_file(out / "latent" / "model.safetensors")
+    q_proj = latent["model.layers.0.self_attn.q_proj.weight"]
+    assert q_proj.dtype == torch.float32 and not torch.equal(q_proj, q_proj.bfloat16().float())
     _logits_match_latent_model_at_lambda_one(out, sub_norm=False)
-    with pytest.raises(BitconvertError, match="--precision fp32 conflicts"):
+    with pytest.raises(BitconvertError, match="trains in fp32 but the run being resumed trained in bf16"):
         run_finetune(tiny_src, text_file, tmp_path / "bf16", max_steps=14, resume=True, overwrite=True,
                      save_dir=tmp_path / "bf16-checkpoints")
 

@@ -99,7 +99,7 @@ def test_distillation_from_a_converted_folder_writes_the_trained_codes_and_scale
     out = tmp_path / "distilled"
     result = finetune(FinetuneOptions(source=str(converted), data=str(text_file), out=out, seq_len=32, batch_size=4,
                                       lr=3e-3, max_steps=6, eval_every=6, heldout_sequences=4, distill_hidden=0.5,
-                                      progress=False))
+                                      progress=False, precision="fp32"))  # fp32: the same on every CI CPU
     train = [r for r in result.history if r["kind"] == "train"]
     assert all(r["quant_lambda"] == 1.0 and r["kl"] > 0 and r["hidden"] > 0 for r in train)
     assert all(r["loss"] == pytest.approx(r["kl"] + 0.5 * r["hidden"], rel=1e-5) for r in train)  # alpha 1: no CE
@@ -116,7 +116,7 @@ def test_distillation_from_a_converted_folder_writes_the_trained_codes_and_scale
 
     retrained, _, _ = reload(out)
     with torch.no_grad():
-        ours, stock = load(out)(IDS).logits, AutoModelForCausalLM.from_pretrained(out)(IDS).logits
+        ours, stock = load(out)(IDS).logits, AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(IDS).logits
         before = load(converted)(IDS).logits
         again = retrained.eval()(IDS).logits
     assert torch.allclose(ours, stock, atol=ATOL, rtol=RTOL)

@@ -6,8 +6,9 @@ For each decoder layer ``i`` (only its weights, fp32, and the calibration hidden
 2. equivalence scaling (:mod:`.equalize`), searched on ``h_q``, the hidden states of the already converted prefix;
 3. sequential quantization of the projection groups (q, k, v), (o), (gate, up), (down): each group's inputs are
    captured running the layer on ``h_q`` with the groups before it already ternary (int8 per-token activations, as
-   in inference), ``H = Q8(X)^T Q8(X)``, and each projection gets the scale/threshold of least output error
-   (:mod:`.scale_search`, else absmean) refined by error compensation (:mod:`.gptq`);
+   in inference; :class:`.scale_search.Inputs`), and each projection gets the scale/threshold of least output
+   error on them (:mod:`.scale_search`, else absmean) refined by error compensation (:mod:`.gptq`, from
+   ``H = Q8(X)^T Q8(X)``);
 4. optionally block reconstruction (:mod:`.reconstruct`) towards ``y_fp``;
 5. ``h_q <- layer_q(h_q)``, ``h_fp <- y_fp``, and the layer's tensors are handed to the writer.
 Embeddings, the final norm and lm_head pass through unchanged (so tied embeddings stay tied and exact).

@@ -43,8 +43,10 @@ class Inputs:
 
     ``hessian()`` is ``H = X^T X`` (in, in) fp32, computed once and kept (the projections of one group share it);
     ``times_codes(T)`` is ``X T^T`` (N, out) for ternary ``T``: for int8 codes the exact int32 product
-    (``torch._int_mm``; an fp32 product where that is not available is exact too, every partial sum being an
-    integer below ``128 * in < 2^24``), then divided by ``s``."""
+    (``torch._int_mm``; where that is not available an fp32 product, exact too while ``in < 131,072``, every
+    partial sum being an integer of at most ``128 * in < 2^24``), then divided by ``s`` (fp32)."""
+
+    int_mm_works = True  # cleared the first time torch._int_mm refuses (shapes, device), then not tried again
 
     def __init__(self, x: torch.Tensor, codes: torch.Tensor | None = None, scale: torch.Tensor | None = None):
         self.x = x.reshape(-1, x.shape[-1]).float()
@@ -72,18 +74,21 @@ class Inputs:
     def times_codes(self, codes: torch.Tensor) -> torch.Tensor:
         if self.codes is None:
             return self.x @ codes.float().t()
-        try:
-            product = torch._int_mm(self.codes, codes.t())
-        except RuntimeError:  # shapes or devices _int_mm does not take
-            product = self.codes.float() @ codes.float().t()
-        return product.float() / self.scale
+        if Inputs.int_mm_works:
+            try:
+                return torch._int_mm(self.codes, codes.t()).float() / self.scale
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # shapes or devices _int_mm does not take
+                Inputs.int_mm_works = False
+        return (self.codes.float() @ codes.float().t()) / self.scale
 
 
 class OutputError:
     """Evaluates ``E(T)`` and ``a*(T)`` for one ``W`` (out, in) and its inputs, two ways with the same value (traces
     summed in float64 from fp32 products):
-    - through the outputs, when ``N <= in``: ``Y = X W^T`` once, then per candidate ``Z = X T^T`` (exact integers for
-      int8 inputs), ``tr(W H W^T) = ||Y||^2``, ``tr(W H T^T) = <Y, Z>``, ``tr(T H T^T) = ||Z||^2``: ``N in out``
+    - through the outputs, when ``N <= in``: ``Y = X W^T`` once, then per candidate ``Z = X T^T`` (for int8 inputs
+      exact integers, divided by each token's scale), ``tr(W H W^T) = ||Y||^2``, ``tr(W H T^T) = <Y, Z>``, ``tr(T H T^T) = ||Z||^2``: ``N in out``
       multiply-adds per candidate, int8 ones, about 4.5x faster per multiply-add than fp32 on an AVX-512 VNNI CPU;
     - through ``H``, when ``N > in``: ``W H`` once, then per candidate ``T H``: ``in^2 out`` fp32 multiply-adds
       whatever N.

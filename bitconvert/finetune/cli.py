@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .precision import PRECISIONS
+
 EPILOG = """\
 examples:
   bitconvert smollm2-135m --out ternary --calibrate         convert first (calibrated), then distil it back:
@@ -74,7 +76,7 @@ def register(subparsers) -> None:
     optim.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (default 1.0)")
     optim.add_argument("--optim", choices=("adamw", "adamw8bit"), default="adamw",
                        help="adamw, or bitsandbytes' 8-bit AdamW where it supports the device")
-    optim.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    optim.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="training precision of the generated DeepSpeed config: bf16 (fp32 master weights and "
                        "optimizer state) or fp32; auto (default): bf16 on GPUs and CPUs that have it in hardware "
                        "(AVX512_BF16, AMX), fp32 elsewhere; a resumed run keeps its own")

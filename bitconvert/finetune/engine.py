@@ -106,6 +106,8 @@ def resolve_config(user_config: dict | None, hp: TrainingHyperparameters, *, wor
         raise BitconvertError(f"DeepSpeed config '{path}': ZeRO stage {stage!r} is not supported (use 0, 1 or 2)")
     if user_config is None and bf16:
         config["bf16"] = {"enabled": True}
+    elif isinstance(config.get("bf16"), dict):
+        _fill(config["bf16"], "enabled", bf16)  # "auto": :func:`.precision.resolve_bf16`'s choice
     if "optimizer" in config:
         if hp.optim != "adamw":
             raise BitconvertError(

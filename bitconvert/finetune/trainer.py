@@ -38,7 +38,7 @@ from . import engine as ds
 from .data import PackedCorpus, batches
 from .export import write_trained_model
 from .loss import cross_entropy, distillation_kl, hidden_cosine
-from .precision import resolve_bf16
+from .precision import module_with_fp32_masters, resolve_bf16
 from .runlog import StepLog, plot_loss_curve, read_log
 from .schedule import quant_lambda, resolve_lr, resolve_warmups
 from .student import run_models
@@ -220,6 +220,11 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     _validate(opts)
     check_destination(opts.out, opts.overwrite)
     _check_save_dir(opts)
+    user_config = ds.read_user_config(opts.deepspeed_config) if opts.deepspeed_config else None
+    cuda = torch.cuda.is_available()
+    saved_path = opts.save_dir / "ds_config.json"  # a resumed run's own config, which fixes its precision
+    saved_config = json.loads(saved_path.read_text()) if opts.resume and saved_path.is_file() else None
+    bf16 = resolve_bf16(opts.precision, cuda=cuda, user_config=user_config, saved_config=saved_config)  # before loading
     ds.ensure_process_group_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(opts.seed)
@@ -235,7 +240,6 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     corpus = PackedCorpus(opts.data, tokenizer, opts.seq_len, opts.text_field, opts.heldout_sequences)
     model.train()
 
-    user_config = ds.read_user_config(opts.deepspeed_config) if opts.deepspeed_config else None
     micro, accum = ds.batch_shape(user_config, opts.batch_size, opts.grad_accum, opts.deepspeed_config)
     tokens_per_step = micro * accum * world * opts.seq_len
     if opts.max_steps is not None:
@@ -252,14 +256,11 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     hp = ds.TrainingHyperparameters(opts.batch_size, opts.grad_accum, peak_lr, opts.min_lr_ratio, lr_warmup,
                                     opts.weight_decay, opts.grad_clip, opts.optim, total_steps)
     config_name = opts.deepspeed_config or "generated"
-    cuda = torch.cuda.is_available()
-    saved_path = opts.save_dir / "ds_config.json"  # a resumed run's own config, which fixes its precision
-    saved_config = json.loads(saved_path.read_text()) if opts.resume and saved_path.is_file() else None
-    bf16 = resolve_bf16(opts.precision, cuda=cuda, user_config=user_config, saved_config=saved_config)
     config = ds.resolve_config(user_config, hp, world_size=world, cuda=cuda, path=config_name, bf16=bf16)
     engine, device = ds.initialize(model, config, hp, config_name)
+    compute_dtype = next(engine.module.parameters()).dtype
     if teacher is not None:
-        teacher.to(device=device, dtype=next(engine.module.parameters()).dtype)
+        teacher.to(device=device, dtype=compute_dtype)
 
     if opts.resume:
         path, _ = engine.load_checkpoint(str(opts.save_dir))
@@ -328,10 +329,11 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     history = []
     if rank == 0:
         training = {"steps": step, "tokens": step * tokens_per_step, "world_size": world, "deepspeed_config": config,
-                    "precision": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
+                    "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "fp32")}
         training.update(lr=peak_lr, lr_warmup_steps=lr_warmup, warmup_quant_steps=quant_warmup, teacher=models.teacher_source,
                         sub_norm=models.sub_norm, started_from="converted folder" if models.converted else "source")
-        history = _write_output(engine.module, tokenizer, opts, models.source, training, models.sub_norm)
+        history = _write_output(module_with_fp32_masters(engine), tokenizer, opts, models.source, training,
+                                models.sub_norm)
     dist.barrier()
     return FinetuneResult(opts.out, step, "", history)
 

@@ -286,9 +286,11 @@ def default_backend():
         from ..bitlinear import ReferenceBackend
         from ..errors import BitconvertError
 
-        if _loaded and any(os.environ.get(name) for name in ("BITCONVERT_ISA", "BITCONVERT_LAYOUT")):
-            reason = str(error).strip().splitlines()[0]
-            raise BitconvertError(f"{reason.removeprefix('bitconvert: ')}; fix it or unset it for the default") from None
+        settings = [f"{name}={os.environ[name]}" for name in ("BITCONVERT_ISA", "BITCONVERT_LAYOUT")
+                    if os.environ.get(name)]
+        if _loaded and settings:
+            reason = str(error).strip().splitlines()[0].removeprefix("bitconvert: ")
+            raise BitconvertError(f"{reason} ({', '.join(settings)}); fix it or unset it for the default") from None
 
         warnings.warn(
             f"bitconvert: the ternary CPU kernels are unavailable ({type(error).__name__}: {error}); "
