@@ -2,9 +2,8 @@
 and (``--distill``) QAT with the frozen full-precision teacher's forward and the logit KL (the recommended recipe).
 
 Same model, same batches, same DeepSpeed config (bitconvert's generated default, in the precision that
-``--precision`` resolves to), in one process: DeepSpeed engines
-whose optimizer steps alternate (FP, QAT, [QAT + teacher], FP, ...) so that a machine shared with other work slows
-them alike. Reports tokens/s from the fastest timed step of each (the least disturbed by other work; the median is
+``--precision`` resolves to), in one process: DeepSpeed engines whose optimizer steps alternate (FP, QAT,
+[QAT + teacher], FP, ...) so that a machine shared with other work slows them alike. Reports tokens/s from the fastest timed step of each (the least disturbed by other work; the median is
 printed too), the overhead ``1 - qat / fp`` (target < 30%) and the teacher's cost ``1 - distill / qat``.
 
     PYTHONPATH=. python benchmarks/train_throughput.py --model smollm2-135m --seq-len 256 --batch-size 4 --steps 4
