@@ -140,7 +140,7 @@ def test_scale_search_never_worse_than_absmean(seed, rows):
     x = torch.randn(rows, in_features, generator=generator)
     x[:, seed % in_features] *= 20  # an outlier channel, as LLM activations have
     x_q = fake_quantize_activations(x)
-    fit = search_scale(weight, Inputs.quantized(x))
+    fit = search_scale(OutputError(weight, Inputs.quantized(x)))
     absmean = absmean_fit(weight)
     searched, baseline = _output_error(x_q, weight, fit.codes, fit.scale), _output_error(x_q, weight, absmean.codes, absmean.scale)
     # The traces are fp32 products summed in float64: relative error ~1e-6 of tr(W H W^T), which bounds any tie.
@@ -172,10 +172,10 @@ def test_scale_search_by_hand_prefers_dropping_an_outlier():
     2.25^2 + 3 * 0.75^2 = 6.75; the best ternary is a = 4 on T = [1, 0, 0, 0], error 3."""
     weight = torch.tensor([[4.0, 1.0, 1.0, 1.0]])
     h = Inputs.exact(torch.eye(4))
-    absmean = absmean_fit(weight, h)  # 1 / 1.75 = 0.57 rounds to 1
+    absmean = absmean_fit(weight, OutputError(weight, h))  # 1 / 1.75 = 0.57 rounds to 1
     assert absmean.codes.tolist() == [[1, 1, 1, 1]]
     assert absmean.error == pytest.approx(2.25**2 + 3 * 0.75**2)
-    fit = search_scale(weight, h)
+    fit = search_scale(OutputError(weight, h))
     assert fit.codes.tolist() == [[1, 0, 0, 0]] and fit.scale.item() == pytest.approx(4.0)
     assert fit.error == pytest.approx(3.0)
 
@@ -191,7 +191,7 @@ def test_gptq_compensates_on_a_hand_made_layer():
     h = Inputs.exact(x)
     codes, scale = torch.zeros(1, 2, dtype=torch.int8), torch.tensor(1.0)  # round to nearest on {-1, 0, 1}
     error = _output_error(x, weight, codes, scale)
-    fit = gptq_fit(weight, h, TernaryFit(codes, scale, error, error))
+    fit = gptq_fit(OutputError(weight, h), TernaryFit(codes, scale, error, error))
     assert sorted(fit.codes.flatten().tolist()) == [0, 1]
     assert _output_error(x, weight, fit.codes, fit.scale) < 1e-3 * error
 
@@ -204,8 +204,9 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(seed):
     x = inputs.x
     weight = torch.randn(16, 32, generator=generator)
     h = inputs
-    start = search_scale(weight, h)
-    fit = gptq_fit(weight, h, start)
+    objective = OutputError(weight, h)
+    start = search_scale(objective)
+    fit = gptq_fit(objective, start)
     assert _output_error(x, weight, fit.codes, fit.scale) < 0.9 * _output_error(x, weight, start.codes, start.scale)
 
 

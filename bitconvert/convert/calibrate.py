@@ -32,7 +32,7 @@ from .equalize import LayerActivations, equalize_layer
 from .gptq import gptq_fit
 from .layers import LayerStream
 from .reconstruct import reconstruct_layer, relative_error
-from .scale_search import Inputs, TernaryFit, absmean_fit, search_scale
+from .scale_search import Inputs, OutputError, TernaryFit, absmean_fit, search_scale
 
 # LayerStream.stages' names -> the projections that read that input
 PROJECTION_GROUPS = {"attention": ("self_attn", ("q_proj", "k_proj", "v_proj")), "values": ("self_attn", ("o_proj",)),
@@ -76,15 +76,17 @@ class CalibrationConfig:
 
 
 def fit_projection(weight: torch.Tensor, inputs: Inputs, config: CalibrationConfig) -> TernaryFit:
-    """Codes and scale for one projection given its (quantized-path) inputs."""
-    fit = search_scale(weight, inputs) if config.optimal_scale else absmean_fit(weight, inputs)
-    return gptq_fit(weight, inputs, fit) if config.gptq else fit
+    """Codes and scale for one projection given its (quantized-path) inputs (one :class:`.scale_search.OutputError`
+    shared by the scale search and error compensation)."""
+    objective = OutputError(weight, inputs)
+    fit = search_scale(objective) if config.optimal_scale else absmean_fit(weight, objective)
+    return gptq_fit(objective, fit) if config.gptq else fit
 
 
 def _search_fit(config: CalibrationConfig):
     """The quantizer the equalization search scores candidates with (no error compensation: it is the slow part)."""
     if config.optimal_scale:
-        return lambda weight, inputs: search_scale(weight, inputs, SEARCH_THRESHOLDS, alternating_steps=1)
+        return lambda weight, inputs: search_scale(OutputError(weight, inputs), SEARCH_THRESHOLDS, alternating_steps=1)
     return lambda weight, inputs: absmean_fit(weight)
 
 

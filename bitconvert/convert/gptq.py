@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .scale_search import Inputs, OutputError, TernaryFit
+from .scale_search import OutputError, TernaryFit
 
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (GPTQ's default)
 BLOCK = 128
@@ -71,11 +71,10 @@ def gptq_codes(weight: torch.Tensor, h: torch.Tensor, scale: torch.Tensor) -> to
     return result
 
 
-def gptq_fit(weight: torch.Tensor, inputs: Inputs, start: TernaryFit) -> TernaryFit:
-    """GPTQ codes on ``start``'s grid (from ``H = X^T X``) with the scale re-fitted; ``start`` itself if that is not
-    better."""
-    objective = OutputError(weight, inputs)
-    codes = gptq_codes(weight, inputs.hessian(), start.scale)
+def gptq_fit(objective: OutputError, start: TernaryFit) -> TernaryFit:
+    """GPTQ codes for ``objective``'s weight on ``start``'s grid (from ``H = X^T X`` of its inputs) with the scale
+    re-fitted; ``start`` itself if that is not better."""
+    codes = gptq_codes(objective.weight, objective.inputs.hessian(), start.scale)
     scale, error = objective.best_scale(codes)
     if not error < start.error:
         return start

@@ -129,27 +129,23 @@ class OutputError:
         return (self.base - 2 * scale.double() * cross + scale.double() ** 2 * power).item()
 
 
-def absmean_fit(weight: torch.Tensor, inputs: Inputs | None = None) -> TernaryFit:
-    """BitNet's round-to-nearest: ``g = mean|W|``, ``T = clamp(round(W / g))`` (errors NaN without ``inputs``)."""
+def absmean_fit(weight: torch.Tensor, objective: OutputError | None = None) -> TernaryFit:
+    """BitNet's round-to-nearest: ``g = mean|W|``, ``T = clamp(round(W / g))`` (errors NaN without ``objective``)."""
     scale = weight_scale(weight)
     codes = ternarize(weight, scale)
-    if inputs is None:
+    if objective is None:
         return TernaryFit(codes, scale, float("nan"), float("nan"))
-    objective = OutputError(weight, inputs)
     error = objective.error(codes, scale)
     return TernaryFit(codes, scale, error, error, objective.base.item())
 
 
-def search_scale(weight: torch.Tensor, inputs: Inputs, thresholds: tuple[float, ...] = THRESHOLD_GRID,
+def search_scale(objective: OutputError, thresholds: tuple[float, ...] = THRESHOLD_GRID,
                  alternating_steps: int = ALTERNATING_STEPS) -> TernaryFit:
-    """The codes and scale of smallest output error among the candidates in the module docstring (``thresholds``:
-    the grid of ``delta / mean|W|``)."""
-    weight = weight.float()
-    objective = OutputError(weight, inputs)
-    absmean = absmean_fit(weight)
-    absmean_error = objective.error(absmean.codes, absmean.scale)
-    power = objective.base.item()
-    best = TernaryFit(absmean.codes, absmean.scale, absmean_error, absmean_error, power)
+    """The codes and scale of smallest output error for ``objective``'s weight among the candidates in the module
+    docstring (``thresholds``: the grid of ``delta / mean|W|``)."""
+    weight = objective.weight
+    best = absmean_fit(weight, objective)
+    absmean_error, power = best.error, best.output_power
     magnitude = weight.abs()
     mean = magnitude.mean().clamp(min=EPS)
     sign = weight.sign().to(torch.int8)
