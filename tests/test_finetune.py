@@ -187,6 +187,12 @@ def test_precision_rules():
     assert ds.resolve_config(None, hp, world_size=1, cuda=False, bf16=True)["bf16"] == {"enabled": True}
     assert "bf16" not in ds.resolve_config(None, hp, world_size=1, cuda=False, bf16=False)
     assert ds.resolve_config(auto_section, hp, world_size=1, cuda=False, bf16=True)["bf16"] == {"enabled": True}
+    # DeepSpeed still reads the section's older name, "bfloat16": so do the precision rules and the "auto" filling
+    old_name = {"bfloat16": {"enabled": True}}
+    assert precision.resolve_bf16("auto", cuda=False, user_config=old_name, saved_config=None)
+    assert precision.resolve_bf16("auto", cuda=False, user_config=None, saved_config=old_name)
+    assert ds.resolve_config({"bfloat16": {"enabled": "auto"}}, hp, world_size=1, cuda=False,
+                             bf16=False)["bfloat16"] == {"enabled": False}
 
 
 def test_bf16_distillation_writes_a_model_with_the_trained_logits(tiny_src, text_file, tmp_path):

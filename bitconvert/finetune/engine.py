@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitconvertError, reason
+from .precision import bf16_section
 from .schedule import lr_multiplier
 
 ADAM_BETAS = (0.9, 0.95)  # from-scratch BitNet recipes
@@ -106,8 +107,8 @@ def resolve_config(user_config: dict | None, hp: TrainingHyperparameters, *, wor
         raise BitconvertError(f"DeepSpeed config '{path}': ZeRO stage {stage!r} is not supported (use 0, 1 or 2)")
     if user_config is None and bf16:
         config["bf16"] = {"enabled": True}
-    elif isinstance(config.get("bf16"), dict):
-        _fill(config["bf16"], "enabled", bf16)  # "auto": :func:`.precision.resolve_bf16`'s choice
+    elif bf16_section(config) is not None:
+        _fill(bf16_section(config), "enabled", bf16)  # "auto": :func:`.precision.resolve_bf16`'s choice
     if "optimizer" in config:
         if hp.optim != "adamw":
             raise BitconvertError(

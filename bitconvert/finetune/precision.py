@@ -34,10 +34,17 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
 
 
+def bf16_section(config: dict) -> dict | None:
+    """A DeepSpeed config's bf16 section, found as DeepSpeed finds it: ``"bf16"``, else its older name ``"bfloat16"``
+    (``deepspeed.runtime.precision_config.get_bfloat16_config``); None when neither is a dict."""
+    section = config.get("bf16", config.get("bfloat16"))
+    return section if isinstance(section, dict) else None
+
+
 def _bf16_enabled(config: dict):
-    """A DeepSpeed config's ``bf16.enabled`` (True, False or "auto"); False without a ``bf16`` section."""
-    section = config.get("bf16")
-    return section.get("enabled", False) if isinstance(section, dict) else False
+    """A DeepSpeed config's ``bf16.enabled`` (True, False or "auto"); False without a bf16 section."""
+    section = bf16_section(config)
+    return section.get("enabled", False) if section is not None else False
 
 
 def resolve_bf16(precision: str, *, cuda: bool, user_config: dict | None, saved_config: dict | None) -> bool:
