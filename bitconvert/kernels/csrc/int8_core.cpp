@@ -5,6 +5,7 @@
 // vpmaddubsw and vpdpbusd take it (|x_q| <= 127 and |w_q| <= 127, so nothing overflows).
 #include "int8_core.h"
 #include "ternary_core.h"  // bc_thread_count
+#include "avxvnni.h"
 
 #include <immintrin.h>
 
@@ -46,7 +47,7 @@ struct Scalar {
 };
 
 #define BC_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define BC_TARGET_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
+#define BC_TARGET_AVXVNNI __attribute__((target("avx2,fma," BC_AVXVNNI_FEATURES)))
 #define BC_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define BC_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 
@@ -79,7 +80,7 @@ struct Avx256 {
                 const int8_t *row = w + r * ldw + b * BC_INT8_BLOCK;
                 _mm_prefetch((const char *)(row + kPrefetchBytes), _MM_HINT_T0);
                 const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)row), xv);
-                const __m256i p = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sw);
+                const __m256i p = bc_dpbusd256(_mm256_setzero_si256(), ax, sw);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
             }
         }

@@ -4,6 +4,7 @@
 // function-level target attribute and only called after a CPUID check, so the library runs on any x86-64.
 // Build with -ffp-contract=off and without fast-math: the float steps must round exactly as torch does.
 #include "ternary_core.h"
+#include "avxvnni.h"
 
 #include <immintrin.h>
 
@@ -61,7 +62,7 @@ struct Scalar {
 };
 
 #define BC_TARGET_AVX2 __attribute__((target("avx2")))
-#define BC_TARGET_AVXVNNI __attribute__((target("avx2,avxvnni")))
+#define BC_TARGET_AVXVNNI __attribute__((target("avx2," BC_AVXVNNI_FEATURES)))
 #define BC_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
 // AVX2 without VNNI: codes (u8) x activations (s8) with vpmaddubsw into int16 pairs (|c0x0 + c1x1| <= 512, no
@@ -112,7 +113,7 @@ struct AvxVnni {
                     const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * i), mask);
                     for (int t = 0; t < NT; ++t) {
                         const __m256i xs = _mm256_set1_epi32(load4(x + t * ldx + b * BC_BLOCK_COLS + 4 * i));
-                        sum[t][i % C] = _mm256_dpbusd_avx_epi32(sum[t][i % C], codes, xs);
+                        sum[t][i % C] = bc_dpbusd256(sum[t][i % C], codes, xs);
                     }
                 }
             }
@@ -477,7 +478,7 @@ int bc_isa_supported(int isa) {
         case BC_ISA_AVX2:
             return __builtin_cpu_supports("avx2");
         case BC_ISA_AVXVNNI:
-            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+            return __builtin_cpu_supports("avx2") && bc_cpu_has_avxvnni();
         case BC_ISA_AVX512:
             return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                    __builtin_cpu_supports("avx512vnni");
