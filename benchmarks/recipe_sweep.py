@@ -28,7 +28,7 @@ VARIANTS = (
     ("wd0.1", ("--weight-decay", "0.1")),
     ("warmup10", ("--lr-warmup-steps", "10")),
     ("tau2", ("--distill-temperature", "2")),
-    ("repeat", ()),  # the default again: the run-to-run spread (bf16 sums are not reproducible across runs)
+    ("repeat", ()),  # the default again: whether a run reproduces (it did, to the digit, on the Zen 4 in bf16)
 )
 
 
