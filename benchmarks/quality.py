@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -51,7 +52,7 @@ EVAL_TASKS = (("arc_easy", None), ("piqa", 500))
 EVAL_FULL_TASKS = (("arc_challenge", None), ("piqa", None), ("hellaswag", 2000))
 TASK_LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "piqa": "PIQA", "hellaswag": "HellaSwag"}
 # the QAT rows run the defaults (the recommended recipe), 1,024 tokens per step; their precision is --precision's (fp32
-# unless asked: the 100K and 250K rows trained before bf16 became the CPU default)
+# unless asked: the 100K and 250K rows trained before bf16 became the CPU default), a resumed run's its own
 QAT_ARGS = ["--seq-len", "256", "--batch-size", "4", "--heldout-sequences", "16", "--quiet"]
 # a held-out point and a checkpoint every 10 steps up to 250K tokens; at 1M every 25 and 50 (a checkpoint holds 1.6 GB
 # of optimizer state: every 10 steps would add about 25 minutes to a 1M run)
@@ -134,15 +135,22 @@ class Bench:
         start = self.models / self.args.qat_from
         used = start_tokens(start)
         tokens = BUDGETS[self.args.budget] - used
+        checkpoints = self.models / f"{rid}-checkpoints"
+        resuming = (checkpoints / "latest").is_file()
+        precision = saved_precision(checkpoints) if resuming else None
+        if precision and self.args.precision and self.args.precision != precision:
+            raise RuntimeError(f"{rid}: --precision {self.args.precision}, but its run under way trains in {precision} "
+                               f"(drop --precision to resume it, or delete {checkpoints} to start over)")
+        precision = precision or self.args.precision or "fp32"
         command = ["bitconvert", "finetune", str(start), "--out", out, "--max-tokens", str(tokens), *QAT_ARGS,
-                   "--precision", self.args.precision]
+                   "--precision", precision]
         eval_every, save_every = EVAL_SAVE_EVERY[self.args.budget]
         command += ["--eval-every", str(eval_every), "--save-every", str(save_every)]
         if not row.distill:
             command.append("--no-distill")
         elif self.args.teacher:
             command += ["--teacher", self.args.teacher]
-        if (self.models / f"{rid}-checkpoints" / "latest").is_file():
+        if resuming:
             command.append("--resume")
         return command, tokens
 
@@ -155,21 +163,23 @@ class Bench:
                                f"(run --rows {self.args.qat_from} first, or pick --qat-from)")
         command, tokens = self.model_command(row, rid)
         folder = self.models / rid
+        resumed = "--resume" in command
         if (folder / "bitconvert.json").is_file():  # built earlier (e.g. by hand, with the same command): adopt it
             print(f"{rid} model: adopting the existing {folder}", flush=True)
-            log = training_log(self.models, rid)
-            seconds = (sum(r["seconds"] for r in log if r.get("kind") == "train") if row.budgeted
+            seconds = (step_seconds(training_log(self.models, rid)) if row.budgeted
                        else json.loads((folder / "bitconvert.json").read_text()).get("seconds", 0.0))
-            command = [word for word in command if word != "--resume"]
         else:
             seconds = self.run(rid, "model", command)
         if not row.budgeted:  # a conversion row: the calibration tokens it used, if any
             tokens = start_tokens(folder)
+        command = [word for word in command if word != "--resume"]
         record["model"] = {"command": shlex.join(command), "tokens": tokens, "seconds": round(seconds, 1),
                            "start": self.args.qat_from if row.budgeted else None,
                            "start_tokens": start_tokens(self.models / self.args.qat_from) if row.budgeted else 0}
         if row.budgeted:
             record["curve"] = heldout_curve(self.models, rid)
+            record["model"]["step_seconds"] = round(step_seconds(training_log(self.models, rid)), 1)
+            record["model"]["resumed"] = resumed  # then "seconds" is the last invocation's wall alone
 
     def stage_ppl(self, row: Row, rid: str, record: dict) -> None:
         result = self.out_dir / "logs" / f"{rid}-ppl.json"
@@ -238,6 +248,25 @@ def training_log(models: Path, rid: str) -> list[dict]:
     return []
 
 
+def saved_precision(checkpoints: Path) -> str:
+    """The precision a QAT run under way trains in, from the DeepSpeed config saved beside its checkpoints."""
+    from bitconvert.finetune.precision import bf16_section
+
+    config = json.loads((checkpoints / "ds_config.json").read_text())
+    section = bf16_section(config)
+    return "bf16" if section is not None and section.get("enabled") is True else "fp32"
+
+
+def step_seconds(log: list[dict]) -> float:
+    """The training steps' time in a QAT row's log: the sum of their ``seconds``, a step over 10x the median step
+    counted at the median (its process was stopped: SIGSTOP while the CPU served a benchmark, or a suspended VM)."""
+    times = [r["seconds"] for r in log if r.get("kind") == "train"]
+    if not times:
+        return 0.0
+    median = statistics.median(times)
+    return sum(t if t <= 10 * median else median for t in times)
+
+
 def heldout_curve(models: Path, rid: str) -> list[list[float]]:
     """A QAT row's held-out curve from its training log: ``[[tokens, heldout_ppl], ...]``."""
     return [[r["tokens"], r["heldout_ppl"]] for r in training_log(models, rid) if r.get("kind") == "eval"]
@@ -276,6 +305,8 @@ def write_doc(results_dir: Path, models: Path, doc: Path, source: str, notes: Pa
         model = record.get("model")
         tokens = f"{model['tokens'] + model.get('start_tokens', 0):,}" if model else "not run"
         wall = f"{model['seconds'] / 60:.1f} min" if model and model["seconds"] else ("–" if model else "not run")
+        if model and model.get("resumed"):  # the wall of its sessions is not known: the training steps' time
+            wall = f"{model['step_seconds'] / 60:.1f} min of training steps (resumed)"
         cells = [label, ppl, cell(ev.get("arc_easy"), "acc"), cell(ev.get("arc_easy"), "acc_norm"),
                  cell(ev.get("piqa"), "acc"), cell(ev.get("piqa"), "acc_norm"),
                  cell(full.get("arc_challenge"), "acc"), cell(full.get("arc_challenge"), "acc_norm"),
@@ -347,8 +378,9 @@ def main() -> int:
     parser.add_argument("--qat-from", default="reconstruct", help="row whose folder the QAT rows start from")
     parser.add_argument("--teacher", help="teacher of the distillation row (default: the start folder's recorded "
                         "source); the same weights saved as a safetensors folder load much faster than a GGUF")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="training precision of the QAT rows (default fp32, as the 100K and 250K rows ran)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="training precision of a new QAT row (default fp32, as the 100K and 250K rows ran); a "
+                        "row whose run is under way resumes in its own")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--out-dir", default=str(REPO / "bench-out" / "quality"), help="logs (and models) go here")
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results" / "quality"),
