@@ -159,8 +159,7 @@ class Bench:
             record["model"] = {"command": None, "tokens": 0, "seconds": 0.0}
             return
         if row.budgeted and not (self.models / self.args.qat_from).is_dir():
-            raise RuntimeError(f"{rid}: its start '{self.models / self.args.qat_from}' is not built yet "
-                               f"(run --rows {self.args.qat_from} first, or pick --qat-from)")
+            self.build_start(rid)
         command, tokens = self.model_command(row, rid)
         folder = self.models / rid
         resumed = "--resume" in command
@@ -180,6 +179,17 @@ class Bench:
             record["curve"] = heldout_curve(self.models, rid)
             record["model"]["step_seconds"] = round(step_seconds(training_log(self.models, rid)), 1)
             record["model"]["resumed"] = resumed  # then "seconds" is the last invocation's wall alone
+
+    def build_start(self, rid: str) -> None:
+        """Convert a QAT row's missing start folder (folders live in OUT_DIR, which a new machine lacks) with the start
+        row's command. The start row's record, and so its table row, keeps the measurement of the machine that made
+        it: a start rebuilt on another machine can measure differently (quality_notes.md)."""
+        start = BY_KEY.get(self.args.qat_from)
+        if start is None or start.convert_args is None:
+            raise RuntimeError(f"{rid}: its start '{self.models / self.args.qat_from}' is not built yet "
+                               f"(build it, or pick a conversion row with --qat-from)")
+        print(f"{rid}: building its start, the {start.key} row's folder (its record stays as it is)", flush=True)
+        self.run(rid, "start", self.model_command(start, start.key)[0])
 
     def stage_ppl(self, row: Row, rid: str, record: dict) -> None:
         result = self.out_dir / "logs" / f"{rid}-ppl.json"
