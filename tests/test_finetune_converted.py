@@ -90,7 +90,7 @@ def test_warmups_fit_the_run():
 
 
 def test_default_learning_rate_depends_on_the_start():
-    assert resolve_lr(None, student_is_ternary=True) == DEFAULT_LR_CONVERTED == 1e-3
+    assert resolve_lr(None, student_is_ternary=True) == DEFAULT_LR_CONVERTED == 3e-3
     assert resolve_lr(None, student_is_ternary=False) == DEFAULT_LR_FULL_PRECISION == 3e-4
     assert resolve_lr(2e-4, student_is_ternary=True) == 2e-4  # a given rate is kept
 

@@ -66,8 +66,8 @@ def register(subparsers) -> None:
                         help="add BETA x mean over layers of 1 - cos(student, teacher hidden state) (default 0)")
     optim = parser.add_argument_group("optimization (flags fill a DeepSpeed config's \"auto\" values)")
     optim.add_argument("--lr", type=float, default=None,
-                       help="peak learning rate (default: 1e-3 from a converted folder, 3e-4 from a full-precision "
-                            "model; measured in docs/quality.md)")
+                       help="peak learning rate (default: 3e-3 from a converted folder, 3e-4 from a full-precision "
+                            "model; measured in docs/finetune.md)")
     optim.add_argument("--lr-warmup-steps", type=int,
                        help="linear LR warm-up steps (default: 5%% of the run, at least 1, at most 100)")
     optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at lr * this (default 0.1)")
