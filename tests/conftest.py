@@ -42,3 +42,11 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "train.txt"
     path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)))
     return path
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory) -> Path:
+    """Byte-level calibration text for the tiny models: 1,600 tokens, enough for three 512-token sequences."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog while the cat sleeps.\n" * 25)
+    return path

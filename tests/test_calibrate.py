@@ -2,7 +2,6 @@
 block reconstruction, the layer-by-layer runner, the CLI and its bad inputs, and loading of the output."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from bitconvert.bitlinear import fake_quantize_activations
 from bitconvert.cli import main
 from bitconvert.convert import CalibrationConfig, ConvertOptions, convert
 from bitconvert.convert.calib_data import calibration_tokens
+from bitconvert.convert.device import resolve_device
 from bitconvert.convert.equalize import (
     LayerActivations,
     equalize_layer,
@@ -30,21 +30,12 @@ from bitconvert.load import load
 from tiny import make_tiny_llama, tiny_config
 
 IDS = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10, 65, 66]])
-# Byte-level text for the tiny models: 1,600 tokens, enough for three 512-token sequences.
-TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps.\n" * 25
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(arg) for arg in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def _model(seed=0, **overrides) -> LlamaForCausalLM:
@@ -233,7 +224,8 @@ def test_calibrated_output_loads_in_stock_transformers_like_bitconvert_load(cali
 def test_calibrated_report_records_choices_and_improvements(calibrated):
     report = json.loads((calibrated / "bitconvert.json").read_text())
     assert report["options"]["calibration"]["gptq"] is True and report["options"]["calibration"]["tokens"] == 1024
-    assert report["calibration"]["tokens"] == 1024 and report["calibration"]["device"] == "cpu"
+    assert report["calibration"]["tokens"] == 1024
+    assert report["calibration"]["device"] == str(resolve_device("auto"))  # the default: CUDA where present
     layers = report["calibration"]["layers"]
     assert len(layers) == 2
     for layer in layers:
@@ -283,7 +275,7 @@ def test_tied_embeddings_stay_tied_and_unchanged(calib_text, tmp_path, capsys):
 # --- bad input --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing", "empty", "short", "zero_tokens", "no_calibrate", "cuda"])
-def test_bad_calibration_input_is_one_line_and_no_output(case, tiny_llama, tmp_path, capsys):
+def test_bad_calibration_input_is_one_line_and_no_output(case, tiny_llama, calib_text, tmp_path, capsys):
     data = tmp_path / "calib.txt"
     extra = []
     if case == "empty":
@@ -291,7 +283,7 @@ def test_bad_calibration_input_is_one_line_and_no_output(case, tiny_llama, tmp_p
     elif case == "short":
         data.write_text("only a few bytes")
     else:
-        data.write_text(TEXT)
+        data.write_text(calib_text.read_text())
     if case == "missing":
         data = tmp_path / "nowhere.txt"
     argv = [tiny_llama, "--out", tmp_path / "out", "--calibrate", "--calib-data", data, "--quiet"]

@@ -76,6 +76,24 @@ def test_distillation_kl_is_zero_for_the_teacher_and_positive_otherwise():
     assert distillation_kl(torch.randn(2, 5, 11), teacher, 5.0).item() > 0
 
 
+def test_generated_optimizer_is_torch_adamw_fused_on_cuda():
+    """No DeepSpeed op to JIT-compile on either device: torch's AdamW, as one fused kernel on CUDA."""
+    hp = ds.TrainingHyperparameters(4, 2, 1e-3, 0.1, 5, 0.01, 0.5, "adamw", 50)
+    cpu = ds.resolve_config(None, hp, world_size=1, cuda=False)["optimizer"]["params"]
+    cuda = ds.resolve_config(None, hp, world_size=1, cuda=True)["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and "fused" not in cpu
+    assert cuda["torch_adam"] is True and cuda["fused"] is True
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    hp = ds.TrainingHyperparameters(4, 2, 1e-3, 0.1, 5, 0.01, 0.5, "adamw", 50)
+    with pytest.raises(BitconvertError, match="process 1 of this launch has no GPU"):
+        ds.initialize(torch.nn.Linear(2, 2), {}, hp, "generated")
+
+
 def test_user_config_auto_values_are_filled_and_unsupported_settings_refused():
     hp = ds.TrainingHyperparameters(4, 2, 1e-3, 0.1, 5, 0.01, 0.5, "adamw", 50)
     user = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2},
@@ -271,6 +289,8 @@ def test_two_processes_with_zero2(tiny_src, text_file, tmp_path):
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if torch.cuda.device_count() < 2:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # two processes need two GPUs; on fewer, both train on the CPU (gloo)
     with socket.socket() as probe:  # torchrun hangs with --master_port 0; give it a free port
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])

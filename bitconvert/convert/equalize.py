@@ -119,7 +119,7 @@ def _best_alpha(stats: torch.Tensor, error: Callable[[torch.Tensor], float]) -> 
     errors = {}
     best = (float("inf"), 0.0, None)
     for alpha in ALPHAS:
-        c = awq_factor(stats, alpha) if alpha else torch.ones(stats.shape[1])
+        c = awq_factor(stats, alpha) if alpha else torch.ones(stats.shape[1], device=stats.device)
         value = error(c)
         errors[alpha] = value
         if value < best[0]:

@@ -120,7 +120,7 @@ class OutputError:
         """``(a*, E)`` for ``codes``; all-zero codes give ``a = 1e-5`` and ``E = tr(W H W^T)``."""
         cross, power = self._traces(codes)
         if power <= 0 or cross <= 0:
-            return torch.tensor(EPS), self.base.item()
+            return torch.tensor(EPS, device=cross.device), self.base.item()
         scale = (cross / power).float().clamp(min=EPS)
         return scale, (self.base - 2 * scale.double() * cross + scale.double() ** 2 * power).item()
 

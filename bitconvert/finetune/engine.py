@@ -120,9 +120,12 @@ def resolve_config(user_config: dict | None, hp: TrainingHyperparameters, *, wor
         _fill(params, "betas", list(ADAM_BETAS))
         _fill(params, "eps", ADAM_EPS)
     elif hp.optim == "adamw":
-        params = {"lr": hp.lr, "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "weight_decay": hp.weight_decay}
-        if not cuda:
-            params["torch_adam"] = True  # torch's AdamW: no op to JIT-compile on CPU
+        # torch's AdamW, fused into one kernel on CUDA, rather than DeepSpeed's FusedAdam: nothing to JIT-compile
+        # (FusedAdam needs nvcc at run time, and DeepSpeed 0.19.8 cannot parse a TORCH_CUDA_ARCH_LIST such as "9.0a").
+        params = {"lr": hp.lr, "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "weight_decay": hp.weight_decay,
+                  "torch_adam": True}
+        if cuda:
+            params["fused"] = True
         config["optimizer"] = {"type": "AdamW", "params": params}
     if "scheduler" in config:
         params = config["scheduler"].setdefault("params", {})
@@ -164,10 +167,15 @@ def initialize(model: torch.nn.Module, config: dict, hp: TrainingHyperparameters
     import deepspeed
 
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
+        if device.index >= torch.cuda.device_count():
+            raise BitconvertError(
+                f"process {device.index} of this launch has no GPU (torch sees {torch.cuda.device_count()}); "
+                "launch one process per GPU, or set CUDA_VISIBLE_DEVICES= to train on the CPU"
+            )
         torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     groups = parameter_groups(model, hp.weight_decay)
     optimizer = adamw8bit(groups, hp, device) if "optimizer" not in config else None
     scheduler = None

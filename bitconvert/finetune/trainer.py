@@ -155,8 +155,10 @@ def _check_save_dir(opts: FinetuneOptions) -> None:
                               f"or remove it")
 
 
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+def _all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    """``values`` reduced over the processes, through a float64 tensor on ``device`` (NCCL reduces CUDA tensors
+    only; gloo, CPU ones)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
@@ -172,7 +174,7 @@ def heldout_loss(model, sequences: list[torch.Tensor], device, rank: int, world:
         nll += cross_entropy(model(ids).logits, ids).item() * ids.shape[0] * (ids.shape[1] - 1)
         count += ids.shape[0] * (ids.shape[1] - 1)
     model.train()
-    nll, count = _all_reduce([nll, count])
+    nll, count = _all_reduce([nll, count], device)
     return nll / count
 
 
@@ -197,7 +199,7 @@ def train_step(engine, teacher, data, accum: int, world: int, device, opts: Fine
             if hidden_states:
                 hidden = hidden_cosine(output.hidden_states, target.hidden_states)
             loss = (1 - opts.distill_alpha) * ce + opts.distill_alpha * kl + opts.distill_hidden * hidden
-        values = _all_reduce([loss.item(), ce.item(), kl.item(), hidden.item()])
+        values = _all_reduce([loss.item(), ce.item(), kl.item(), hidden.item()], device)
         if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(values[0])
         engine.backward(loss)
@@ -316,7 +318,7 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
             if step % opts.save_every == 0 or step == total_steps:
                 _save(engine, opts, step, rank)
                 last_saved = step
-            if _all_reduce([float(stop.requested)], dist.ReduceOp.MAX)[0]:
+            if _all_reduce([float(stop.requested)], device, dist.ReduceOp.MAX)[0]:
                 stopped = "interrupted"
                 break
     bar.close()
