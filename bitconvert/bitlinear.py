@@ -307,7 +307,8 @@ class PackedBitLinear(nn.Module):
         if module.sub_norm is not None:
             packed.sub_norm.load_state_dict(module.sub_norm.state_dict())
             packed.sub_norm.to(module.sub_norm.weight.dtype)
-        get_backend().prepare(packed)
+        if packed.weight.device.type == "cpu":  # the kernels' layout is CPU code; elsewhere forward() uses torch ops
+            get_backend().prepare(packed)
         return packed
 
     def ternary(self) -> torch.Tensor:

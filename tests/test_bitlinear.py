@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+import bitconvert.bitlinear as bitlinear
 from bitconvert import BitLinear, PackedBitLinear, TernaryConfig, pack_, quantize_, set_quant_lambda
 from bitconvert.packing import pack_ternary
 from bitconvert.bitlinear import (
@@ -51,6 +52,14 @@ def test_activation_quantization_by_hand():
     assert scale.item() == pytest.approx(127 / 2.0)
     # X * 63.5 = [63.5, -31.75, 15.875, 127]: 63.5 rounds half to even -> 64
     assert x_q.tolist() == [[64, -32, 16, 127]]
+
+
+def test_freezing_off_the_cpu_leaves_the_kernel_layout_alone(monkeypatch):
+    """A layer trained on a GPU is frozen where it lives (finetune's export): the CPU kernels' repacking must not
+    run there. Packed codes on the meta device stand in for CUDA: like it, no bitconvert kernel is registered for it."""
+    monkeypatch.setattr(bitlinear, "pack_ternary", lambda codes: pack_ternary(codes).to("meta"))
+    packed = PackedBitLinear.from_bitlinear(_bitlinear(W))
+    assert packed.weight.device.type == "meta" and not hasattr(packed, "kernel_weight")
 
 
 def test_packed_forward_by_hand():

@@ -15,6 +15,7 @@ from bitconvert.convert.calib_data import calibration_tokens
 from bitconvert.convert.device import resolve_device
 from bitconvert.convert.equalize import (
     LayerActivations,
+    _best_alpha,
     equalize_layer,
     scale_attention_inputs,
     scale_mlp_inputs,
@@ -169,6 +170,19 @@ def test_scale_search_by_hand_prefers_dropping_an_outlier():
     fit = search_scale(OutputError(weight, h))
     assert fit.codes.tolist() == [[1, 0, 0, 0]] and fit.scale.item() == pytest.approx(4.0)
     assert fit.error == pytest.approx(3.0)
+
+
+def test_equalization_factors_live_on_their_activations_device():
+    """Every candidate factor, alpha = 0's identity included, is made where the activations are (the identity was
+    made on the CPU, which stopped every calibration on CUDA in layer 0). The meta device stands in for CUDA."""
+    devices = []
+
+    def error(c: torch.Tensor) -> float:
+        devices.append(c.device.type)
+        return 0.0
+
+    _best_alpha(torch.randn(8, 4, device="meta"), error)
+    assert devices and set(devices) == {"meta"}
 
 
 # --- error compensation -----------------------------------------------------------------------------------------

@@ -162,20 +162,27 @@ def adamw8bit(groups: list[dict], hp: TrainingHyperparameters, device: torch.dev
     return bnb.optim.AdamW8bit(groups, lr=hp.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=hp.weight_decay)
 
 
+def training_device() -> torch.device:
+    """This process's device: GPU ``LOCAL_RANK`` where torch sees CUDA (made current), else the CPU; a process
+    without a GPU of its own is a one-line error."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.index >= torch.cuda.device_count():
+        raise BitconvertError(
+            f"process {device.index} of this launch has no GPU (torch sees {torch.cuda.device_count()}); "
+            "launch one process per GPU, or set CUDA_VISIBLE_DEVICES= to train on the CPU"
+        )
+    torch.cuda.set_device(device)
+    return device
+
+
 def initialize(model: torch.nn.Module, config: dict, hp: TrainingHyperparameters, path: str):
     """``deepspeed.initialize`` with bitconvert's parameter groups; config errors become one line."""
+    device = training_device()
     import deepspeed
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        if device.index >= torch.cuda.device_count():
-            raise BitconvertError(
-                f"process {device.index} of this launch has no GPU (torch sees {torch.cuda.device_count()}); "
-                "launch one process per GPU, or set CUDA_VISIBLE_DEVICES= to train on the CPU"
-            )
-        torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     groups = parameter_groups(model, hp.weight_decay)
     optimizer = adamw8bit(groups, hp, device) if "optimizer" not in config else None
     scheduler = None
