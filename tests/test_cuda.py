@@ -18,6 +18,7 @@ from bitconvert.finetune import FinetuneOptions, finetune
 from bitconvert.finetune.runlog import read_log
 from bitconvert.load import load
 from bitconvert.packing import unpack_ternary
+from tiny import SAMPLE_IDS, assert_stock_transformers_matches_bitconvert_load
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -50,11 +51,6 @@ def _codes(folder) -> dict[str, torch.Tensor]:
     return {name: unpack_ternary(tensors[name], rows) for name, rows in shapes.items()}
 
 
-def _calibration_logits(model_folder, source, calib_text) -> torch.Tensor:
-    ids = calibration_tokens(str(calib_text), AutoTokenizer.from_pretrained(source), 1024, 512)
-    model = load(model_folder) if model_folder != source else LlamaForCausalLM.from_pretrained(source).eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def test_the_report_names_the_device(runs):
@@ -98,21 +94,18 @@ def test_cuda_conversion_is_as_close_to_full_precision_as_the_cpu_one(runs, tiny
     conversion): the CUDA output must be as good as the CPU output, within the spread two devices' rounding gives
     (the GPTQ runs differ in 12% of their codes; the reconstruction runs by their training trajectories). Measured
     on the H200, GPTQ run: MSE 2.71e-4 on CUDA, 2.81e-4 on the CPU, 5.01e-3 for direct conversion."""
-    reference = _calibration_logits(tiny_llama, tiny_llama, calib_text)
-    mse = {name: (_calibration_logits(folder, tiny_llama, calib_text) - reference).pow(2).mean().item()
-           for name, folder in (("direct", tiny_ternary), ("cpu", runs["cpu"]), ("cuda", runs["cuda"]))}
+    ids = calibration_tokens(str(calib_text), AutoTokenizer.from_pretrained(tiny_llama), 1024, 512)
+    with torch.no_grad():
+        reference = LlamaForCausalLM.from_pretrained(tiny_llama).eval()(ids).logits
+        mse = {name: (load(folder)(ids).logits - reference).pow(2).mean().item()
+               for name, folder in (("direct", tiny_ternary), ("cpu", runs["cpu"]), ("cuda", runs["cuda"]))}
     print(f"\nlogit MSE to full precision on the calibration text: {mse}")
     assert mse["cuda"] < 0.5 * mse["direct"]
     assert mse["cuda"] < 1.5 * mse["cpu"]
 
 
 def test_cuda_output_loads_in_stock_transformers_like_bitconvert_load(runs):
-    ids = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10, 65, 66]])
-    with torch.no_grad():
-        stock = AutoModelForCausalLM.from_pretrained(runs["cuda"]).eval()(ids).logits
-        ours = load(runs["cuda"])(ids).logits
-    # The bound and its reason as in test_calibrate.py's CPU test of the same property.
-    assert (stock - ours).abs().max().item() < 0.03 * stock.std().item()
+    assert_stock_transformers_matches_bitconvert_load(runs["cuda"])
 
 
 def test_distillation_trains_on_cuda_and_writes_a_loadable_model(tiny_llama, text_file, tmp_path):
@@ -126,7 +119,6 @@ def test_distillation_trains_on_cuda_and_writes_a_loadable_model(tiny_llama, tex
     assert result.steps == 6 and not result.stopped
     train = [r for r in read_log(tmp_path / "distilled-checkpoints" / "log.jsonl") if r["kind"] == "train"]
     assert len(train) == 6 and all(math.isfinite(r["loss"]) for r in train) and train[0]["kl"] > 0
-    ids = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119]])
     with torch.no_grad():
-        stock = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        stock = AutoModelForCausalLM.from_pretrained(out).eval()(SAMPLE_IDS).logits
     assert torch.isfinite(stock).all()
