@@ -35,7 +35,7 @@ from bitconvert.kernels.decode import Decoder
 from bitconvert.kernels.lm_head import QuantizedLmHead
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import memory_read_bandwidth  # noqa: E402
+from ternary_products import memory_read_bandwidth  # noqa: E402
 
 
 def prompt_ids(vocab_size: int, count: int) -> list[int]:

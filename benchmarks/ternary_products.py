@@ -1,6 +1,7 @@
 """Benchmark the ternary kernels against torch fp32/bf16, transformers' BitNet path and (optionally) llama.cpp TQ2_0.
 
-    PYTHONPATH=. python benchmarks/kernels.py [--json bench-out/kernels.json] [--threads N] [--repeats R]
+    PYTHONPATH=. python benchmarks/ternary_products.py [--json bench-out/kernels.json] [--threads N] [--repeats R]
+        [--models smollm2-135m] [--batches 8,32,128,512]
 
 Every SIMD path runs in every weight layout it computes on (``kernel_avx512`` is the 2-bit layout,
 ``kernel_avx512-base3`` the 1.67-bit one: ``bitconvert/kernels/csrc/ternary_core.h``).
@@ -105,7 +106,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--isas", default=None, help="comma-separated paths (default: every SIMD path this CPU has)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' torch.compile'd path")
+    parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated shape sets (default: all)")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated token counts")
     args = parser.parse_args()
+    unknown = sorted(set(args.models.split(",")) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown shape set {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+    batches = [int(batch) for batch in args.batches.split(",")]
     llama_cpp_binary = test_backend_ops(os.environ["LLAMA_CPP_DIR"]) if os.environ.get("LLAMA_CPP_DIR") else None
     torch.set_num_threads(args.threads)
     isas = args.isas.split(",") if args.isas else [name for name in kernels.supported_isas() if name != "scalar"]
@@ -119,8 +126,8 @@ def main() -> None:
     bandwidth = memory_read_bandwidth(args.repeats)
     print(f"memory read bandwidth (> 1 GiB working set, {args.threads} threads): {bandwidth / 1e9:.1f} GB/s")
     rows = []
-    for model, shapes in SHAPES.items():
-        for out_features, in_features in shapes:
+    for model in args.models.split(","):
+        for out_features, in_features in SHAPES[model]:
             ternary = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
             packed = pack_ternary(ternary)
             weights = {layout: kernels.repack(packed, out_features, layout) for _, layout in paths.values()}
@@ -128,7 +135,7 @@ def main() -> None:
             dense = ternary.float()
             dense_bf16 = dense.bfloat16()
             hf = None if args.no_transformers else transformers_bitlinear(out_features, in_features, packed)
-            for batch in BATCHES:
+            for batch in batches:
                 x = torch.randn(batch, in_features)
                 x_bf16 = x.bfloat16()
                 timings = {
