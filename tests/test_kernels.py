@@ -184,6 +184,25 @@ def test_rounding_ties_and_tiny_rows(isa, layout):
     assert torch.equal(y, exact_product(x_q, ternary).float() / weight_scale / scale)
 
 
+@pytest.mark.parametrize("isa,layout", path_params())
+def test_quantization_loops_on_vector_tails_and_token_threads(isa, layout):
+    """Each path's quantization loop (AVX2: 8 values per step, AVX-512: 16, base3's permutation: 48) on rows that end
+    one short of and one past those steps, with ties at .5, on batches large enough to quantize on two threads."""
+    index, layout_index = require_path(isa, layout)
+    generator = torch.Generator().manual_seed(2)
+    for in_features in (7, 9, 15, 17, 47, 49, 95, 577):
+        ternary = torch.randint(-1, 2, (21, in_features), generator=generator, dtype=torch.int8)
+        weight = kernels.repack(pack_ternary(ternary), 21, layout_index)
+        x = torch.randint(-254, 255, (300, in_features), generator=generator).float() / 2
+        x[::2, -1] = 127.0  # scale 1 on every other token: its halves are ties
+        x[1::4] *= torch.rand(75, in_features, generator=generator) * 1e3
+        x_q, scale = quantize_activations(x)
+        weight_scale = torch.tensor([0.75])
+        for threads in (1, 2):
+            y = kernels.linear(x, weight, 21, weight_scale, index, threads, layout_index)
+            assert torch.equal(y, exact_product(x_q, ternary).float() / weight_scale / scale), (in_features, threads)
+
+
 def test_rejects_rows_longer_than_exact_int32_allows():
     for layout, weight in enumerate(repacked(torch.ones(1, MAX_IN_FEATURES + 1, dtype=torch.int8)).values()):
         with pytest.raises(RuntimeError, match="in_features exceeds"):

@@ -410,25 +410,157 @@ int check(int &isa, int layout, int64_t n, int64_t out_features, int64_t in_feat
     return BC_OK;
 }
 
+// dst (ldx) = the zero-padded int8 row src (ldx values) permuted as base3 reads it: within each 12-column block,
+// byte 4*j + g = column 3g + j.
+void permute_base3(const int8_t *src, int64_t ldx, int8_t *dst) {
+    for (int64_t block = 0; block < ldx; block += kBlockCols)
+        for (int j = 0; j < kDigits; ++j)
+            for (int g = 0; g < kGroups; ++g) dst[block + kGroups * j + g] = src[block + kDigits * g + j];
+}
+
 // Writes the int8 activation row src (in_features values) as the kernels read it, dst (ldx values): zero padded,
-// and for base3 permuted within each 12-column block (byte 4*j + g = column 3g + j); returns the sum of its values.
+// and for base3 permuted (permute_base3); returns the sum of its values. aside: ldx bytes of scratch for base3.
 // For 2bit, dst may be src (the row is then only padded).
-int32_t layout_row(const int8_t *src, int64_t in_features, int layout, int8_t *dst) {
+int32_t layout_row(const int8_t *src, int64_t in_features, int layout, int8_t *dst, int8_t *aside) {
     const int64_t ldx = bc_padded_in(in_features, layout);
     int32_t sum = 0;
     for (int64_t k = 0; k < in_features; ++k) sum += src[k];
-    if (layout == BC_LAYOUT_2BIT) {
-        if (dst != src) std::memcpy(dst, src, size_t(in_features));
-        std::memset(dst + in_features, 0, size_t(ldx - in_features));
+    int8_t *row = layout == BC_LAYOUT_2BIT ? dst : aside;
+    if (row != src) std::memcpy(row, src, size_t(in_features));
+    std::memset(row + in_features, 0, size_t(ldx - in_features));
+    if (layout != BC_LAYOUT_2BIT) permute_base3(aside, ldx, dst);
+    return sum;
+}
+
+// ---- activation quantization (bc_quantize_activations' math), one token at a time: the scalar reference and AVX2 /
+// AVX-512 loops that equal it bit for bit. The max of |x| is exact in any order; x * s is one fp32 multiply per value
+// (no contraction); clamping to [-128, 127] before rounding gives what rounding then clamping gives (the bounds are
+// integers); the conversion rounds in the current rounding mode, as nearbyint does (half to even by default). NaN
+// values are skipped by the max, as std::max(amax, NaN) skips them.
+// A path's row(x, in_features, layout, dst, aside, &s) writes the token's codes as the kernels read them (dst, ldx
+// values; layout_row's order) and its scale s, and returns the sum of the codes; aside: ldx bytes of scratch.
+using QuantizeRowFn = int32_t (*)(const float *x, int64_t in_features, int layout, int8_t *dst, int8_t *aside,
+                                  float *scale);
+
+int32_t quantize_row_scalar(const float *x, int64_t in_features, int layout, int8_t *dst, int8_t *aside,
+                            float *scale) {
+    int8_t *row = layout == BC_LAYOUT_2BIT ? dst : aside;
+    bc_quantize_activations(x, 1, in_features, row, scale);
+    return layout_row(row, in_features, layout, dst, aside);
+}
+
+float absmax_scale(float amax) { return (1.0f / std::max(amax, 1e-5f)) * 127.0f; }
+
+struct QuantizeAvx2 {
+    BC_TARGET_AVX2 static int32_t row(const float *x, int64_t in_features, int layout, int8_t *dst, int8_t *aside,
+                                      float *scale) {
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 largest = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= in_features; k += 8)  // max(|x|, m): m where |x| is NaN
+            largest = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), largest);
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, largest);
+        float amax = 0.0f;
+        for (float lane : lanes) amax = std::max(amax, lane);
+        for (; k < in_features; ++k) amax = std::max(amax, std::fabs(x[k]));
+        const float s = absmax_scale(amax);
+        *scale = s;
+        int8_t *row = layout == BC_LAYOUT_2BIT ? dst : aside;
+        const __m256 factor = _mm256_set1_ps(s), low = _mm256_set1_ps(-128.0f), high = _mm256_set1_ps(127.0f);
+        __m256i total = _mm256_setzero_si256();
+        for (k = 0; k + 8 <= in_features; k += 8) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k), factor);
+            const __m256i codes = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, low), high));
+            total = _mm256_add_epi32(total, codes);
+            const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+            _mm_storel_epi64((__m128i *)(row + k), _mm_packs_epi16(words, words));
+        }
+        alignas(32) int32_t parts[8];
+        _mm256_store_si256((__m256i *)parts, total);
+        int32_t sum = 0;
+        for (int32_t part : parts) sum += part;
+        for (; k < in_features; ++k) {
+            row[k] = int8_t(std::min(std::max(std::nearbyint(x[k] * s), -128.0f), 127.0f));
+            sum += row[k];
+        }
+        const int64_t ldx = bc_padded_in(in_features, layout);
+        std::memset(row + in_features, 0, size_t(ldx - in_features));
+        if (layout != BC_LAYOUT_2BIT) permute_base3(aside, ldx, dst);
         return sum;
     }
-    for (int64_t block = 0; block < ldx; block += kBlockCols)
-        for (int j = 0; j < kDigits; ++j)
-            for (int g = 0; g < kGroups; ++g) {
-                const int64_t k = block + kDigits * g + j;
-                dst[block + kGroups * j + g] = k < in_features ? src[k] : 0;
-            }
-    return sum;
+};
+
+struct QuantizeAvx512 {
+    BC_TARGET_AVX512 static int32_t row(const float *x, int64_t in_features, int layout, int8_t *dst, int8_t *aside,
+                                        float *scale) {
+        __m512 largest = _mm512_setzero_ps();
+        for (int64_t k = 0; k < in_features; k += 16)  // masked-off lanes load 0; max(|x|, m): m where |x| is NaN
+            largest = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(valid(in_features - k), x + k)), largest);
+        const float s = absmax_scale(_mm512_reduce_max_ps(largest));
+        *scale = s;
+        int8_t *row = layout == BC_LAYOUT_2BIT ? dst : aside;
+        const __m512 factor = _mm512_set1_ps(s), low = _mm512_set1_ps(-128.0f), high = _mm512_set1_ps(127.0f);
+        __m512i total = _mm512_setzero_si512();
+        for (int64_t k = 0; k < in_features; k += 16) {
+            const __mmask16 mask = valid(in_features - k);
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k), factor);
+            const __m512i codes = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, low), high));
+            total = _mm512_add_epi32(total, codes);  // masked-off lanes hold 0
+            _mm512_mask_cvtepi32_storeu_epi8(row + k, mask, codes);
+        }
+        const int64_t ldx = bc_padded_in(in_features, layout);
+        std::memset(row + in_features, 0, size_t(ldx - in_features));
+        if (layout != BC_LAYOUT_2BIT) {
+            __builtin_cpu_init();
+            if (__builtin_cpu_supports("avx512vbmi"))
+                permute_base3_vbmi(aside, ldx, dst);
+            else
+                permute_base3(aside, ldx, dst);
+        }
+        return _mm512_reduce_add_epi32(total);
+    }
+
+    // Lanes 0 .. min(remaining, 16) - 1.
+    static __mmask16 valid(int64_t remaining) {
+        return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1);
+    }
+
+    // permute_base3 four 12-column blocks (48 bytes) per vpermb; ldx is a multiple of 24.
+    BC_TARGET_AVX512VBMI static void permute_base3_vbmi(const int8_t *src, int64_t ldx, int8_t *dst) {
+        alignas(64) static const uint8_t kOrder[64] = {
+            0,  3,  6,  9,  1,  4,  7,  10, 2,  5,  8,  11,  // byte 4j + g of a block <- column 3g + j
+            12, 15, 18, 21, 13, 16, 19, 22, 14, 17, 20, 23, 24, 27, 30, 33, 25, 28, 31, 34, 26, 29, 32, 35,
+            36, 39, 42, 45, 37, 40, 43, 46, 38, 41, 44, 47};
+        const __m512i order = _mm512_load_si512(kOrder);
+        for (int64_t k = 0; k < ldx; k += 4 * kBlockCols) {
+            const __mmask64 mask = _cvtu64_mask64(ldx - k >= 4 * kBlockCols ? (uint64_t(1) << 48) - 1
+                                                                              : (uint64_t(1) << (ldx - k)) - 1);
+            _mm512_mask_storeu_epi8(dst + k, mask, _mm512_permutexvar_epi8(order, _mm512_maskz_loadu_epi8(mask, src + k)));
+        }
+    }
+};
+
+// kQuantizeRow[isa]: AVX-VNNI quantizes with the AVX2 loop.
+constexpr QuantizeRowFn kQuantizeRow[BC_ISA_COUNT] = {&quantize_row_scalar, &QuantizeAvx2::row, &QuantizeAvx2::row,
+                                                      &QuantizeAvx512::row};
+
+// Quantization work per activation, in the multiply-adds bc_thread_count weighs a thread against.
+constexpr int64_t kQuantizeCost = 16;
+
+// bc_quantize_padded's outputs for x (n, in_features) with path isa (a supported path), tokens split over threads.
+void quantize_tokens(int isa, const float *x, int64_t n, int64_t in_features, int layout, int8_t *x_q, int32_t *sums,
+                     float *s, int threads) {
+    const int64_t ldx = bc_padded_in(in_features, layout);
+    const QuantizeRowFn row = kQuantizeRow[isa];
+    const int team = bc_thread_count(threads, n, n * in_features * kQuantizeCost);
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+        std::vector<int8_t> aside(layout == BC_LAYOUT_2BIT ? 0 : size_t(ldx));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n; ++t)
+            sums[t] = row(x + t * in_features, in_features, layout, x_q + t * ldx, aside.data(), &s[t]);
+    }
 }
 
 // bc_linear / bc_linear_rows: quantize x per token, then the product scaled by one or per-row weight scales.
@@ -438,7 +570,7 @@ int scaled_linear(const float *x, int64_t n, const uint8_t *weight, int layout, 
     std::vector<int8_t> padded(size_t(n * bc_padded_in(in_features, layout)));
     std::vector<int32_t> sums(static_cast<size_t>(n));
     std::vector<float> scales(static_cast<size_t>(n));
-    bc_quantize_padded(x, n, in_features, layout, padded.data(), sums.data(), scales.data());
+    quantize_tokens(isa, x, n, in_features, layout, padded.data(), sums.data(), scales.data(), threads);
     run(isa, padded.data(), sums.data(), n, weight, layout, out_features, in_features,
         Output{nullptr, y, out_features, scales.data(), weight_scale, row_scales}, threads);
     return BC_OK;
@@ -588,7 +720,9 @@ int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int layou
     const int64_t ldx = bc_padded_in(in_features, layout);
     std::vector<int8_t> padded(size_t(n * ldx));
     std::vector<int32_t> sums(static_cast<size_t>(n));
-    for (int64_t t = 0; t < n; ++t) sums[t] = layout_row(x_q + t * in_features, in_features, layout, &padded[t * ldx]);
+    std::vector<int8_t> aside(static_cast<size_t>(ldx));
+    for (int64_t t = 0; t < n; ++t)
+        sums[t] = layout_row(x_q + t * in_features, in_features, layout, &padded[t * ldx], aside.data());
     run(isa, padded.data(), sums.data(), n, weight, layout, out_features, in_features,
         Output{acc, nullptr, 0, nullptr, 0.0f, nullptr}, threads);
     return BC_OK;
@@ -600,14 +734,8 @@ int64_t bc_padded_in(int64_t in_features, int layout) {
 
 void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layout, int8_t *x_q, int32_t *sums,
                         float *s) {
-    const int64_t ldx = bc_padded_in(in_features, layout);
-    // 2bit quantizes straight into x_q; base3 quantizes a row aside and writes it permuted
-    std::vector<int8_t> aside(layout == BC_LAYOUT_2BIT ? 0 : size_t(in_features));
-    for (int64_t t = 0; t < n; ++t) {
-        int8_t *dst = x_q + t * ldx, *row = aside.empty() ? dst : aside.data();
-        bc_quantize_activations(x + t * in_features, 1, in_features, row, &s[t]);
-        sums[t] = layout_row(row, in_features, layout, dst);
-    }
+    const int isa = bc_default_isa();
+    quantize_tokens(isa >= 0 ? isa : BC_ISA_SCALAR, x, n, in_features, layout, x_q, sums, s, 1);
 }
 
 int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,

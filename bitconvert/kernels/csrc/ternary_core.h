@@ -93,7 +93,9 @@ size_t bc_repacked_bytes(int64_t out_features, int64_t in_features, int layout);
  * code T + 1) into `layout`; dst holds bc_repacked_bytes(out, in, layout) bytes. */
 void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features, int layout, uint8_t *dst);
 
-/* Per-token absmax quantization as described above: x (n, in) fp32 -> x_q (n, in) int8, s (n) fp32. */
+/* Per-token absmax quantization as described above: x (n, in) fp32 -> x_q (n, in) int8, s (n) fp32. The scalar
+ * reference; the products quantize with their path's SIMD loop (AVX2, AVX-512), bit for bit the same, tokens split
+ * over the call's threads. */
 void bc_quantize_activations(const float *x, int64_t n, int64_t in_features, int8_t *x_q, float *s);
 
 /* acc (n, out) int32 = x_q (n, in) @ T^T. threads <= 0: OpenMP's default. Returns a BC_ERR_* code. */
@@ -115,7 +117,8 @@ int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int layout,
  * bc_padded_in: the row stride ldx of the quantized activations, in_features rounded up to a k-block (16; base3:
  *     a pair, 24).
  * bc_quantize_padded: x (n, in) fp32 -> x_q (n, ldx) int8 (zero padded; base3: permuted as the layout states),
- *     sums (n) int32 = per-token sum of x_q, s (n) fp32, the quantization of bc_quantize_activations.
+ *     sums (n) int32 = per-token sum of x_q, s (n) fp32, the quantization of bc_quantize_activations (computed by
+ *     the SIMD loop of BC_ISA_AUTO's path, on the calling thread only).
  * bc_linear_quantized: y[t * ldy + o] = (float)(x_q[t] . T[o]) / weight_scale / s[t] for the out_features rows of
  *     `weight` (which may start at any tile of a larger repacked matrix); bit for bit bc_linear's output. */
 int64_t bc_padded_in(int64_t in_features, int layout);
