@@ -9,7 +9,9 @@ Per folder, three configurations, measured in interleaved rounds (batch 1, greed
   (time of ``generate`` for N + 1 tokens - time for 1) / N;
 - ``lean exact``: ``bitconvert.load(folder)`` (fp32 float parts) run by :class:`bitconvert.kernels.decode.Decoder`,
   the stored float lm_head;
-- ``lean int8``: the same with ``lm_head="int8"``.
+- ``lean int8``: the same with ``lm_head="int8"``;
+- ``lean int8 fp16kv``: the same with an fp16 KV cache (``Decoder(kv_cache="fp16")``; run it with a long
+  ``--prompt-tokens``, where the cache's bytes per token rival the weights').
 Each row also gives the bytes read per decoded token (weights streamed once per token, plus the KV cache at the mean
 decoding position) and what that makes in GB/s, against the memory read bandwidth measured in the same run
 (``torch.sum`` over > 1 GiB). Prints a table and writes JSON. :func:`measure_bitconvert` is the one-call API other
@@ -51,9 +53,10 @@ def kv_cache_bytes(config, prompt_tokens: int, new_tokens: int, value_bytes: int
     return int(2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * mean_position * value_bytes)
 
 
-def bytes_per_token(model, prompt_tokens: int, new_tokens: int) -> int:
+def bytes_per_token(model, prompt_tokens: int, new_tokens: int, kv_value_bytes: int = 4) -> int:
     """Bytes one decoding step reads: every ternary product's repacked weights, the lm_head in its storage type, the
-    norms, and the KV cache (fp32 for the lean decoder, the model dtype for generate) at the mean position."""
+    norms, and the KV cache (``kv_value_bytes`` per value: 4 for the lean decoder's fp32 cache) at the mean
+    position."""
     total = 0
     for module in model.modules():
         if isinstance(module, bitconvert.PackedBitLinear):
@@ -64,7 +67,7 @@ def bytes_per_token(model, prompt_tokens: int, new_tokens: int) -> int:
     else:
         total += head.weight.numel() * head.weight.element_size()
     config = model.config
-    total += kv_cache_bytes(config, prompt_tokens, new_tokens, 4)
+    total += kv_cache_bytes(config, prompt_tokens, new_tokens, kv_value_bytes)
     total += (2 * config.num_hidden_layers + 1) * config.hidden_size * 4
     return total
 
@@ -74,11 +77,16 @@ class Runner:
     time, or in this process's CPU time with ``clock = time.process_time`` (at one thread, the time a quiet machine would
     take: a loaded machine deschedules the process, which wall time counts and CPU time does not)."""
 
-    def __init__(self, folder, runtime: str, max_len: int, **load_options):
+    def __init__(self, folder, runtime: str, max_len: int, kv_cache: str = "fp32", **load_options):
         self.model = bitconvert.load(folder, **load_options)
         self.clock = time.perf_counter
         self.runtime = runtime
-        self.decoder = Decoder(self.model, max_len=max_len) if runtime == "lean" else None
+        self.decoder = Decoder(self.model, max_len=max_len, kv_cache=kv_cache) if runtime == "lean" else None
+
+    def bytes_per_token(self, prompt_tokens: int, new_tokens: int) -> int:
+        """:func:`bytes_per_token` with this runner's KV cache (the lean decoder's dtype; 4 bytes for generate)."""
+        value_bytes = 4 if self.decoder is None else self.decoder.keys.element_size()
+        return bytes_per_token(self.model, prompt_tokens, new_tokens, value_bytes)
 
     def prefill_s(self, ids: list[int]) -> float:
         start = self.clock()
@@ -144,13 +152,14 @@ def kernel_layout(layout: str | None):
 
 
 def measure_bitconvert(folder, threads: int, prompt_tokens: int = 128, new_tokens: int = 64, runtime: str = "lean",
-                       repeats: int = 1, layout: str | None = None, **load_options) -> dict:
+                       repeats: int = 1, layout: str | None = None, kv_cache: str = "fp32", **load_options) -> dict:
     """Decode and prefill speed of a converted ``folder`` through ``bitconvert.load``, batch 1, greedy.
 
     ``threads``: torch's (and the kernels') thread count. ``runtime``: "lean" (:class:`Decoder`, the fastest path) or
     "generate" (transformers' ``generate`` on the loaded model). ``load_options`` go to ``bitconvert.load`` (e.g.
     ``lm_head="exact"``, ``dtype="auto"``); ``lm_head`` defaults to "int8" here, the fastest path. ``layout``: the
-    kernels' weight layout (``"2bit"``, ``"base3"``; None: the default for this CPU). The prompt is ``prompt_tokens``
+    kernels' weight layout (``"2bit"``, ``"base3"``; None: the default for this CPU). ``kv_cache``: the lean decoder's
+    (``"fp32"``, ``"fp16"``). The prompt is ``prompt_tokens``
     fixed random ids; prefill is one forward of it (last position's logits), decoding ``new_tokens`` steps after it;
     the best of ``repeats`` runs is kept.
 
@@ -161,21 +170,22 @@ def measure_bitconvert(folder, threads: int, prompt_tokens: int = 128, new_token
     torch.set_num_threads(threads)
     load_options.setdefault("lm_head", "int8")
     with kernel_layout(layout):
-        runner = Runner(folder, runtime, prompt_tokens + new_tokens + 1, **load_options)
+        runner = Runner(folder, runtime, prompt_tokens + new_tokens + 1, kv_cache, **load_options)
         ids = prompt_ids(runner.model.config.vocab_size, prompt_tokens)
         runs = [measure(runner, ids, new_tokens) for _ in range(repeats)]
     result = {key: max(run[key] for run in runs) for key in runs[0]}
-    result["bytes_per_token"] = bytes_per_token(runner.model, prompt_tokens, new_tokens)
+    result["bytes_per_token"] = runner.bytes_per_token(prompt_tokens, new_tokens)
     result["decode_gb_s"] = result["bytes_per_token"] * result["decode_tok_s"] / 1e9
     result.update(runtime=runtime, threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                  layout=layout or "default", load_options={key: str(value) for key, value in load_options.items()})
+                  layout=layout or "default", kv_cache=kv_cache, load_options={key: str(value) for key, value in load_options.items()})
     return result
 
 
-CONFIGURATIONS = {  # name: (runtime, load options)
+CONFIGURATIONS = {  # name: (runtime, Runner options: the KV cache and bitconvert.load's options)
     "generate (before)": ("generate", {"dtype": "auto"}),
     "lean exact": ("lean", {}),
     "lean int8": ("lean", {"lm_head": "int8"}),
+    "lean int8 fp16kv": ("lean", {"lm_head": "int8", "kv_cache": "fp16"}),
 }
 
 
@@ -211,7 +221,7 @@ def main() -> None:
         base = best[names[0]]["decode_tok_s"]
         for name, runner in runners.items():
             row = {"model": folder.name, "configuration": name, **{k: round(v, 2) for k, v in best[name].items()},
-                   "bytes_per_token": bytes_per_token(runner.model, args.prompt_tokens, args.new_tokens),
+                   "bytes_per_token": runner.bytes_per_token(args.prompt_tokens, args.new_tokens),
                    "memory_gb_s": round(bandwidth, 2)}
             row["decode_gb_s"] = round(row["bytes_per_token"] * row["decode_tok_s"] / 1e9, 2)
             row["fraction_of_bandwidth"] = round(row["decode_gb_s"] / bandwidth, 3)

@@ -31,6 +31,10 @@ def register(subparsers) -> None:
                         "quarter of the fp32 bytes per token), int6 (6.5 bits per weight with its block scales: 19%% "
                         "fewer bytes than int8, slightly less exact), int4 (5 bits per weight: faster, clearly less "
                         "exact) or exact (the stored float weights)")
+    parser.add_argument("--kv-cache", choices=("fp32", "fp16"), default="fp32",
+                        help="converted folders only: the KV cache's type, fp32 (default, exact) or fp16 (half the "
+                        "bytes every decoded token reads, which at long contexts exceed the weights'; each key and "
+                        "value rounded to fp16 once, as llama.cpp's default cache)")
     parser.set_defaults(run=run)
 
 

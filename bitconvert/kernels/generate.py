@@ -30,7 +30,7 @@ def run_folder(args) -> int:
     rng = np.random.default_rng(sampling.seed)
     prefill_s = None
     if supported(model) is None:
-        decoder = Decoder(model, max_len=len(prompt) + args.max_new_tokens)
+        decoder = Decoder(model, max_len=len(prompt) + args.max_new_tokens, kv_cache=args.kv_cache)
         decoder.forward(torch.tensor(prompt[:1]))  # warm-up (first calls, allocator)
         decoder.reset()
         start = time.perf_counter()

@@ -6,13 +6,15 @@
 //     q[h][t]              = qkv_q[t][h] * cos[start + t] + rotate(qkv_q[t][h]) * sin[start + t]    returned (H, T, D)
 //     keys[g][start + t]   = the same for the key heads                                           written in place
 //     values[g][start + t] = qkv_v[t][g]                                                          written in place
-// keys, values: (G, max_len, D). Each element is rounded as torch rounds `x * cos + r * sin` (two products, one
-// sum; the library is built with -ffp-contract=off), so the result equals transformers' apply_rotary_pos_emb bit
-// for bit.
+// keys, values: (G, max_len, D), fp32 or fp16 (a cache of half the bytes; each value rounded to fp16 as `.half()`
+// rounds it). Each element is rounded as torch rounds `x * cos + r * sin` (two products, one sum; the library is
+// built with -ffp-contract=off), so the result equals transformers' apply_rotary_pos_emb bit for bit.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "decode_ops.h"
 
@@ -28,21 +30,39 @@ void rotate(const float *x, const float *cos, const float *sin, int64_t dim, flo
 
 namespace bitconvert {
 
+template <typename Cache>
 void rope_cache_write_token(const float *row, const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
-                            int64_t dim, float *q, int64_t q_head_stride, float *keys, float *values,
+                            int64_t dim, float *q, int64_t q_head_stride, Cache *keys, Cache *values,
                             int64_t cache_head_stride) {
     for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, cos, sin, dim, q + h * q_head_stride);
     for (int64_t g = 0; g < kv_heads; ++g) {
-        rotate(row + (heads + g) * dim, cos, sin, dim, keys + g * cache_head_stride);
-        std::memcpy(values + g * cache_head_stride, row + (heads + kv_heads + g) * dim, size_t(dim) * sizeof(float));
+        Cache *key = keys + g * cache_head_stride, *value = values + g * cache_head_stride;
+        const float *value_in = row + (heads + kv_heads + g) * dim;
+        if constexpr (std::is_same_v<Cache, float>) {
+            rotate(row + (heads + g) * dim, cos, sin, dim, key);
+            std::memcpy(value, value_in, size_t(dim) * sizeof(float));
+        } else {
+            thread_local std::vector<float> rotated;
+            rotated.resize(size_t(dim));
+            rotate(row + (heads + g) * dim, cos, sin, dim, rotated.data());
+            for (int64_t d = 0; d < dim; ++d) {
+                key[d] = Cache(rotated[d]);
+                value[d] = Cache(value_in[d]);
+            }
+        }
     }
 }
 
+template void rope_cache_write_token<float>(const float *, const float *, const float *, int64_t, int64_t, int64_t,
+                                            float *, int64_t, float *, float *, int64_t);
+template void rope_cache_write_token<at::Half>(const float *, const float *, const float *, int64_t, int64_t, int64_t,
+                                               float *, int64_t, at::Half *, at::Half *, int64_t);
+
 void check_rope_cache(const char *op, int64_t width, const at::Tensor &cos, const at::Tensor &sin,
                       const at::Tensor &keys, const at::Tensor &values, int64_t start, int64_t count, int64_t heads) {
-    TORCH_CHECK(cos.dtype() == at::kFloat && sin.dtype() == at::kFloat && keys.dtype() == at::kFloat &&
-                    values.dtype() == at::kFloat,
-                "bitconvert: ", op, " takes fp32 rotary tables and KV cache");
+    TORCH_CHECK(cos.dtype() == at::kFloat && sin.dtype() == at::kFloat &&
+                    (keys.dtype() == at::kFloat || keys.dtype() == at::kHalf) && values.dtype() == keys.dtype(),
+                "bitconvert: ", op, " takes fp32 rotary tables and an fp32 or fp16 KV cache (keys and values alike)");
     TORCH_CHECK(keys.dim() == 3 && values.sizes() == keys.sizes() && keys.is_contiguous() && values.is_contiguous() &&
                     cos.dim() == 2 && cos.is_contiguous() && sin.is_contiguous(),
                 "bitconvert: ", op, " expects contiguous keys/values (G, max_len, D) and rotary tables (positions, D)");
@@ -70,13 +90,19 @@ at::Tensor rope_cache_write(const at::Tensor &qkv, const at::Tensor &cos, const 
     const at::Tensor x = qkv.contiguous();
     at::Tensor q = at::empty({heads, count, dim}, x.options());
     const float *src = x.data_ptr<float>(), *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
-    float *q_out = q.data_ptr<float>(), *k_out = keys.data_ptr<float>(), *v_out = values.data_ptr<float>();
-    for (int64_t t = 0; t < count; ++t) {
-        const int64_t position = start + t;
-        bitconvert::rope_cache_write_token(src + t * width, c + position * dim, s + position * dim, heads, kv_heads,
-                                           dim, q_out + t * dim, count * dim, k_out + position * dim,
-                                           v_out + position * dim, max_len * dim);
-    }
+    float *q_out = q.data_ptr<float>();
+    auto write = [&](auto *k_out, auto *v_out) {
+        for (int64_t t = 0; t < count; ++t) {
+            const int64_t position = start + t;
+            bitconvert::rope_cache_write_token(src + t * width, c + position * dim, s + position * dim, heads,
+                                               kv_heads, dim, q_out + t * dim, count * dim, k_out + position * dim,
+                                               v_out + position * dim, max_len * dim);
+        }
+    };
+    if (keys.dtype() == at::kHalf)
+        write(keys.data_ptr<at::Half>(), values.data_ptr<at::Half>());
+    else
+        write(keys.data_ptr<float>(), values.data_ptr<float>());
     return q;
 }
 

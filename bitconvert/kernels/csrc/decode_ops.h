@@ -11,14 +11,16 @@ namespace bitconvert {
 
 // One token: row ((heads + 2 kv_heads) * dim) holds its q, k and v heads; cos, sin (dim) the rotary tables at its
 // position. Writes q head h to q + h * q_head_stride, the rotated key head g to keys + g * cache_head_stride and value
-// head g to values + g * cache_head_stride (keys and values point at the token's slot of KV head 0).
+// head g to values + g * cache_head_stride (keys and values point at the token's slot of KV head 0). Cache: float,
+// or at::Half (each value rounded to the nearest fp16, ties to even, as torch's .half() rounds it).
+template <typename Cache>
 void rope_cache_write_token(const float *row, const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
-                            int64_t dim, float *q, int64_t q_head_stride, float *keys, float *values,
+                            int64_t dim, float *q, int64_t q_head_stride, Cache *keys, Cache *values,
                             int64_t cache_head_stride);
 
 // TORCH_CHECKs that `op` may write `count` tokens of qkv width `width` at positions start .. start + count - 1:
-// fp32 contiguous keys/values (G, max_len, D) of one shape, fp32 contiguous cos/sin (>= start + count, D), an even D,
-// width == (heads + 2 G) D.
+// contiguous keys/values (G, max_len, D) of one shape and one dtype, fp32 or fp16, fp32 contiguous cos/sin
+// (>= start + count, D), an even D, width == (heads + 2 G) D.
 void check_rope_cache(const char *op, int64_t width, const at::Tensor &cos, const at::Tensor &sin,
                       const at::Tensor &keys, const at::Tensor &values, int64_t start, int64_t count, int64_t heads);
 

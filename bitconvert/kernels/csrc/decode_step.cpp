@@ -9,7 +9,8 @@
 //     x      += o_proj(o)
 //     b       = rms_norm(x, post_norm)
 //     gate, up = gate_up(b);   x += down(silu(gate) * up)
-// keys, values: (G, max_len, D); cos, sin: (>= p + 1, D); everything fp32.
+// keys, values: (G, max_len, D), fp32 or fp16 (read back to fp32 exactly; F16C converts 8 at a time where the CPU
+// has it); cos, sin: (>= p + 1, D); everything else fp32.
 //
 // Exactness against the per-op path (F.rms_norm, ternary_linear, rope_cache_write, SDPA, F.silu): the ternary
 // products quantize their input per token exactly as ternary_linear does, so equal inputs give bit-identical outputs,
@@ -19,6 +20,8 @@
 // activation across a rounding boundary of the next product's quantization.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -46,22 +49,73 @@ void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *
 constexpr int kLanes = 8;
 
 // sum_d a[d] * b[d] (n values) in fp32 as kLanes partial sums (lane l takes d = l mod kLanes) added in lane order at
-// the end: an order the compiler vectorizes without reassociating.
-float dot(const float *a, const float *b, int64_t n) {
+// the end: an order the compiler vectorizes without reassociating. b: fp32, or fp16 taken exactly to fp32.
+template <typename Cache>
+float dot_scalar(const float *a, const Cache *b, int64_t n) {
     float lanes[kLanes] = {};
     int64_t d = 0;
     for (; d + kLanes <= n; d += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += a[d + l] * b[d + l];
-    for (int l = 0; d + l < n; ++l) lanes[l] += a[d + l] * b[d + l];
+        for (int l = 0; l < kLanes; ++l) lanes[l] += a[d + l] * float(b[d + l]);
+    for (int l = 0; d + l < n; ++l) lanes[l] += a[d + l] * float(b[d + l]);
     float sum = 0.0f;
     for (float lane : lanes) sum += lane;
     return sum;
 }
 
+// out (n) += weight * row (n), each value alone (a product, then a sum).
+template <typename Cache>
+void add_scaled_scalar(float weight, const Cache *row, int64_t n, float *out) {
+    for (int64_t d = 0; d < n; ++d) out[d] += weight * float(row[d]);
+}
+
+#define BC_TARGET_F16C __attribute__((target("avx2,f16c")))
+
+// The fp16 cache's dot and add_scaled with F16C conversion: the same lanes, order and roundings as the scalar ones.
+BC_TARGET_F16C float dot_f16c(const float *a, const at::Half *b, int64_t n) {
+    __m256 sums = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + kLanes <= n; d += kLanes) {
+        const __m256 converted = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + d)));
+        sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_loadu_ps(a + d), converted));
+    }
+    alignas(32) float lanes[kLanes];
+    _mm256_store_ps(lanes, sums);
+    for (int l = 0; d + l < n; ++l) lanes[l] += a[d + l] * float(b[d + l]);
+    float sum = 0.0f;
+    for (float lane : lanes) sum += lane;
+    return sum;
+}
+
+BC_TARGET_F16C void add_scaled_f16c(float weight, const at::Half *row, int64_t n, float *out) {
+    const __m256 factor = _mm256_set1_ps(weight);
+    int64_t d = 0;
+    for (; d + kLanes <= n; d += kLanes) {
+        const __m256 converted = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + d)));
+        _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(factor, converted)));
+    }
+    for (; d < n; ++d) out[d] += weight * float(row[d]);
+}
+
+bool has_f16c() {
+    static const bool supported = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    }();
+    return supported;
+}
+
+float dot(const float *a, const float *b, int64_t n) { return dot_scalar(a, b, n); }
+float dot(const float *a, const at::Half *b, int64_t n) { return has_f16c() ? dot_f16c(a, b, n) : dot_scalar(a, b, n); }
+void add_scaled(float weight, const float *row, int64_t n, float *out) { add_scaled_scalar(weight, row, n, out); }
+void add_scaled(float weight, const at::Half *row, int64_t n, float *out) {
+    has_f16c() ? add_scaled_f16c(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
+}
+
 // out (dim) = sum_j w_j values[j] / sum_j w_j with w_j = exp(s_j - max_i s_i), s_j = scale * (q . keys[j]), over the
 // rows j < length of keys, values (length, dim): the softmax-weighted mean, stable for any score range.
 // scores: length floats of scratch.
-void attend(const float *q, const float *keys, const float *values, int64_t length, int64_t dim, float scale,
+template <typename Cache>
+void attend(const float *q, const Cache *keys, const Cache *values, int64_t length, int64_t dim, float scale,
             float *scores, float *out) {
     float largest = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < length; ++j) {
@@ -74,18 +128,15 @@ void attend(const float *q, const float *keys, const float *values, int64_t leng
         total += scores[j];
     }
     std::fill(out, out + dim, 0.0f);
-    for (int64_t j = 0; j < length; ++j) {
-        const float weight = scores[j];
-        const float *row = values + j * dim;
-        for (int64_t d = 0; d < dim; ++d) out[d] += weight * row[d];
-    }
+    for (int64_t j = 0; j < length; ++j) add_scaled(scores[j], values + j * dim, dim, out);
     for (int64_t d = 0; d < dim; ++d) out[d] /= total;
 }
 
 // out (heads, dim): attend() of query head h over KV head g = h / (heads / kv_heads), positions 0 .. length - 1 of
 // keys, values (kv_heads, max_len, dim), scale dim^-0.5. scores: heads * length floats of scratch. Threads over heads
 // only where bc_thread_count finds the 2 * heads * length * dim multiply-adds worth a fork/join.
-void attend_heads(const float *q, const float *keys, const float *values, int64_t heads, int64_t kv_heads,
+template <typename Cache>
+void attend_heads(const float *q, const Cache *keys, const Cache *values, int64_t heads, int64_t kv_heads,
                   int64_t max_len, int64_t length, int64_t dim, float *scores, float *out, int threads) {
     const int64_t group = heads / kv_heads;
     const float scale = float(1.0 / std::sqrt(double(dim)));
@@ -168,14 +219,20 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
     float *normed = workspace(2 * hidden + width + 2 * heads * dim + gate_up + intermediate + heads * length);
     float *delta = normed + hidden, *qkv = delta + hidden, *q = qkv + width, *attention = q + heads * dim;
     float *gates = attention + heads * dim, *activation = gates + gate_up, *scores = activation + intermediate;
-    float *state = x.data_ptr<float>(), *key_cache = keys.data_ptr<float>(), *value_cache = values.data_ptr<float>();
+    float *state = x.data_ptr<float>();
 
     rms_norm(state, input_norm.data_ptr<float>(), hidden, float(eps), normed);
     product(normed, hidden, qkv_weight, int(layout), qkv_scales, qkv, threads);
-    bitconvert::rope_cache_write_token(qkv, cos.data_ptr<float>() + position * dim, sin.data_ptr<float>() + position * dim,
-                                       heads, kv_heads, dim, q, dim, key_cache + position * dim,
-                                       value_cache + position * dim, max_len * dim);
-    attend_heads(q, key_cache, value_cache, heads, kv_heads, max_len, length, dim, scores, attention, threads);
+    auto attend_cache = [&](auto *key_cache, auto *value_cache) {
+        bitconvert::rope_cache_write_token(qkv, cos.data_ptr<float>() + position * dim,
+                                           sin.data_ptr<float>() + position * dim, heads, kv_heads, dim, q, dim,
+                                           key_cache + position * dim, value_cache + position * dim, max_len * dim);
+        attend_heads(q, key_cache, value_cache, heads, kv_heads, max_len, length, dim, scores, attention, threads);
+    };
+    if (keys.dtype() == at::kHalf)
+        attend_cache(keys.data_ptr<at::Half>(), values.data_ptr<at::Half>());
+    else
+        attend_cache(keys.data_ptr<float>(), values.data_ptr<float>());
     product(attention, heads * dim, o_weight, int(layout), o_scales, delta, threads);
     add(state, delta, hidden);
     rms_norm(state, post_norm.data_ptr<float>(), hidden, float(eps), normed);
