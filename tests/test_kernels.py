@@ -95,13 +95,17 @@ def test_layout_defaults_and_environment_variable(monkeypatch):
     base3, best = kernels.LAYOUTS.index("base3"), kernels.isa_index()
     monkeypatch.delenv("BITCONVERT_LAYOUT", raising=False)
     assert kernels.layout_index(0) == 0  # the scalar reference defaults to 2bit
-    assert kernels.layout_index(best) == (base3 if best and kernels.layout_supported(base3, best) else 0)
+    avx512 = kernels.ISAS.index("avx512")
+    assert kernels.layout_index(best) == (base3 if best == avx512 and kernels.layout_supported(base3, best) else 0)
+    for name in ("avx2", "avxvnni"):  # base3 computes there, but more slowly than 2bit: not the default
+        if name in kernels.supported_isas():
+            assert kernels.layout_supported(base3, kernels.ISAS.index(name))
+            assert kernels.layout_index(kernels.ISAS.index(name)) == 0
     assert torch.ops.bitconvert.ternary_layout(-1) == kernels.layout_index(best)  # -1: the default path
     monkeypatch.setenv("BITCONVERT_LAYOUT", "base3")
     assert kernels.layout_index(0) == base3
     if "avx2" in kernels.supported_isas():
-        with pytest.raises(RuntimeError, match="does not compute on the layout 'base3'"):
-            kernels.layout_index(kernels.ISAS.index("avx2"))
+        assert kernels.layout_index(kernels.ISAS.index("avx2")) == base3  # opted in
     monkeypatch.setenv("BITCONVERT_LAYOUT", "base7")
     with pytest.raises(RuntimeError, match="unknown weight layout 'base7'"):
         kernels.layout_index(0)
@@ -124,9 +128,10 @@ def test_weight_of_another_layout_is_refused():
     weights = repacked(torch.ones(32, 100, dtype=torch.int8))  # 2 tiles; 2bit: 7 x 64 bytes each, base3: 5 x 80
     with pytest.raises(RuntimeError, match="has 896 bytes, expected 800 for \\(32, 100\\) in the base3 layout"):
         kernels.linear(torch.randn(2, 100), weights["2bit"], 32, torch.ones(1), 0, 1, 1)
-    if "avx2" in kernels.supported_isas():
+    avx512, base3 = kernels.ISAS.index("avx512"), kernels.LAYOUTS.index("base3")
+    if "avx512" in kernels.supported_isas() and not kernels.layout_supported(base3, avx512):  # AVX-512 without VBMI
         with pytest.raises(RuntimeError, match="does not compute on this weight layout"):
-            kernels.linear(torch.randn(2, 100), weights["base3"], 32, torch.ones(1), 1, 1, 1)
+            kernels.linear(torch.randn(2, 100), weights["base3"], 32, torch.ones(1), avx512, 1, base3)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

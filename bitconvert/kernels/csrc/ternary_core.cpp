@@ -283,6 +283,111 @@ struct Base3Avx512 {
     }
 };
 
+// AVX2 and AVX-VNNI on base3: a pair as two halves of 8 rows (32 lanes: lane 4r+g of the half holds row r's group
+// g). Without vpermb, a digit of a 5-bit index is looked up in two 16-entry vpshufb tables (indices 0-15 and 16-31)
+// on the low 4 bits, and vpblendvb picks by the fifth bit (a byte mask expanded from the half's 32 bits). The six
+// digit planes of a half-pair are decoded once and used for every token: AVX2 multiplies each with vpmaddubsw
+// (u8 digit x s8 activation pairs, |2 x 2 x 128| <= 512 per int16, six planes <= 3072) and widens once per pair with
+// vpmaddwd; AVX-VNNI adds each plane with one vpdpbusd.
+struct Base3Avx2Planes {
+    static constexpr int kPlanes = kPairBlocks * kDigits;
+
+    // Byte i of the result: 0xFF if bit i of bits is set, else 0.
+    BC_TARGET_AVX2 static inline __m256i expand_bits(uint32_t bits) {
+        const __m256i spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(int(bits)), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+        const __m256i select = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+        return _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    }
+
+    // The six digit planes (planes[3h + j] = digit j of block h) of half `half` (rows 8 half .. 8 half + 7) of pair p.
+    BC_TARGET_AVX2 static inline void decode_half(const uint8_t *w, int64_t p, int half, __m256i planes[kPlanes]) {
+        // kLow[j] / kHigh[j]: digit j of the indices 0-15 / 16-31 (27-31 never occur), in both 128-bit lanes
+        alignas(32) static const uint8_t kLow[kDigits][32] = {
+            {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0},
+            {0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2},
+            {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1}};
+        alignas(32) static const uint8_t kHigh[kDigits][32] = {
+            {1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 0, 0, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 0, 0, 0},
+            {2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0, 0, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0, 0},
+            {1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0}};
+        const uint8_t *pair = w + p * BC_PAIR_BYTES;
+        if (half == 0) {
+            _mm_prefetch((const char *)(pair + kPrefetchBlocks * BC_PAIR_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(pair + kPrefetchBlocks * BC_PAIR_BYTES + 64), _MM_HINT_T0);
+        }
+        const __m256i nibbles = _mm256_loadu_si256((const __m256i *)(pair + 32 * half)), low = _mm256_set1_epi8(15);
+        const __m256i index[kPairBlocks] = {_mm256_and_si256(nibbles, low),
+                                            _mm256_and_si256(_mm256_srli_epi16(nibbles, 4), low)};
+        for (int h = 0; h < kPairBlocks; ++h) {
+            uint32_t bits;
+            std::memcpy(&bits, pair + 64 + 8 * h + 4 * half, sizeof bits);
+            const __m256i fifth = expand_bits(bits);
+            for (int j = 0; j < kDigits; ++j)
+                planes[kDigits * h + j] =
+                    _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)kLow[j]), index[h]),
+                                       _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)kHigh[j]), index[h]),
+                                       fifth);
+        }
+    }
+};
+
+struct Base3Avx2 {
+    template <int NT>
+    BC_TARGET_AVX2 static void tile(const uint8_t *w, int64_t pairs, const int8_t *x, int64_t ldx, int32_t *raw) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int half = 0; half < 2; ++half) {
+            __m256i sum[NT];
+            for (int t = 0; t < NT; ++t) sum[t] = _mm256_setzero_si256();
+            for (int64_t p = 0; p < pairs; ++p) {
+                __m256i planes[Base3Avx2Planes::kPlanes];
+                Base3Avx2Planes::decode_half(w, p, half, planes);
+                for (int t = 0; t < NT; ++t) {
+                    const int8_t *xp = x + t * ldx + kPairBlocks * p * kBlockCols;
+                    __m256i products = _mm256_setzero_si256();
+                    for (int plane = 0; plane < Base3Avx2Planes::kPlanes; ++plane) {
+                        const int h = plane / kDigits, j = plane % kDigits;
+                        const __m256i xs = _mm256_set1_epi32(load4(xp + h * kBlockCols + kGroups * j));
+                        products = _mm256_add_epi16(products, _mm256_maddubs_epi16(planes[plane], xs));
+                    }
+                    sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(products, ones));
+                }
+            }
+            for (int t = 0; t < NT; ++t)
+                _mm256_storeu_si256((__m256i *)(raw + t * BC_TILE_ROWS + 8 * half), sum[t]);
+        }
+    }
+};
+
+struct Base3AvxVnni {
+    template <int NT>
+    BC_TARGET_AVXVNNI static void tile(const uint8_t *w, int64_t pairs, const int8_t *x, int64_t ldx, int32_t *raw) {
+        constexpr int kPlanes = Base3Avx2Planes::kPlanes, C = NT >= kPlanes ? 1 : kPlanes / NT;
+        for (int half = 0; half < 2; ++half) {
+            __m256i sum[NT][C];
+            for (int t = 0; t < NT; ++t)
+                for (int c = 0; c < C; ++c) sum[t][c] = _mm256_setzero_si256();
+            for (int64_t p = 0; p < pairs; ++p) {
+                __m256i planes[kPlanes];
+                Base3Avx2Planes::decode_half(w, p, half, planes);
+                for (int plane = 0; plane < kPlanes; ++plane) {
+                    const int h = plane / kDigits, j = plane % kDigits;
+                    for (int t = 0; t < NT; ++t) {
+                        const int8_t *xb = x + t * ldx + (kPairBlocks * p + h) * kBlockCols + kGroups * j;
+                        sum[t][plane % C] = bc_dpbusd256(sum[t][plane % C], planes[plane], _mm256_set1_epi32(load4(xb)));
+                    }
+                }
+            }
+            for (int t = 0; t < NT; ++t) {
+                __m256i total = sum[t][0];
+                for (int c = 1; c < C; ++c) total = _mm256_add_epi32(total, sum[t][c]);
+                _mm256_storeu_si256((__m256i *)(raw + t * BC_TILE_ROWS + 8 * half), total);
+            }
+        }
+    }
+};
+
 // tiles[nt] handles nt tokens (1 <= nt <= kMaxTokens).
 struct Kernels {
     TileFn tiles[kMaxTokens + 1];
@@ -313,12 +418,10 @@ const DecodedKernels *decoded_kernels(int layout, int isa) {
     return layout == BC_LAYOUT_BASE3 && isa == BC_ISA_AVX512 ? &kBase3Avx512Decoded : nullptr;
 }
 
-constexpr Kernels kNone = {};
-
-// kKernels[layout][isa]; all null where the path does not compute on the layout.
+// kKernels[layout][isa]: every path computes on every layout (base3 on avx512 also needs VBMI).
 constexpr Kernels kKernels[BC_LAYOUT_COUNT][BC_ISA_COUNT] = {
     {kernels_of<Scalar>(), kernels_of<Avx2>(), kernels_of<AvxVnni>(), kernels_of<Avx512>()},
-    {kernels_of<Base3Scalar>(), kNone, kNone, kernels_of<Base3Avx512>()}};
+    {kernels_of<Base3Scalar>(), kernels_of<Base3Avx2>(), kernels_of<Base3AvxVnni>(), kernels_of<Base3Avx512>()}};
 
 const char *const kIsaNames[BC_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512"};
 const char *const kLayoutNames[BC_LAYOUT_COUNT] = {"2bit", "base3"};
@@ -654,8 +757,8 @@ int bc_default_layout(int isa) {
     if (isa == BC_ISA_AUTO) isa = bc_default_isa();
     if (!bc_isa_supported(isa)) return -3;
     const char *name = std::getenv("BITCONVERT_LAYOUT");
-    if (name == nullptr || *name == '\0')
-        return bc_layout_supported(BC_LAYOUT_BASE3, isa) && isa != BC_ISA_SCALAR ? BC_LAYOUT_BASE3 : BC_LAYOUT_2BIT;
+    if (name == nullptr || *name == '\0')  // base3 only where its decoding keeps up with the memory (AVX-512 VBMI)
+        return isa == BC_ISA_AVX512 && bc_layout_supported(BC_LAYOUT_BASE3, isa) ? BC_LAYOUT_BASE3 : BC_LAYOUT_2BIT;
     const int layout = bc_layout_from_name(name);
     if (layout < 0) return -2;
     return bc_layout_supported(layout, isa) ? layout : -3;

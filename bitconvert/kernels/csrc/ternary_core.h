@@ -20,7 +20,7 @@
  * right by 2i and masking with 3 yields 16 lanes of 4 codes each (lane r = row r, columns 16b+4i .. 16b+4i+3), the
  * operand shape of vpdpbusd / vpmaddubsw against the 4 broadcast activation bytes of those columns.
  *
- * BC_LAYOUT_BASE3 (1.67 bits per weight; the scalar path, and AVX-512 with VBMI). Three codes of one row make one
+ * BC_LAYOUT_BASE3 (1.67 bits per weight; every path, AVX-512 only with VBMI). Three codes of one row make one
  * base-3 index u = c0 + 3 c1 + 9 c2 < 27 (columns 3g, 3g+1, 3g+2 of a 12-column block give the digits c0, c1, c2).
  * A block covers 16 rows x 12 columns = 64 indices, lane 4*r + g holding row r's column group g (g < 4). Columns are
  * padded to a multiple of 24: two blocks A (columns 24p .. 24p+11) and B (24p+12 .. 24p+23) make an 80-byte pair p
@@ -30,7 +30,9 @@
  * register) and turns them into the three digit planes with three vpermb table lookups; each plane is one vpdpbusd
  * against 4 activation bytes, so the activations are stored permuted (bc_quantize_padded): within each 12-column
  * block, byte 4*j + g holds column 3g + j. Against 2 bits it reads 17% fewer bytes for the same 3 vpdpbusd per
- * 192 weights, which matters where decoding streams the weights from memory.
+ * 192 weights, which matters where decoding streams the weights from memory. The AVX2 and AVX-VNNI paths, without
+ * vpermb, look each digit up in two 16-entry vpshufb tables and blend by the fifth bit: about 1.7x the work per
+ * weight of their 2-bit loop, so they are not the default (bc_default_layout).
  *
  * Limits: in_features <= BC_MAX_IN_FEATURES keeps every int32 partial sum exact (the AVX-512 one-token path sums
  * codes scaled by up to 64: |64 * 2 * 128| per column, in/4 columns per chain, < 2^31 for in <= 2^19).
@@ -79,8 +81,9 @@ const char *bc_layout_name(int layout);          /* "2bit", "base3"; NULL if out
 int bc_layout_from_name(const char *name);        /* inverse of bc_layout_name; -2 if unknown */
 int bc_layout_supported(int layout, int isa);     /* 1 if the path isa computes on this layout on this CPU */
 /* The layout to repack into for path isa (BC_ISA_AUTO: bc_default_isa()): BITCONVERT_LAYOUT if set (-2 if it
- * names an unknown layout, -3 if isa cannot compute on it or is no path), else base3 where the SIMD path isa
- * computes on it (fewer bytes to stream), else 2bit (and for the scalar reference).
+ * names an unknown layout, -3 if isa cannot compute on it or is no path), else base3 for AVX-512 with VBMI (fewer
+ * bytes to stream at the same work per weight), else 2bit (the AVX2 and AVX-VNNI base3 loops do more work per
+ * weight than they save in bytes at 2 threads: opt in with BITCONVERT_LAYOUT=base3; and for the scalar reference).
  * The layout of a repacked weight is the caller's to keep beside it: the compute functions trust `layout`, and the
  * torch bindings' size check tells the layouts apart except for in_features 73-80 (equal sizes there). */
 int bc_default_layout(int isa);
