@@ -48,7 +48,9 @@ def compare(folder: Path, tokens: int, prompt: int, noise: float) -> dict:
         logits[name] = torch.cat(rows)  # (len - 1, vocab): predictions of ids[1:]
     targets, exact = ids[1:], logits["fp32"]
     spread = float(exact.std())
-    result = {"folder": str(folder), "tokens": len(ids), "prompt": prompt, "noise": noise}
+    result = {"folder": str(folder), "tokens": len(ids), "prompt": prompt, "noise": noise,  # fp16 tops out at 65,504
+              "max_abs_key": float(decoders["fp32"].keys.abs().max()),
+              "max_abs_value": float(decoders["fp32"].values.abs().max())}
     for name, values in logits.items():
         result[f"perplexity_{name}"] = math.exp(float(F.cross_entropy(values, targets)))
         if name != "fp32":
@@ -72,6 +74,8 @@ def main() -> None:
     for folder in args.folders:
         row = compare(folder, args.tokens, args.prompt, args.noise)
         rows.append(row)
+        print(f"{folder.name:<28} largest |key| {row['max_abs_key']:.1f}, |value| {row['max_abs_value']:.1f} "
+              "(fp16 holds up to 65,504)")
         for name, label in (("fp16", "fp16 cache"), ("floor", f"embeddings x (1 + {args.noise:g} N)")):
             change = row[f"perplexity_{name}"] / row["perplexity_fp32"] - 1
             print(f"{folder.name:<28} {label:<26} {row['tokens']:>6} {row['perplexity_fp32']:>10.3f} "

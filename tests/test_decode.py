@@ -175,6 +175,21 @@ def test_decoder_refuses_what_it_does_not_run(tiny_llama, tiny_ternary, tmp_path
         Decoder(bitconvert.load(subln))
 
 
+def test_generate_cli_refuses_an_fp16_cache_it_cannot_give(tiny_llama, tmp_path, capsys):
+    from bitconvert.cli import main
+    from bitconvert.convert import convert
+    from bitconvert.convert.pipeline import ConvertOptions
+
+    subln = tmp_path / "subln"
+    convert(tiny_llama, subln, ConvertOptions(sub_norm=True), progress=False)
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"not read: the option is refused first")
+    for model, message in ((subln, "needs the lean decoder"), (onnx_file, "applies to converted folders")):
+        assert main(["generate", str(model), "--prompt", "Hi", "--kv-cache", "fp16"]) != 0
+        error = capsys.readouterr().err.strip().splitlines()[-1]  # after the weights' loading bar, if any
+        assert error.startswith("bitconvert: error:") and message in error and "--kv-cache" in error, error
+
+
 def test_load_float_dtype_default_and_auto(tmp_path):
     from bitconvert.convert import convert
 
@@ -296,6 +311,27 @@ def test_fused_step_attention_threads(tmp_path, kv_cache):
     with torch.inference_mode():
         logits = [model.lm_head(state) for state in hidden]
     torch.testing.assert_close(logits[0], logits[2], rtol=0, atol=FLIP_TOLERANCE)
+
+
+def test_fused_step_fp16_cache_reads_equal_with_f16c_and_scalar(step_model, monkeypatch):
+    """The fused step's F16C loops (fp16 cache) against its scalar loops (BITCONVERT_ISA=scalar, which also runs the
+    products and quantization on the scalar path: exact, so equal inputs give equal outputs): equal hidden states.
+    This guards the fallback's wiring and any real error in either loop; a last-bit difference in attention would
+    mostly vanish in o_proj's int8 quantization (summing the F16C lanes in reverse order passed), so the loops' exact
+    equality rests on their shared lane order, which test_fused_step_matches_per_op_path bounds from outside."""
+    decoder = Decoder(step_model, max_len=48, kv_cache="fp16")
+    decoder.forward(IDS[:9])
+    start = decoder.embed[IDS[9:10]]
+    states = []
+    for isa in ("", "scalar"):
+        monkeypatch.setenv("BITCONVERT_ISA", isa)
+        state = start.clone()
+        keys, values = decoder.keys.clone(), decoder.values.clone()
+        decoder._step_layers(state, 9)
+        states.append(state)
+        decoder.keys.copy_(keys)
+        decoder.values.copy_(values)
+    assert torch.equal(states[0], states[1])
 
 
 def step_arguments(decoder, position=0, heads=None):

@@ -192,20 +192,43 @@ def test_rounding_ties_and_tiny_rows(isa, layout):
 @pytest.mark.parametrize("isa,layout", path_params())
 def test_quantization_loops_on_vector_tails_and_token_threads(isa, layout):
     """Each path's quantization loop (AVX2: 8 values per step, AVX-512: 16, base3's permutation: 48) on rows that end
-    one short of and one past those steps, with ties at .5, on batches large enough to quantize on two threads."""
+    one short of and one past those steps, with ties at .5, on batches large enough to quantize on two threads
+    (n * in_features >= 2^15: bc_thread_count's two threads at 16 multiply-adds per activation)."""
     index, layout_index = require_path(isa, layout)
     generator = torch.Generator().manual_seed(2)
     for in_features in (7, 9, 15, 17, 47, 49, 95, 577):
+        tokens = max(300, 2**15 // in_features + 4)
         ternary = torch.randint(-1, 2, (21, in_features), generator=generator, dtype=torch.int8)
         weight = kernels.repack(pack_ternary(ternary), 21, layout_index)
-        x = torch.randint(-254, 255, (300, in_features), generator=generator).float() / 2
+        x = torch.randint(-254, 255, (tokens, in_features), generator=generator).float() / 2
         x[::2, -1] = 127.0  # scale 1 on every other token: its halves are ties
-        x[1::4] *= torch.rand(75, in_features, generator=generator) * 1e3
+        x[1::4] *= torch.rand(len(x[1::4]), in_features, generator=generator) * 1e3
         x_q, scale = quantize_activations(x)
         weight_scale = torch.tensor([0.75])
         for threads in (1, 2):
             y = kernels.linear(x, weight, 21, weight_scale, index, threads, layout_index)
             assert torch.equal(y, exact_product(x_q, ternary).float() / weight_scale / scale), (in_features, threads)
+
+
+@pytest.mark.parametrize("isa,layout", path_params())
+def test_nan_and_inf_activations_quantize_alike_on_every_path(isa, layout):
+    """A NaN activation (and inf, whose x * s is inf * 0 = NaN) is code 0 on every path, in the vector body and the
+    tail alike, so a token's output does not depend on the CPU (torch's reference gives NaN there)."""
+    index, layout_index = require_path(isa, layout)
+    generator = torch.Generator().manual_seed(3)
+    ternary = torch.randint(-1, 2, (19, 37), generator=generator, dtype=torch.int8)
+    weight = kernels.repack(pack_ternary(ternary), 19, layout_index)
+    x = torch.randn(4, 37, generator=generator)
+    x[0, [0, 16, 36]] = float("nan")  # in the first vector, a later one, and the tail
+    x[1, [3, 33]] = float("inf")
+    x[2, 20] = float("-inf")
+    got = kernels.linear(x, weight, 19, torch.tensor([1.5]), index, 1, layout_index)
+    want = kernels.linear(x, weight, 19, torch.tensor([1.5]), 0, 1, layout_index)  # the scalar reference
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # an infinite row: 0 / s with s = 0
+    assert got[[0, 3]].isfinite().all()
+    finite = x.clone()
+    finite[0, [0, 16, 36]] = 0.0  # the NaN row equals the row with those activations at 0
+    assert torch.equal(got[0], kernels.linear(finite[:1], weight, 19, torch.tensor([1.5]), 0, 1, layout_index)[0])
 
 
 def test_rejects_rows_longer_than_exact_int32_allows():

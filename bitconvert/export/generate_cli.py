@@ -53,6 +53,9 @@ def run(args) -> int:
         from ..kernels.generate import run_folder
 
         return run_folder(args)
+    if args.kv_cache != "fp32":
+        raise BitconvertError("--kv-cache applies to converted folders; an ONNX model keeps the fp32 cache it was "
+                              "exported with (drop --kv-cache)")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     decoder = OnnxDecoder(session(args.model))
     from transformers import AutoTokenizer

@@ -11,7 +11,8 @@ that model:
 - the KV cache is preallocated per layer, (kv_heads, max_len, head_dim), in fp32 (exact) or fp16
   (``kv_cache="fp16"``: half the bytes that every decoded token reads, which at long contexts exceed the weights':
   2.1 GB of fp32 cache per 7B token at position 2,048 against 1.7 GB of weights; each key and value is rounded to
-  fp16 once, as llama.cpp's default f16 cache does, and attention computes in fp32 on the values read back); one
+  fp16 once, as llama.cpp's default f16 cache does, and attention computes in fp32 on the values read back; a key
+  or value beyond fp16's 65,504 becomes inf, so a model with such activations needs the fp32 cache); one
   C++ call (``rope_cache_write``, ``csrc/decode_ops.cpp``) applies the rotary embedding to q and k and writes k and
   v into it; attention is one ``scaled_dot_product_attention`` call with grouped-query heads (no repeated K/V).
 - a single-token step (decoding) runs each layer as ONE C++ operator instead (``decode_layer``,

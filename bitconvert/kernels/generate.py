@@ -39,6 +39,9 @@ def run_folder(args) -> int:
         tokens = decoder.continue_from(logits, args.max_new_tokens, eos,
                                        lambda logits: _pick(logits.numpy(), sampling, rng))
     else:
+        if args.kv_cache != "fp32":
+            raise BitconvertError(f"--kv-cache {args.kv_cache} needs the lean decoder, which does not run this model "
+                                  f"({supported(model)}); drop --kv-cache")
         start = time.perf_counter()
         with torch.no_grad():
             output = model.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens,

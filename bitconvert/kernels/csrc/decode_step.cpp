@@ -96,19 +96,23 @@ BC_TARGET_F16C void add_scaled_f16c(float weight, const at::Half *row, int64_t n
     for (; d < n; ++d) out[d] += weight * float(row[d]);
 }
 
-bool has_f16c() {
-    static const bool supported = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-    }();
-    return supported;
+// Whether this call reads an fp16 cache with F16C: the CPU has it, and BITCONVERT_ISA does not ask for the scalar
+// reference (which then runs the scalar loops above: the same results, tested).
+bool use_f16c() {
+    static const bool supported = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"));
+    return supported && bc_default_isa() > BC_ISA_SCALAR;
 }
 
-float dot(const float *a, const float *b, int64_t n) { return dot_scalar(a, b, n); }
-float dot(const float *a, const at::Half *b, int64_t n) { return has_f16c() ? dot_f16c(a, b, n) : dot_scalar(a, b, n); }
-void add_scaled(float weight, const float *row, int64_t n, float *out) { add_scaled_scalar(weight, row, n, out); }
-void add_scaled(float weight, const at::Half *row, int64_t n, float *out) {
-    has_f16c() ? add_scaled_f16c(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
+// dot() and add_scaled() of a cache row; f16c: use_f16c() of the call.
+float dot(const float *a, const float *b, int64_t n, bool) { return dot_scalar(a, b, n); }
+float dot(const float *a, const at::Half *b, int64_t n, bool f16c) {
+    return f16c ? dot_f16c(a, b, n) : dot_scalar(a, b, n);
+}
+void add_scaled(float weight, const float *row, int64_t n, float *out, bool) {
+    add_scaled_scalar(weight, row, n, out);
+}
+void add_scaled(float weight, const at::Half *row, int64_t n, float *out, bool f16c) {
+    f16c ? add_scaled_f16c(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
 }
 
 // out (dim) = sum_j w_j values[j] / sum_j w_j with w_j = exp(s_j - max_i s_i), s_j = scale * (q . keys[j]), over the
@@ -116,10 +120,10 @@ void add_scaled(float weight, const at::Half *row, int64_t n, float *out) {
 // scores: length floats of scratch.
 template <typename Cache>
 void attend(const float *q, const Cache *keys, const Cache *values, int64_t length, int64_t dim, float scale,
-            float *scores, float *out) {
+            float *scores, float *out, bool f16c) {
     float largest = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < length; ++j) {
-        scores[j] = dot(q, keys + j * dim, dim) * scale;
+        scores[j] = dot(q, keys + j * dim, dim, f16c) * scale;
         largest = std::max(largest, scores[j]);
     }
     float total = 0.0f;
@@ -128,7 +132,7 @@ void attend(const float *q, const Cache *keys, const Cache *values, int64_t leng
         total += scores[j];
     }
     std::fill(out, out + dim, 0.0f);
-    for (int64_t j = 0; j < length; ++j) add_scaled(scores[j], values + j * dim, dim, out);
+    for (int64_t j = 0; j < length; ++j) add_scaled(scores[j], values + j * dim, dim, out, f16c);
     for (int64_t d = 0; d < dim; ++d) out[d] /= total;
 }
 
@@ -138,13 +142,15 @@ void attend(const float *q, const Cache *keys, const Cache *values, int64_t leng
 template <typename Cache>
 void attend_heads(const float *q, const Cache *keys, const Cache *values, int64_t heads, int64_t kv_heads,
                   int64_t max_len, int64_t length, int64_t dim, float *scores, float *out, int threads) {
+    const bool f16c = use_f16c();
     const int64_t group = heads / kv_heads;
     const float scale = float(1.0 / std::sqrt(double(dim)));
     const int team = bc_thread_count(threads, heads, 2 * heads * length * dim);
 #pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
     for (int64_t h = 0; h < heads; ++h) {
         const int64_t cache = (h / group) * max_len * dim;
-        attend(q + h * dim, keys + cache, values + cache, length, dim, scale, scores + h * length, out + h * dim);
+        attend(q + h * dim, keys + cache, values + cache, length, dim, scale, scores + h * length, out + h * dim,
+               f16c);
     }
 }
 

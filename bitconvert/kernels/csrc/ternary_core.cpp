@@ -539,7 +539,8 @@ int32_t layout_row(const int8_t *src, int64_t in_features, int layout, int8_t *d
 // AVX-512 loops that equal it bit for bit. The max of |x| is exact in any order; x * s is one fp32 multiply per value
 // (no contraction); clamping to [-128, 127] before rounding gives what rounding then clamping gives (the bounds are
 // integers); the conversion rounds in the current rounding mode, as nearbyint does (half to even by default). NaN
-// values are skipped by the max, as std::max(amax, NaN) skips them.
+// values are skipped by the max, as std::max(amax, NaN) skips them, and quantize to 0 on every path (quantize_value),
+// as does x * s = inf * 0 when an activation is infinite; torch's reference gives NaN outputs for such a token.
 // A path's row(x, in_features, layout, dst, aside, &s) writes the token's codes as the kernels read them (dst, ldx
 // values; layout_row's order) and its scale s, and returns the sum of the codes; aside: ldx bytes of scratch.
 using QuantizeRowFn = int32_t (*)(const float *x, int64_t in_features, int layout, int8_t *dst, int8_t *aside,
@@ -553,6 +554,11 @@ int32_t quantize_row_scalar(const float *x, int64_t in_features, int layout, int
 }
 
 float absmax_scale(float amax) { return (1.0f / std::max(amax, 1e-5f)) * 127.0f; }
+
+// The code of a scaled activation v = x * s: round half to even (the current mode), clamp to [-128, 127]; NaN -> 0.
+int8_t quantize_value(float v) {
+    return v != v ? int8_t(0) : int8_t(std::min(std::max(std::nearbyint(v), -128.0f), 127.0f));
+}
 
 struct QuantizeAvx2 {
     BC_TARGET_AVX2 static int32_t row(const float *x, int64_t in_features, int layout, int8_t *dst, int8_t *aside,
@@ -574,7 +580,8 @@ struct QuantizeAvx2 {
         __m256i total = _mm256_setzero_si256();
         for (k = 0; k + 8 <= in_features; k += 8) {
             const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k), factor);
-            const __m256i codes = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, low), high));
+            const __m256 number = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> 0
+            const __m256i codes = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(number, low), high));
             total = _mm256_add_epi32(total, codes);
             const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
             _mm_storel_epi64((__m128i *)(row + k), _mm_packs_epi16(words, words));
@@ -584,7 +591,7 @@ struct QuantizeAvx2 {
         int32_t sum = 0;
         for (int32_t part : parts) sum += part;
         for (; k < in_features; ++k) {
-            row[k] = int8_t(std::min(std::max(std::nearbyint(x[k] * s), -128.0f), 127.0f));
+            row[k] = quantize_value(x[k] * s);
             sum += row[k];
         }
         const int64_t ldx = bc_padded_in(in_features, layout);
@@ -608,18 +615,16 @@ struct QuantizeAvx512 {
         for (int64_t k = 0; k < in_features; k += 16) {
             const __mmask16 mask = valid(in_features - k);
             const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + k), factor);
-            const __m512i codes = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, low), high));
+            const __m512 number = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // NaN -> 0
+            const __m512i codes = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(number, low), high));
             total = _mm512_add_epi32(total, codes);  // masked-off lanes hold 0
             _mm512_mask_cvtepi32_storeu_epi8(row + k, mask, codes);
         }
         const int64_t ldx = bc_padded_in(in_features, layout);
         std::memset(row + in_features, 0, size_t(ldx - in_features));
         if (layout != BC_LAYOUT_2BIT) {
-            __builtin_cpu_init();
-            if (__builtin_cpu_supports("avx512vbmi"))
-                permute_base3_vbmi(aside, ldx, dst);
-            else
-                permute_base3(aside, ldx, dst);
+            static const bool vbmi = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vbmi"));
+            vbmi ? permute_base3_vbmi(aside, ldx, dst) : permute_base3(aside, ldx, dst);
         }
         return _mm512_reduce_add_epi32(total);
     }
@@ -810,8 +815,7 @@ void bc_quantize_activations(const float *x, int64_t n, int64_t in_features, int
         for (int64_t k = 0; k < in_features; ++k) amax = std::max(amax, std::fabs(row[k]));
         const float scale = (1.0f / std::max(amax, 1e-5f)) * 127.0f;
         for (int64_t k = 0; k < in_features; ++k) {
-            const float q = std::nearbyint(row[k] * scale);
-            x_q[t * in_features + k] = int8_t(std::min(std::max(q, -128.0f), 127.0f));
+            x_q[t * in_features + k] = quantize_value(row[k] * scale);
         }
         s[t] = scale;
     }
