@@ -1,7 +1,8 @@
-// Ternary x int8 kernels: the scalar reference and the AVX2, AVX-VNNI and AVX-512 VNNI paths on the 2-bit layout,
-// and the scalar reference and the AVX-512 VBMI path on the base-3 layout (both layouts: ternary_core.h), one struct
-// per path, each computing the same thing. Every SIMD path is compiled with a
-// function-level target attribute and only called after a CPUID check, so the library runs on any x86-64.
+// Ternary x int8 kernels: the scalar reference and the AVX2, AVX-VNNI and AVX-512 VNNI paths on the 2-bit layout
+// and on the base-3 layout (AVX-512 with VBMI; both layouts: ternary_core.h), one struct per path and layout, each
+// computing the same thing, and the per-token activation quantization (scalar, AVX2, AVX-512). Every SIMD path is
+// compiled with a function-level target attribute and only called after a CPUID check, so the library runs on any
+// x86-64.
 // Build with -ffp-contract=off and without fast-math: the float steps must round exactly as torch does.
 #include "ternary_core.h"
 #include "avxvnni.h"
