@@ -355,23 +355,26 @@ def plot(rows, models: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row, rid, label, record in rows:
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    colours = plt.get_cmap("tab20").colors
+    for index, (row, rid, label, record) in enumerate(rows):
+        colour = colours[index % len(colours)]  # a row's curve and its marker share one colour
         curve = record.get("curve") or (heldout_curve(models, rid) if row.budgeted else [])
         start = record.get("model", {}).get("start_tokens", 0)
         if curve:
-            ax.plot([start + tokens for tokens, _ in curve], [ppl for _, ppl in curve], marker=".",
-                    label=f"{label} (training log)")
+            ax.plot([start + tokens for tokens, _ in curve], [ppl for _, ppl in curve], marker=".", markersize=3,
+                    color=colour, label=f"{label} (training log)")
         if "ppl" in record:
             model = record.get("model", {})
             x = max(1, model.get("tokens", 0) + model.get("start_tokens", 0))
-            ax.scatter([x], [record["ppl"]["perplexity"]], marker="x", s=50, label=f"{label}: bitconvert ppl")
+            ax.scatter([x], [record["ppl"]["perplexity"]], marker="x", s=50, color=colour,
+                       label=f"{label}: bitconvert ppl")
     ax.set_xscale("symlog", linthresh=1000)
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (calibration/reconstruction tokens included where recorded)")
     ax.set_ylabel("held-out perplexity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
