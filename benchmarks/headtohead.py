@@ -15,7 +15,12 @@ Per model the engines are:
   (``benchmarks/onnx_decode.py: measure_ort``);
 - llama.cpp (when ``LLAMA_CPP_DIR`` names a build): our GGUF export (``ours``), llama.cpp's default TQ2_0 types
   (``tq2_0-default``), F16 and Q4_0 of the source (``benchmarks/llamacpp.py``).
-All engines use the same thread count, a 128-token prompt and 64 generated tokens, greedy, batch 1. Engines are
+All engines use the same thread count, a 128-token prompt and 64 generated tokens, greedy, batch 1, and each its
+default way of waiting between parallel sections, as a user runs it: OpenMP's (torch, our kernels, llama.cpp's ggml;
+leave ``OMP_WAIT_POLICY`` unset) and ONNX Runtime's spinning intra-op pool. On a machine shared with other jobs,
+spinning threads wait for the core a neighbour holds: there pass ``--no-spinning`` and set
+``OMP_WAIT_POLICY=PASSIVE``, and read the figures as a loaded machine's (that setting slowed llama.cpp up to 4x
+and us up to 1.8x on the 2-core Zen 4, docs/kernels.md). Engines are
 interleaved round by round (every engine once per round), so a slow spell of the shared machine hits all of them;
 the best round per engine is reported, with the spread.
 
@@ -130,8 +135,10 @@ def parse_model(spec: str) -> tuple[str, Path, str | None]:
 
 
 def engines_for(name: str, converted: Path, source: str | None, workdir: Path, threads: int,
-                prompt: int, gen: int, ort: bool = True, gguf_variants: tuple[str, ...] = ()) -> dict:
-    """Engine name -> a callable returning ``{'decode_tok_s', 'prefill_tok_s', 'bytes_per_token'}``."""
+                prompt: int, gen: int, ort: bool = True, gguf_variants: tuple[str, ...] = (),
+                spinning: bool = True) -> dict:
+    """Engine name -> a callable returning ``{'decode_tok_s', 'prefill_tok_s', 'bytes_per_token'}``; ``spinning``:
+    ONNX Runtime's intra-op threads busy-wait between nodes (its default)."""
     from transformers import AutoConfig
 
     from bitconvert.export.exporter import export_onnx
@@ -151,7 +158,8 @@ def engines_for(name: str, converted: Path, source: str | None, workdir: Path, t
         onnx_path = workdir / name / "model.onnx"
         if not onnx_path.exists():
             export_onnx(converted, onnx_path, graph="fused", lm_head="int8", logits="last")  # the fastest ORT path
-        engines["ort"] = with_bytes(lambda: onnx_decode.measure_ort(onnx_path, threads, prompt, gen, repeats=1),
+        engines["ort"] = with_bytes(lambda: onnx_decode.measure_ort(onnx_path, threads, prompt, gen, repeats=1,
+                                                                     spinning=spinning),
                                     onnx_bytes_per_token(onnx_path) + decode.kv_cache_bytes(config, prompt, gen, 4))
     if os.environ.get("LLAMA_CPP_DIR"):
         kv_f16 = decode.kv_cache_bytes(config, prompt, gen, 2)
@@ -173,6 +181,9 @@ def main() -> None:
     parser.add_argument("--gguf-variants", action="append", default=[], metavar="NAME=V1,V2",
                         help="more exports of ours for this model, as benchmarks/llamacpp.py's --variants "
                         "(e.g. q8_0: exact Q8_0 projections, which have x86 SIMD kernels; auto+q8_0: Q8_0 embeddings)")
+    parser.add_argument("--no-spinning", dest="spinning", action="store_false",
+                        help="ONNX Runtime's threads sleep between nodes (for a shared machine; set "
+                        "OMP_WAIT_POLICY=PASSIVE too)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/headtohead"), help="exported files go here")
     parser.add_argument("--json", type=Path, default=Path("bench-out/headtohead.json"))
     args = parser.parse_args()
@@ -181,12 +192,14 @@ def main() -> None:
 
     variants = dict(spec.split("=", 1) for spec in args.gguf_variants)
     results = {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+               "ort_spinning": args.spinning, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                "bandwidth_gb_s": [], "models": {}}
     for spec in args.model:
         name, converted, source = parse_model(spec)
         engines = engines_for(name, converted, source, args.workdir, args.threads, args.prompt_tokens,
                               args.new_tokens, ort=name not in args.skip_ort,
-                              gguf_variants=tuple(variants.get(name, "").split(",")) if name in variants else ())
+                              gguf_variants=tuple(variants.get(name, "").split(",")) if name in variants else (),
+                              spinning=args.spinning)
         runs = {engine: [] for engine in engines}
         for round_index in range(args.rounds):
             for engine, measure in engines.items():
