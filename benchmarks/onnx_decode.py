@@ -157,6 +157,7 @@ def profile_ort(onnx_path: str | Path, threads: int, prompt_tokens: int = 128, n
     as "Python and I/O". Returns ``{"ms_per_token": {group: ms}, "total_ms", "nodes_per_token",
     "ops": {op_type: ms}}``.
     """
+    Path(workdir).mkdir(parents=True, exist_ok=True)  # ORT writes no profile into a missing folder
     decoder = decoder_for(onnx_path, threads, spinning, profile_prefix=str(Path(workdir) / "ort_profile"))
     vocab = decoder.session.get_outputs()[0].shape[-1]
     prompt = _random_prompt(decoder, prompt_tokens)
