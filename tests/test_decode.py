@@ -283,7 +283,7 @@ def test_fused_step_matches_per_op_path(step_model, layout, kv_cache, monkeypatc
 
 @pytest.mark.parametrize("kv_cache", ["fp32", "fp16"])
 def test_fused_step_attention_threads(tmp_path, kv_cache):
-    """Attention long enough to run its heads on two threads (2 * heads * length * dim >= 2 x 2^18): equal to one
+    """Attention long enough to run its heads on two threads (2 * heads * length * dim, weighted x16, >= 2 x 2^18): equal to one
     thread bit for bit (each head is computed alone; the products are exact), and close to the per-op path (one step:
     FLIP_TOLERANCE, see above). The steps run without the float lm_head, which is applied after, at one thread count:
     torch's BLAS sums it in an order that depends on the thread count on some CPUs (MKL on an AVX-512/AMX Xeon: logits
@@ -313,13 +313,15 @@ def test_fused_step_attention_threads(tmp_path, kv_cache):
     torch.testing.assert_close(logits[0], logits[2], rtol=0, atol=FLIP_TOLERANCE)
 
 
-def test_fused_step_fp16_cache_reads_equal_with_f16c_and_scalar(step_model, monkeypatch):
-    """The fused step's F16C loops (fp16 cache) against its scalar loops (BITCONVERT_ISA=scalar, which also runs the
-    products and quantization on the scalar path: exact, so equal inputs give equal outputs): equal hidden states.
+@pytest.mark.parametrize("kv_cache", ["fp32", "fp16"])
+def test_fused_step_cache_reads_equal_with_avx2_and_scalar(step_model, monkeypatch, kv_cache):
+    """The fused step's AVX2 attention loops (F16C for the fp16 cache) against its scalar loops (BITCONVERT_ISA=scalar,
+    which also runs the products and quantization on the scalar path: exact, so equal inputs give equal outputs):
+    equal hidden states.
     This guards the fallback's wiring and any real error in either loop; a last-bit difference in attention would
     mostly vanish in o_proj's int8 quantization (summing the F16C lanes in reverse order passed), so the loops' exact
     equality rests on their shared lane order, which test_fused_step_matches_per_op_path bounds from outside."""
-    decoder = Decoder(step_model, max_len=48, kv_cache="fp16")
+    decoder = Decoder(step_model, max_len=48, kv_cache=kv_cache)
     decoder.forward(IDS[:9])
     start = decoder.embed[IDS[9:10]]
     states = []

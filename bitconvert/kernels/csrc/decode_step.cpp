@@ -47,6 +47,10 @@ void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *
 }
 
 constexpr int kLanes = 8;
+// An fp32 multiply-add of attention (8 per AVX2 instruction, with an exp per score) against the int8 ones
+// bc_thread_count weighs (64 per vpdpbusd): 16 puts SmolLM2's 9 heads on two threads from position ~30 (measured at
+// position 160 on a 2-core Zen 4: 16 instead of 23 us per layer; 192M model 23 instead of 39).
+constexpr int64_t kAttentionCost = 16;
 
 // sum_d a[d] * b[d] (n values) in fp32 as kLanes partial sums (lane l takes d = l mod kLanes) added in lane order at
 // the end: an order the compiler vectorizes without reassociating. b: fp32, or fp16 taken exactly to fp32.
@@ -86,6 +90,29 @@ BC_TARGET_F16C float dot_f16c(const float *a, const at::Half *b, int64_t n) {
     return sum;
 }
 
+// The fp32 cache's dot and add_scaled on AVX2: the scalar loops' lanes, order and roundings (a product, then a sum:
+// no FMA), 8 lanes per instruction where the library's baseline (SSE2) takes two.
+BC_TARGET_F16C float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 sums = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + kLanes <= n; d += kLanes)
+        sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d)));
+    alignas(32) float lanes[kLanes];
+    _mm256_store_ps(lanes, sums);
+    for (int l = 0; d + l < n; ++l) lanes[l] += a[d + l] * b[d + l];
+    float sum = 0.0f;
+    for (float lane : lanes) sum += lane;
+    return sum;
+}
+
+BC_TARGET_F16C void add_scaled_avx2(float weight, const float *row, int64_t n, float *out) {
+    const __m256 factor = _mm256_set1_ps(weight);
+    int64_t d = 0;
+    for (; d + kLanes <= n; d += kLanes)
+        _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(factor, _mm256_loadu_ps(row + d))));
+    for (; d < n; ++d) out[d] += weight * row[d];
+}
+
 BC_TARGET_F16C void add_scaled_f16c(float weight, const at::Half *row, int64_t n, float *out) {
     const __m256 factor = _mm256_set1_ps(weight);
     int64_t d = 0;
@@ -96,23 +123,25 @@ BC_TARGET_F16C void add_scaled_f16c(float weight, const at::Half *row, int64_t n
     for (; d < n; ++d) out[d] += weight * float(row[d]);
 }
 
-// Whether this call reads an fp16 cache with F16C: the CPU has it, and BITCONVERT_ISA does not ask for the scalar
-// reference (which then runs the scalar loops above: the same results, tested).
-bool use_f16c() {
+// Whether this call reads the cache with the AVX2 (and, for fp16, F16C) loops: the CPU has both, and BITCONVERT_ISA
+// does not ask for the scalar reference (which then runs the scalar loops above: the same results, tested).
+bool use_avx2() {
     static const bool supported = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"));
     return supported && bc_default_isa() > BC_ISA_SCALAR;
 }
 
-// dot() and add_scaled() of a cache row; f16c: use_f16c() of the call.
-float dot(const float *a, const float *b, int64_t n, bool) { return dot_scalar(a, b, n); }
-float dot(const float *a, const at::Half *b, int64_t n, bool f16c) {
-    return f16c ? dot_f16c(a, b, n) : dot_scalar(a, b, n);
+// dot() and add_scaled() of a cache row; avx2: use_avx2() of the call.
+float dot(const float *a, const float *b, int64_t n, bool avx2) {
+    return avx2 ? dot_avx2(a, b, n) : dot_scalar(a, b, n);
 }
-void add_scaled(float weight, const float *row, int64_t n, float *out, bool) {
-    add_scaled_scalar(weight, row, n, out);
+float dot(const float *a, const at::Half *b, int64_t n, bool avx2) {
+    return avx2 ? dot_f16c(a, b, n) : dot_scalar(a, b, n);
 }
-void add_scaled(float weight, const at::Half *row, int64_t n, float *out, bool f16c) {
-    f16c ? add_scaled_f16c(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
+void add_scaled(float weight, const float *row, int64_t n, float *out, bool avx2) {
+    avx2 ? add_scaled_avx2(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
+}
+void add_scaled(float weight, const at::Half *row, int64_t n, float *out, bool avx2) {
+    avx2 ? add_scaled_f16c(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
 }
 
 // out (dim) = sum_j w_j values[j] / sum_j w_j with w_j = exp(s_j - max_i s_i), s_j = scale * (q . keys[j]), over the
@@ -120,10 +149,10 @@ void add_scaled(float weight, const at::Half *row, int64_t n, float *out, bool f
 // scores: length floats of scratch.
 template <typename Cache>
 void attend(const float *q, const Cache *keys, const Cache *values, int64_t length, int64_t dim, float scale,
-            float *scores, float *out, bool f16c) {
+            float *scores, float *out, bool avx2) {
     float largest = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < length; ++j) {
-        scores[j] = dot(q, keys + j * dim, dim, f16c) * scale;
+        scores[j] = dot(q, keys + j * dim, dim, avx2) * scale;
         largest = std::max(largest, scores[j]);
     }
     float total = 0.0f;
@@ -132,25 +161,26 @@ void attend(const float *q, const Cache *keys, const Cache *values, int64_t leng
         total += scores[j];
     }
     std::fill(out, out + dim, 0.0f);
-    for (int64_t j = 0; j < length; ++j) add_scaled(scores[j], values + j * dim, dim, out, f16c);
+    for (int64_t j = 0; j < length; ++j) add_scaled(scores[j], values + j * dim, dim, out, avx2);
     for (int64_t d = 0; d < dim; ++d) out[d] /= total;
 }
 
 // out (heads, dim): attend() of query head h over KV head g = h / (heads / kv_heads), positions 0 .. length - 1 of
 // keys, values (kv_heads, max_len, dim), scale dim^-0.5. scores: heads * length floats of scratch. Threads over heads
-// only where bc_thread_count finds the 2 * heads * length * dim multiply-adds worth a fork/join.
+// only where bc_thread_count finds the 2 * heads * length * dim multiply-adds worth a fork/join, each weighted as
+// kAttentionCost of the int8 multiply-adds it counts (see there).
 template <typename Cache>
 void attend_heads(const float *q, const Cache *keys, const Cache *values, int64_t heads, int64_t kv_heads,
                   int64_t max_len, int64_t length, int64_t dim, float *scores, float *out, int threads) {
-    const bool f16c = use_f16c();
+    const bool avx2 = use_avx2();
     const int64_t group = heads / kv_heads;
     const float scale = float(1.0 / std::sqrt(double(dim)));
-    const int team = bc_thread_count(threads, heads, 2 * heads * length * dim);
+    const int team = bc_thread_count(threads, heads, 2 * heads * length * dim * kAttentionCost);
 #pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
     for (int64_t h = 0; h < heads; ++h) {
         const int64_t cache = (h / group) * max_len * dim;
         attend(q + h * dim, keys + cache, values + cache, length, dim, scale, scores + h * length, out + h * dim,
-               f16c);
+               avx2);
     }
 }
 
