@@ -19,8 +19,8 @@ All engines use the same thread count, a 128-token prompt and 64 generated token
 default way of waiting between parallel sections, as a user runs it: OpenMP's (torch, our kernels, llama.cpp's ggml;
 leave ``OMP_WAIT_POLICY`` unset) and ONNX Runtime's spinning intra-op pool. On a machine shared with other jobs,
 spinning threads wait for the core a neighbour holds: there pass ``--no-spinning`` and set
-``OMP_WAIT_POLICY=PASSIVE``, and read the figures as a loaded machine's (that setting slowed llama.cpp up to 4x
-and us up to 1.8x on the 2-core Zen 4, docs/kernels.md). Engines are
+``OMP_WAIT_POLICY=PASSIVE``, and read the figures as a loaded machine's (that setting slowed llama.cpp's decoding about
+2.4x and ours about 2x on the 2-core Zen 4, docs/kernels.md). Engines are
 interleaved round by round (every engine once per round), so a slow spell of the shared machine hits all of them;
 the best round per engine is reported, with the spread.
 

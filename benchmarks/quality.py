@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = {"100k": 100_000, "150k": 150_000, "250k": 250_000, "1m": 1_000_000}
 # the ablation's budgets (issue 10: "about 250K and about 1M"): their rows show in the table, run or not; the others
-# (short runs and history) only where a record exists
+# (short runs and history) only where a record or a run in progress (a training log) exists
 TABLE_BUDGETS = ("250k", "1m")
 STAGES = ("model", "ppl", "eval", "eval-full")
 EVAL_TASKS = (("arc_easy", None), ("piqa", 500))
@@ -292,7 +292,7 @@ def write_doc(results_dir: Path, models: Path, doc: Path, source: str, notes: Pa
             rid = row_id(row, budget) if budget else row.key
             path = results_dir / f"{rid}.json"
             record = json.loads(path.read_text()) if path.is_file() else {}
-            if budget and not record and budget not in TABLE_BUDGETS:
+            if budget and not record and budget not in TABLE_BUDGETS and not training_log(models, rid):
                 continue
             label = f"{row.label}, {budget} tokens" if budget else row.label
             start = record.get("model", {}).get("start")

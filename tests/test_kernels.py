@@ -346,6 +346,26 @@ def test_int8_linear_matches_reference(isa):
                     assert ((y.double() - want).abs() <= bound).all(), f"{isa} {in_features} {out_features} {batch}"
 
 
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("kind", ["int8", "int6", "int4"])
+def test_quantized_rows_one_token_equals_its_row_of_a_batch(isa, kind):
+    """A single token runs one row per call (each thread streams its rows in order), several tokens 4 rows per call;
+    each row's sum is the same instructions in the same order either way, so a token alone gives its row of the batch
+    bit for bit, on every path, row count (tails of the 4-row groups and of the 64-row tasks) and thread count."""
+    index = require(isa)
+    quantize, linear = getattr(kernels, f"{kind}_quantize_rows"), getattr(kernels, f"{kind}_linear")
+    generator = torch.Generator().manual_seed(5)
+    for in_features in (31, 576, 1056):
+        for out_features in (1, 5, 67, 130):
+            w_q, d = quantize(torch.randn(out_features, in_features, generator=generator))
+            x = torch.randn(5, in_features, generator=generator)
+            for threads in (1, 2):
+                batch = linear(x, w_q, d, index, threads)
+                for t in range(x.shape[0]):
+                    assert torch.equal(linear(x[t:t + 1], w_q, d, index, threads)[0], batch[t]), \
+                        f"{kind} {isa} {in_features}x{out_features} token {t} threads {threads}"
+
+
 def test_int8_extremes_and_shape_errors():
     w = torch.tensor([[1e30, -1e30, 3.0], [1e-30, 0.0, -1e-30]])
     w_q, d = kernels.int8_quantize_rows(w)
