@@ -15,11 +15,11 @@
 // initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
 // has, the layout BITCONVERT_LAYOUT or the best that path computes on (bc_default_layout). Threads: ONNX Runtime's
 // intra-op pool (SessionOptions.intra_op_num_threads), not OpenMP, so the op never competes with the session's own
-// threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds, by 16-row tiles for one token (each
-// part a contiguous slice of the repacked weights and of y) and by groups of 8 tokens otherwise, and each part runs the
-// core single-threaded. The activations are quantized once per call (bc_quantize_padded, by token groups in the same
-// pool) and every part reads them: at 7B shapes a decode step has about 800 parts, and quantizing the 4,096-11,008
-// inputs in each of them cost more than the products.
+// threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds (kMaxParts at most), by 16-row tiles
+// for one token (each part a contiguous slice of the repacked weights and of y) and by groups of 8 tokens otherwise,
+// and each part runs the core single-threaded. The activations are quantized once per call (bc_quantize_padded, by
+// token groups in the same pool) and every part reads them: at 7B shapes a decode step had about 800 parts before the
+// cap, and quantizing the 4,096-11,008 inputs in each of them cost more than the products.
 // Built against the C API of the oldest supported onnxruntime: RegisterCustomOps refuses an older runtime with an
 // error status instead of crashing.
 #define ORT_API_MANUAL_INIT
@@ -38,6 +38,10 @@ namespace {
 
 constexpr const char *kDomain = "com.bitconvert";
 constexpr int64_t kMinWorkPerPart = int64_t(1) << 18;  // below this, handing work to another thread costs more
+// At most this many parts per call: each part is a separate call into the core and a task of ORT's pool, and a 7B
+// decode step cut by kMinWorkPerPart alone made ~170 parts per product; capped, 7B-4l decoded 10-15% faster (2-core
+// Zen 4, docs/export.md), while 32 parts still balance a pool of up to 8 threads or so.
+constexpr int64_t kMaxParts = 32;
 constexpr int64_t kTokensPerGroup = 8;                 // the core's tokens per tile call
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -198,7 +202,7 @@ struct TernaryMatMulKernel {
         const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
         const int64_t work = tiles * BC_TILE_ROWS * n * in_features;
         const int64_t pieces = n == 1 ? tiles : ceil_div(n, kTokensPerGroup);
-        const int64_t parts = std::max<int64_t>(1, std::min(work / kMinWorkPerPart, pieces));
+        const int64_t parts = std::max<int64_t>(1, std::min({work / kMinWorkPerPart, pieces, kMaxParts}));
         const int64_t ldx = bc_padded_in(in_features, layout);
         std::vector<int8_t> x_q(size_t(n * ldx));
         std::vector<int32_t> x_sums(static_cast<size_t>(n));

@@ -109,7 +109,8 @@ BC_TARGET_F16C void add_scaled_avx2(float weight, const float *row, int64_t n, f
     const __m256 factor = _mm256_set1_ps(weight);
     int64_t d = 0;
     for (; d + kLanes <= n; d += kLanes)
-        _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(factor, _mm256_loadu_ps(row + d))));
+        _mm256_storeu_ps(out + d,
+                         _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(factor, _mm256_loadu_ps(row + d))));
     for (; d < n; ++d) out[d] += weight * row[d];
 }
 
