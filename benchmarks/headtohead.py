@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -215,18 +216,24 @@ def main() -> None:
                                    for engine in engines}
 
     low, high = min(results["bandwidth_gb_s"]), max(results["bandwidth_gb_s"])
+    median = statistics.median(results["bandwidth_gb_s"])
+    results["median_bandwidth_gb_s"] = median
     print(f"\n{args.threads} threads, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"memory bandwidth {low:.1f}-{high:.1f} GB/s in this run (of bound: against the bandwidth measured "
-          "right before the best run)")
-    print(f"{'model':<12} {'engine':<26} {'decode tok/s':>13} {'prefill tok/s':>14} {'MB/token':>9} {'of bound':>9}")
+          f"memory bandwidth {low:.1f}-{high:.1f} GB/s in this run, median {median:.1f} (of bound: against the "
+          "bandwidth measured right before the best run; of median: against the run's median, which a momentary "
+          "dip in the probe does not move)")
+    print(f"{'model':<12} {'engine':<26} {'decode tok/s':>13} {'prefill tok/s':>14} {'MB/token':>9} {'of bound':>9} "
+          f"{'of median':>10}")
     for name, per_engine in results["models"].items():
         for engine, entry in per_engine.items():
             best = max(entry["runs"], key=lambda run: run["decode_tok_s"])
             decode_best, fraction = best["decode_tok_s"], best["fraction_of_bandwidth"]
             prefill_best = max(run["prefill_tok_s"] for run in entry["runs"])
-            entry.update(decode_tok_s=decode_best, prefill_tok_s=prefill_best, fraction_of_bandwidth=fraction)
+            of_median = entry["bytes_per_token"] * decode_best / 1e9 / median
+            entry.update(decode_tok_s=decode_best, prefill_tok_s=prefill_best, fraction_of_bandwidth=fraction,
+                         fraction_of_median_bandwidth=of_median)
             print(f"{name:<12} {engine:<26} {decode_best:13.2f} {prefill_best:14.2f} "
-                  f"{entry['bytes_per_token'] / 1e6:9.1f} {fraction:9.0%}")
+                  f"{entry['bytes_per_token'] / 1e6:9.1f} {fraction:9.0%} {of_median:10.0%}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
 
