@@ -283,11 +283,11 @@ def test_fused_step_matches_per_op_path(step_model, layout, kv_cache, monkeypatc
 
 @pytest.mark.parametrize("kv_cache", ["fp32", "fp16"])
 def test_fused_step_attention_threads(tmp_path, kv_cache):
-    """Attention long enough to run its heads on two threads (2 * heads * length * dim, weighted x16, >= 2 x 2^18): equal to one
-    thread bit for bit (each head is computed alone; the products are exact), and close to the per-op path (one step:
-    FLIP_TOLERANCE, see above). The steps run without the float lm_head, which is applied after, at one thread count:
-    torch's BLAS sums it in an order that depends on the thread count on some CPUs (MKL on an AVX-512/AMX Xeon: logits
-    9e-8 apart from the same hidden state)."""
+    """Attention long enough to run its heads on two threads (2 * heads * length * dim, weighted x16, >= 2 x 2^18):
+    equal to one thread bit for bit (each head is computed alone; the products are exact), and close to the per-op
+    path (one step: FLIP_TOLERANCE, see above). The steps run without the float lm_head, which is applied after, at one
+    thread count: torch's BLAS sums it in an order that depends on the thread count on some CPUs (MKL on an
+    AVX-512/AMX Xeon: logits 9e-8 apart from the same hidden state)."""
     from bitconvert.convert import convert
 
     convert(make_tiny_llama(tmp_path / "src", hidden_size=512, num_attention_heads=8, num_key_value_heads=4,

@@ -74,14 +74,18 @@ void add_scaled_scalar(float weight, const Cache *row, int64_t n, float *out) {
 
 #define BC_TARGET_F16C __attribute__((target("avx2,f16c")))
 
-// The fp16 cache's dot and add_scaled with F16C conversion: the same lanes, order and roundings as the scalar ones.
-BC_TARGET_F16C float dot_f16c(const float *a, const at::Half *b, int64_t n) {
+// 8 cache values as fp32: loaded, or fp16 converted exactly by F16C.
+BC_TARGET_F16C inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+BC_TARGET_F16C inline __m256 load8(const at::Half *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+// dot_scalar and add_scaled_scalar on AVX2 (F16C for an fp16 cache): the same lanes, order and roundings (a product,
+// then a sum: no FMA), 8 lanes per instruction where the library's baseline (SSE2) takes two.
+template <typename Cache>
+BC_TARGET_F16C float dot_avx2(const float *a, const Cache *b, int64_t n) {
     __m256 sums = _mm256_setzero_ps();
     int64_t d = 0;
-    for (; d + kLanes <= n; d += kLanes) {
-        const __m256 converted = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + d)));
-        sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_loadu_ps(a + d), converted));
-    }
+    for (; d + kLanes <= n; d += kLanes)
+        sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_loadu_ps(a + d), load8(b + d)));
     alignas(32) float lanes[kLanes];
     _mm256_store_ps(lanes, sums);
     for (int l = 0; d + l < n; ++l) lanes[l] += a[d + l] * float(b[d + l]);
@@ -90,59 +94,31 @@ BC_TARGET_F16C float dot_f16c(const float *a, const at::Half *b, int64_t n) {
     return sum;
 }
 
-// The fp32 cache's dot and add_scaled on AVX2: the scalar loops' lanes, order and roundings (a product, then a sum:
-// no FMA), 8 lanes per instruction where the library's baseline (SSE2) takes two.
-BC_TARGET_F16C float dot_avx2(const float *a, const float *b, int64_t n) {
-    __m256 sums = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + kLanes <= n; d += kLanes)
-        sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d)));
-    alignas(32) float lanes[kLanes];
-    _mm256_store_ps(lanes, sums);
-    for (int l = 0; d + l < n; ++l) lanes[l] += a[d + l] * b[d + l];
-    float sum = 0.0f;
-    for (float lane : lanes) sum += lane;
-    return sum;
-}
-
-BC_TARGET_F16C void add_scaled_avx2(float weight, const float *row, int64_t n, float *out) {
+template <typename Cache>
+BC_TARGET_F16C void add_scaled_avx2(float weight, const Cache *row, int64_t n, float *out) {
     const __m256 factor = _mm256_set1_ps(weight);
     int64_t d = 0;
     for (; d + kLanes <= n; d += kLanes)
-        _mm256_storeu_ps(out + d,
-                         _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(factor, _mm256_loadu_ps(row + d))));
-    for (; d < n; ++d) out[d] += weight * row[d];
-}
-
-BC_TARGET_F16C void add_scaled_f16c(float weight, const at::Half *row, int64_t n, float *out) {
-    const __m256 factor = _mm256_set1_ps(weight);
-    int64_t d = 0;
-    for (; d + kLanes <= n; d += kLanes) {
-        const __m256 converted = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + d)));
-        _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(factor, converted)));
-    }
+        _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(factor, load8(row + d))));
     for (; d < n; ++d) out[d] += weight * float(row[d]);
 }
 
 // Whether this call reads the cache with the AVX2 (and, for fp16, F16C) loops: the CPU has both, and BITCONVERT_ISA
 // does not ask for the scalar reference (which then runs the scalar loops above: the same results, tested).
 bool use_avx2() {
-    static const bool supported = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"));
+    static const bool supported =
+        (__builtin_cpu_init(), __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"));
     return supported && bc_default_isa() > BC_ISA_SCALAR;
 }
 
 // dot() and add_scaled() of a cache row; avx2: use_avx2() of the call.
-float dot(const float *a, const float *b, int64_t n, bool avx2) {
+template <typename Cache>
+float dot(const float *a, const Cache *b, int64_t n, bool avx2) {
     return avx2 ? dot_avx2(a, b, n) : dot_scalar(a, b, n);
 }
-float dot(const float *a, const at::Half *b, int64_t n, bool avx2) {
-    return avx2 ? dot_f16c(a, b, n) : dot_scalar(a, b, n);
-}
-void add_scaled(float weight, const float *row, int64_t n, float *out, bool avx2) {
+template <typename Cache>
+void add_scaled(float weight, const Cache *row, int64_t n, float *out, bool avx2) {
     avx2 ? add_scaled_avx2(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
-}
-void add_scaled(float weight, const at::Half *row, int64_t n, float *out, bool avx2) {
-    avx2 ? add_scaled_f16c(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
 }
 
 // out (dim) = sum_j w_j values[j] / sum_j w_j with w_j = exp(s_j - max_i s_i), s_j = scale * (q . keys[j]), over the
