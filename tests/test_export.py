@@ -310,10 +310,15 @@ def test_library_path_is_cached():
     assert custom_op_library() == custom_op_library()
 
 
+@pytest.mark.parametrize("layout", kernels.LAYOUTS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_segmented_op_equals_separate_projections(tmp_path, threads):
+def test_segmented_op_equals_separate_projections(tmp_path, monkeypatch, threads, layout):
     """Stacked projections with one scale each (segments of 32, 16 and 21 rows) give, bit for bit, what three
-    separate TernaryMatMul nodes give: one token (rows split across threads) and 2 x 9 tokens (tokens split)."""
+    separate TernaryMatMul nodes give: one token (rows split across threads) and 2 x 9 tokens (tokens split), in
+    every layout of the default path (lut: segments that start inside a 128-row group)."""
+    if not kernels.layout_supported(kernels.LAYOUTS.index(layout), kernels.isa_index()):
+        pytest.skip(f"the default path lacks the {layout} layout")
+    monkeypatch.setenv("BITCONVERT_LAYOUT", layout)
     generator = torch.Generator().manual_seed(5)
     sizes, in_features = [32, 16, 21], 300
     parts = [torch.randint(-1, 2, (n, in_features), generator=generator, dtype=torch.int8) for n in sizes]

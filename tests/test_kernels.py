@@ -16,7 +16,7 @@ from bitconvert.bitlinear import BitLinear, PackedBitLinear, ReferenceBackend, q
 from bitconvert.packing import pack_ternary
 
 IN_FEATURES = (1, 3, 67, 576, 1000)
-OUT_FEATURES = (1, 5, 13, 576)
+OUT_FEATURES = (1, 5, 13, 200, 576)  # 200: 13 tiles, one full 128-row lut group and a partial one
 BATCHES = (1, 3, 6, 17, 22, 64)  # one tile call of 1, 3, 6 tokens; several calls per tile (8 + 1, 8 + 6, 8 x 8)
 MAX_IN_FEATURES = 1 << 19  # BC_MAX_IN_FEATURES: every int32 partial sum stays exact up to here
 
@@ -78,6 +78,8 @@ def test_repacked_size():
         tiles = -(-out_features // 16)
         assert weights["2bit"].numel() == tiles * -(-in_features // 16) * 64  # 16 x 16 weights per 64 bytes
         assert weights["base3"].numel() == tiles * -(-in_features // 24) * 80  # 16 x 24 weights per 80 bytes
+        groups = -(-out_features // 128)  # lut: 128-row groups of 8 tiles, 16 x 9 weights per 32 bytes
+        assert weights["lut"].numel() == groups * 8 * -(-in_features // 9) * 32
         for layout, name in enumerate(kernels.LAYOUTS):
             assert kernels.repacked_bytes(out_features, in_features, layout) == weights[name].numel()
 
@@ -97,15 +99,23 @@ def test_layout_defaults_and_environment_variable(monkeypatch):
     assert kernels.layout_index(0) == 0  # the scalar reference defaults to 2bit
     avx512 = kernels.ISAS.index("avx512")
     assert kernels.layout_index(best) == (base3 if best == avx512 and kernels.layout_supported(base3, best) else 0)
-    for name in ("avx2", "avxvnni"):  # base3 computes there, but more slowly than 2bit: not the default
+    lut = kernels.LAYOUTS.index("lut")
+    for name in ("avx2", "avxvnni"):  # base3 computes there, but more slowly than 2bit: not the default; lut not
         if name in kernels.supported_isas():
             assert kernels.layout_supported(base3, kernels.ISAS.index(name))
             assert kernels.layout_index(kernels.ISAS.index(name)) == 0
+            assert not kernels.layout_supported(lut, kernels.ISAS.index(name))
+    assert kernels.layout_index(best) != lut  # opt-in only (docs/kernels.md, "The lut layout")
     assert torch.ops.bitconvert.ternary_layout(-1) == kernels.layout_index(best)  # -1: the default path
     monkeypatch.setenv("BITCONVERT_LAYOUT", "base3")
     assert kernels.layout_index(0) == base3
     if "avx2" in kernels.supported_isas():
         assert kernels.layout_index(kernels.ISAS.index("avx2")) == base3  # opted in
+    monkeypatch.setenv("BITCONVERT_LAYOUT", "lut")
+    assert kernels.layout_index(0) == lut
+    if "avx2" in kernels.supported_isas():
+        with pytest.raises(RuntimeError, match="does not compute on the layout 'lut'"):
+            kernels.layout_index(kernels.ISAS.index("avx2"))
     monkeypatch.setenv("BITCONVERT_LAYOUT", "base7")
     with pytest.raises(RuntimeError, match="unknown weight layout 'base7'"):
         kernels.layout_index(0)

@@ -5,12 +5,13 @@ weights ``T`` (out, in), the exact int32 product ``acc = x_q @ T^T`` and the lay
 ``y = acc / weight_scale / s`` (fp32), bit for bit equal to :class:`bitconvert.bitlinear.ReferenceBackend`.
 It has a scalar reference path and AVX2, AVX-VNNI and AVX-512 VNNI paths, chosen from CPUID at run time or forced
 with ``BITCONVERT_ISA=scalar|avx2|avxvnni|avx512``, and runs on ``torch.get_num_threads()`` threads (OpenMP).
-The weights are repacked once into one of two layouts (:data:`LAYOUTS`, ``csrc/ternary_core.h``): ``2bit``, which
-every path computes on, and ``base3`` (3 weights per 5-bit index, 1.67 bits: 17% fewer bytes to stream per
-decoded token), which every path computes on (AVX-512 only with VBMI). :func:`layout_index` picks base3 for the
+The weights are repacked once into one of three layouts (:data:`LAYOUTS`, ``csrc/ternary_core.h``): ``2bit``, which
+every path computes on, ``base3`` (3 weights per 5-bit index, 1.67 bits: 17% fewer bytes to stream per
+decoded token), which every path computes on (AVX-512 only with VBMI), and ``lut`` (1.78 bits, three 5-bit indices
+per 16-bit word, read by ``vpermw`` table lookups; scalar and AVX-512 only, never the default). :func:`layout_index` picks base3 for the
 AVX-512 path with VBMI, 2bit otherwise (the AVX2 and AVX-VNNI base3 loops decode a weight with about 1.7x the work
 of their 2-bit loop, more than the bytes they save at 2 threads; ``docs/kernels.md``) and for the scalar reference
-(``BITCONVERT_LAYOUT=2bit|base3`` forces one). A repacked weight does not record its layout: keep it beside the weight (``KernelBackend`` sets
+(``BITCONVERT_LAYOUT=2bit|base3|lut`` forces one). A repacked weight does not record its layout: keep it beside the weight (``KernelBackend`` sets
 ``module.kernel_layout``).
 ``csrc/int8_core.{h,cpp}`` holds the int8 x int8, int4 x int8 and int6 x int8 products of the optional int8, int4 and
 int6 ``lm_head`` (:mod:`.lm_head`) on the same paths (int4: scalar and AVX2; int6: scalar, AVX2 and AVX-512 VNNI);
@@ -57,9 +58,9 @@ from pathlib import Path
 import torch
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512")
-LAYOUTS = ("2bit", "base3")
+LAYOUTS = ("2bit", "base3", "lut")
 # The paths that compute on each layout (base3 on avx512 also needs VBMI: ``ternary_layout_supported`` checks the CPU).
-LAYOUT_ISAS = {"2bit": ISAS, "base3": ISAS}
+LAYOUT_ISAS = {"2bit": ISAS, "base3": ISAS, "lut": ("scalar", "avx512")}
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp",
            CSRC / "decode_step.cpp")

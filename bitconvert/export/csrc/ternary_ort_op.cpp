@@ -69,11 +69,14 @@ void quantize_group(void *data, size_t index) {
                        job.x_sums + first, job.x_scales + first);
 }
 
+// The rows a one-token part covers a multiple of: a tile, or lut's 128-row group, which its one-token loop computes
+// whole (a part that started inside a group would compute the group again).
+int64_t row_block(int layout) { return layout == BC_LAYOUT_LUT ? BC_LUT_GROUP_ROWS : BC_TILE_ROWS; }
+
 // Rows [row0, row1) of the output for tokens [first, last), all inside segment `seg`, into y (row stride N).
 int run_rows(const Job &job, int64_t first, int64_t last, int64_t row0, int64_t row1, size_t seg) {
-    const uint8_t *weight = job.weight + row0 / BC_TILE_ROWS * bc_tile_bytes(job.in_features, job.layout);
     return bc_linear_quantized(job.x_q + first * job.ldx, job.x_sums + first, job.x_scales + first, last - first,
-                               weight, job.layout, row1 - row0, job.in_features, job.scales[seg],
+                               job.weight, job.layout, row0, row1 - row0, job.in_features, job.scales[seg],
                                job.y + first * job.out_features + row0, job.out_features, job.isa, 1);
 }
 
@@ -81,10 +84,10 @@ void run_part(void *data, size_t index) {
     Job &job = *static_cast<Job *>(data);
     const int64_t part = int64_t(index);
     int64_t first = 0, last = job.n, lo = 0, hi = job.out_features;
-    if (job.n == 1) {  // split the rows: tiles [t0, t1) are contiguous in the repacked layout
-        const int64_t tiles = ceil_div(job.out_features, BC_TILE_ROWS);
-        lo = part * tiles / job.parts * BC_TILE_ROWS;
-        hi = std::min((part + 1) * tiles / job.parts * BC_TILE_ROWS, job.out_features);
+    if (job.n == 1) {  // split the rows into whole row blocks (row_block)
+        const int64_t rows = row_block(job.layout), blocks = ceil_div(job.out_features, rows);
+        lo = part * blocks / job.parts * rows;
+        hi = std::min((part + 1) * blocks / job.parts * rows, job.out_features);
     } else {  // split the tokens
         const int64_t groups = ceil_div(job.n, kTokensPerGroup);
         first = part * groups / job.parts * kTokensPerGroup;
@@ -201,7 +204,7 @@ struct TernaryMatMulKernel {
         }
         const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
         const int64_t work = tiles * BC_TILE_ROWS * n * in_features;
-        const int64_t pieces = n == 1 ? tiles : ceil_div(n, kTokensPerGroup);
+        const int64_t pieces = n == 1 ? ceil_div(out_features, row_block(layout)) : ceil_div(n, kTokensPerGroup);
         const int64_t parts = std::max<int64_t>(1, std::min({work / kMinWorkPerPart, pieces, kMaxParts}));
         const int64_t ldx = bc_padded_in(in_features, layout);
         std::vector<int8_t> x_q(size_t(n * ldx));

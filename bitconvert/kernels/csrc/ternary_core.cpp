@@ -389,16 +389,189 @@ struct Base3AvxVnni {
     }
 };
 
-// tiles[nt] handles nt tokens (1 <= nt <= kMaxTokens).
+
+// ---- lut layout (ternary_core.h): groups of 8 tiles (128 rows); per 9-column unit, the group's 128 words (256
+// bytes, tile i's 16 words at byte 32 i), each holding three five-bit base-3 indices of its row; the activations as
+// lookup tables plus the int8 codes (lut_tables / lut_codes).
+constexpr int kLutLookups = 3;                                    // indices per word, 3 columns each
+constexpr int kLutEntries = 32;                                   // int16 entries per table (27 used)
+constexpr int64_t kLutTableBytes = kLutLookups * kLutEntries * 2;  // 192 table bytes per unit
+constexpr int64_t kLutCodeBytes = kLutLookups * 4;                 // 12 code bytes per unit: (x0, x1, x2, 0) per index
+constexpr int kLutWiden = 14;  // units summed in int16: 14 x 3 lookups x |3 x 2 x 128| = 32,256 <= 32,767
+constexpr int kBandTiles = BC_LUT_GROUP_ROWS / BC_TILE_ROWS;  // a lut group: 4 tile pairs share each table load
+constexpr int64_t kLutUnitStride = kBandTiles * BC_LUT_UNIT_BYTES;  // bytes from one unit of a tile to its next
+// Software prefetch distance (into L2) of the one-token loop: 64 units of a group. With T0 and 2 KiB the loop
+// streamed at ~44 GB/s where this reached ~60 (a standalone version of the loop, 24 matrices of 11008 x 4096).
+constexpr int64_t kLutPrefetchBytes = 16384;
+
+// Index k of row r in unit u of a lut tile (tile: the tile's first word).
+int lut_index(const uint8_t *tile, int64_t u, int r, int k) {
+    const uint8_t *word = tile + u * kLutUnitStride + 2 * r;
+    return ((word[0] | word[1] << 8) >> (5 * k)) & 31;
+}
+
+// Digit j (< 3) of a base-3 index.
+int base3_digit(int index, int j) {
+    for (; j > 0; --j) index /= 3;
+    return index % 3;
+}
+
+struct LutScalar {  // from the int8 codes of the activations, digit by digit
+    template <int NT>
+    static void tile(const uint8_t *w, int64_t units, const int8_t *x, int64_t ldx, int32_t *raw) {
+        for (int t = 0; t < NT; ++t)
+            for (int r = 0; r < BC_TILE_ROWS; ++r) {
+                int32_t sum = 0;
+                for (int64_t u = 0; u < units; ++u)
+                    for (int k = 0; k < kLutLookups; ++k) {
+                        const int8_t *codes = x + t * ldx + units * kLutTableBytes + u * kLutCodeBytes + 4 * k;
+                        const int index = lut_index(w, u, r, k);
+                        for (int j = 0; j < 3; ++j) sum += base3_digit(index, j) * codes[j];
+                    }
+                raw[t * BC_TILE_ROWS + r] = sum;
+            }
+    }
+};
+
+// AVX-512 (F/BW, VNNI) on lut. One token (band): a tile pair's words in one register (32 word lanes, rows of tile
+// 2p then 2p + 1), and each index k of a unit is one vpermw against that unit's table k: 32 lanes x 3 weights per
+// instruction, summed in int16 for kLutWiden units, then widened to int32; a whole group per call, so that the three
+// tables of a unit are loaded once for its four pairs. Several tokens: the words become digit planes (vpermt2d
+// from the index to the dword (d0, d1, d2, 0)), one vpdpbusd per plane and token against the 4 code bytes
+// (x0, x1, x2, 0); with several token groups `decode` writes a tile's planes once (as Base3Avx512 does).
+struct LutAvx512 {
+    static constexpr int64_t kPlaneBytes = kLutLookups * 64;  // decoded bytes per unit
+
+    // One token, the 8 tiles of the group at w (a group's 256 bytes per unit read as one stream): raw[16 i + r] =
+    // tile i's row r. Each register holds the words of a tile pair (32 word lanes).
+    BC_TARGET_AVX512 static void band(const uint8_t *w, int64_t units, const int8_t *x, int32_t *raw) {
+        constexpr int kPairs = kBandTiles / 2;
+        __m512i low[kPairs], high[kPairs];
+        for (int p = 0; p < kPairs; ++p) low[p] = high[p] = _mm512_setzero_si512();
+        for (int64_t u0 = 0; u0 < units; u0 += kLutWiden) {
+            const int64_t u1 = std::min<int64_t>(units, u0 + kLutWiden);
+            __m512i sum[kPairs];
+            for (int p = 0; p < kPairs; ++p) sum[p] = _mm512_setzero_si512();
+            for (int64_t u = u0; u < u1; ++u) {
+                const int8_t *tables = x + u * kLutTableBytes;
+                const __m512i table0 = _mm512_loadu_si512(tables), table1 = _mm512_loadu_si512(tables + 64),
+                              table2 = _mm512_loadu_si512(tables + 128);
+                const uint8_t *unit = w + u * kLutUnitStride;
+                for (int p = 0; p < kPairs; ++p) {
+                    _mm_prefetch((const char *)(unit + 64 * p + kLutPrefetchBytes), _MM_HINT_T1);
+                    const __m512i words = _mm512_loadu_si512(unit + 64 * p);
+                    // vpermw reads the low 5 bits of each word: index 0 as is, 1 and 2 shifted down
+                    sum[p] = _mm512_add_epi16(sum[p], _mm512_permutexvar_epi16(words, table0));
+                    sum[p] = _mm512_add_epi16(sum[p], _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 5), table1));
+                    sum[p] = _mm512_add_epi16(sum[p], _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 10), table2));
+                }
+            }
+            for (int p = 0; p < kPairs; ++p) {
+                low[p] = _mm512_add_epi32(low[p], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum[p])));
+                high[p] = _mm512_add_epi32(high[p], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum[p], 1)));
+            }
+        }
+        for (int p = 0; p < kPairs; ++p) {
+            _mm512_storeu_si512(raw + 2 * p * BC_TILE_ROWS, low[p]);
+            _mm512_storeu_si512(raw + (2 * p + 1) * BC_TILE_ROWS, high[p]);
+        }
+    }
+
+    // The three digit planes of unit u of a tile: plane k, dword lane r = (d0, d1, d2, 0) of row r's index k.
+    BC_TARGET_AVX512 static inline void decode_unit(const uint8_t *w, int64_t u, __m512i planes[kLutLookups]) {
+        alignas(64) static const uint32_t kDigits[kLutEntries] = {
+            0x00000, 0x00001, 0x00002, 0x00100, 0x00101, 0x00102, 0x00200, 0x00201, 0x00202,
+            0x10000, 0x10001, 0x10002, 0x10100, 0x10101, 0x10102, 0x10200, 0x10201, 0x10202,
+            0x20000, 0x20001, 0x20002, 0x20100, 0x20101, 0x20102, 0x20200, 0x20201, 0x20202};
+        const uint8_t *unit = w + u * kLutUnitStride;
+        const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)unit));
+        const __m512i lower = _mm512_load_si512(kDigits), upper = _mm512_load_si512(kDigits + 16);
+        for (int k = 0; k < kLutLookups; ++k)  // vpermt2d reads the low 5 bits of each dword
+            planes[k] = _mm512_permutex2var_epi32(lower, _mm512_srli_epi32(words, 5 * k), upper);
+    }
+
+    // raw[t * 16 + r] for NT tokens, the planes of each unit u given by planes_of(u, planes).
+    template <int NT, class PlanesOf>
+    BC_TARGET_AVX512 static inline void compute(int64_t units, const int8_t *x, int64_t ldx, int32_t *raw,
+                                                PlanesOf planes_of) {
+        constexpr int C = NT >= kLutLookups ? 1 : kLutLookups;
+        __m512i sum[NT][C];
+        for (int t = 0; t < NT; ++t)
+            for (int c = 0; c < C; ++c) sum[t][c] = _mm512_setzero_si512();
+        const int8_t *codes = x + units * kLutTableBytes;
+        for (int64_t u = 0; u < units; ++u) {
+            __m512i planes[kLutLookups];
+            planes_of(u, planes);
+            for (int k = 0; k < kLutLookups; ++k)
+                for (int t = 0; t < NT; ++t) {
+                    const __m512i xs = _mm512_set1_epi32(load4(codes + t * ldx + u * kLutCodeBytes + 4 * k));
+                    sum[t][k % C] = _mm512_dpbusd_epi32(sum[t][k % C], planes[k], xs);
+                }
+        }
+        for (int t = 0; t < NT; ++t) {
+            __m512i total = sum[t][0];
+            for (int c = 1; c < C; ++c) total = _mm512_add_epi32(total, sum[t][c]);
+            _mm512_storeu_si512(raw + t * BC_TILE_ROWS, total);
+        }
+    }
+
+    struct DecodeFrom {  // the planes of the repacked weights w
+        const uint8_t *w;
+        BC_TARGET_AVX512 void operator()(int64_t u, __m512i *planes) const { decode_unit(w, u, planes); }
+    };
+
+    struct LoadFrom {  // the planes `decode` wrote
+        const uint8_t *decoded;
+        BC_TARGET_AVX512 void operator()(int64_t u, __m512i *planes) const {
+            for (int k = 0; k < kLutLookups; ++k) planes[k] = _mm512_loadu_si512(decoded + u * kPlaneBytes + 64 * k);
+        }
+    };
+
+    template <int NT>
+    BC_TARGET_AVX512 static void tile(const uint8_t *w, int64_t units, const int8_t *x, int64_t ldx, int32_t *raw) {
+        compute<NT>(units, x, ldx, raw, DecodeFrom{w});
+    }
+
+    // out (units * kPlaneBytes): the planes of a tile's units, in order.
+    BC_TARGET_AVX512 static void decode(const uint8_t *w, int64_t units, uint8_t *out) {
+        for (int64_t u = 0; u < units; ++u) {
+            __m512i planes[kLutLookups];
+            decode_unit(w, u, planes);
+            for (int k = 0; k < kLutLookups; ++k) _mm512_storeu_si512(out + u * kPlaneBytes + 64 * k, planes[k]);
+        }
+    }
+
+    template <int NT>
+    BC_TARGET_AVX512 static void planes_tile(const uint8_t *decoded, int64_t units, const int8_t *x, int64_t ldx,
+                                             int32_t *raw) {
+        compute<NT>(units, x, ldx, raw, LoadFrom{decoded});
+    }
+};
+
+// A band function: one token, the band_tiles tiles from w (a multiple of band_tiles): raw[16 i + r] = tile i's row r.
+using BandFn = void (*)(const uint8_t *w, int64_t units, const int8_t *x, int32_t *raw);
+
+// The band of a path whose one-token work is its one-tile function (band_tiles 1).
+template <class Path>
+void tile_band(const uint8_t *w, int64_t units, const int8_t *x, int32_t *raw) {
+    Path::template tile<1>(w, units, x, 0, raw);
+}
+
+// tiles[nt] handles nt tokens (1 <= nt <= kMaxTokens); band, the band_tiles tiles of one token (null: the path does
+// not compute on the layout).
 struct Kernels {
     TileFn tiles[kMaxTokens + 1];
+    BandFn band;
+    int band_tiles;
 };
 
 template <class Path>
-constexpr Kernels kernels_of() {
+constexpr Kernels kernels_of(BandFn band = &tile_band<Path>, int band_tiles = 1) {
     return {{nullptr, &Path::template tile<1>, &Path::template tile<2>, &Path::template tile<3>,
              &Path::template tile<4>, &Path::template tile<5>, &Path::template tile<6>, &Path::template tile<7>,
-             &Path::template tile<8>}};
+             &Path::template tile<8>},
+            band,
+            band_tiles};
 }
 
 // A path that decodes a tile once for several token groups: decode(w, units, out) writes unit_bytes per unit, and
@@ -415,26 +588,47 @@ constexpr DecodedKernels kBase3Avx512Decoded = {
      &Base3Avx512::planes_tile<4>, &Base3Avx512::planes_tile<5>, &Base3Avx512::planes_tile<6>,
      &Base3Avx512::planes_tile<7>, &Base3Avx512::planes_tile<8>}};
 
+constexpr DecodedKernels kLutAvx512Decoded = {
+    LutAvx512::kPlaneBytes, &LutAvx512::decode,
+    {nullptr, &LutAvx512::planes_tile<1>, &LutAvx512::planes_tile<2>, &LutAvx512::planes_tile<3>,
+     &LutAvx512::planes_tile<4>, &LutAvx512::planes_tile<5>, &LutAvx512::planes_tile<6>,
+     &LutAvx512::planes_tile<7>, &LutAvx512::planes_tile<8>}};
+
 const DecodedKernels *decoded_kernels(int layout, int isa) {
-    return layout == BC_LAYOUT_BASE3 && isa == BC_ISA_AVX512 ? &kBase3Avx512Decoded : nullptr;
+    if (isa != BC_ISA_AVX512) return nullptr;
+    return layout == BC_LAYOUT_BASE3 ? &kBase3Avx512Decoded : layout == BC_LAYOUT_LUT ? &kLutAvx512Decoded : nullptr;
 }
 
-// kKernels[layout][isa]: every path computes on every layout (base3 on avx512 also needs VBMI).
+// kKernels[layout][isa]: every path computes on 2bit and base3 (base3 on avx512 also needs VBMI); lut has the
+// scalar reference and AVX-512 (vpermw needs AVX-512 BW; the AVX2 tables hold 16 entries, not 27).
 constexpr Kernels kKernels[BC_LAYOUT_COUNT][BC_ISA_COUNT] = {
     {kernels_of<Scalar>(), kernels_of<Avx2>(), kernels_of<AvxVnni>(), kernels_of<Avx512>()},
-    {kernels_of<Base3Scalar>(), kernels_of<Base3Avx2>(), kernels_of<Base3AvxVnni>(), kernels_of<Base3Avx512>()}};
+    {kernels_of<Base3Scalar>(), kernels_of<Base3Avx2>(), kernels_of<Base3AvxVnni>(), kernels_of<Base3Avx512>()},
+    {kernels_of<LutScalar>(), Kernels{}, Kernels{}, kernels_of<LutAvx512>(&LutAvx512::band, kBandTiles)}};
 
 const char *const kIsaNames[BC_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512"};
-const char *const kLayoutNames[BC_LAYOUT_COUNT] = {"2bit", "base3"};
+const char *const kLayoutNames[BC_LAYOUT_COUNT] = {"2bit", "base3", "lut"};
 
-// A layout's tile unit (2bit: k-block, base3: pair): the columns it covers and its bytes.
+// A layout's tile unit (2bit: k-block, base3: pair, lut: word column): the columns it covers and its bytes.
 struct Unit {
     int64_t cols, bytes;
 };
-constexpr Unit kUnits[BC_LAYOUT_COUNT] = {{BC_BLOCK_COLS, BC_BLOCK_BYTES}, {BC_PAIR_COLS, BC_PAIR_BYTES}};
+constexpr Unit kUnits[BC_LAYOUT_COUNT] = {
+    {BC_BLOCK_COLS, BC_BLOCK_BYTES}, {BC_PAIR_COLS, BC_PAIR_BYTES}, {BC_LUT_UNIT_COLS, BC_LUT_UNIT_BYTES}};
 
 // Units per tile row for in_features columns.
 int64_t units_of(int64_t in_features, int layout) { return ceil_div(in_features, kUnits[layout].cols); }
+
+// Where tile `tile` of a repacked matrix starts: 2bit and base3 store tiles one after another; lut interleaves the
+// tiles of each group of 8 unit by unit (tile i of a group at byte 32 i of the group's units).
+const uint8_t *tile_at(const uint8_t *weight, int64_t tile, int64_t in_features, int layout) {
+    const int64_t tile_bytes = bc_tile_bytes(in_features, layout);
+    if (layout != BC_LAYOUT_LUT) return weight + tile * tile_bytes;
+    return weight + tile / kBandTiles * kBandTiles * tile_bytes + tile % kBandTiles * BC_LUT_UNIT_BYTES;
+}
+
+// Columns of the zero-padded int8 activation row: in_features rounded up to whole units.
+int64_t padded_cols(int64_t in_features, int layout) { return units_of(in_features, layout) * kUnits[layout].cols; }
 
 // What to do with the exact int32 products: store them, or scale them to the layer's fp32 output.
 struct Output {
@@ -469,18 +663,43 @@ void write_tile(const Output &out, const int32_t *raw, const int32_t *x_sum, int
     }
 }
 
-// x_q: n rows of ldx = bc_padded_in(in_features, layout) int8 (zero padded); x_sum: per-token sum of x_q.
-// Work is split into (tile, token group) tasks, tile-major, so a thread reuses a tile's weights across groups; with
-// several groups, a path that has DecodedKernels decodes each of its tiles once into the thread's buffer.
+// One token: tasks of kernels.band_tiles tiles each, aligned to the band, writing the tiles in range.
+void run_band(const Kernels &kernels, const int8_t *x_q, const int32_t *x_sum, const uint8_t *weight, int layout,
+              int64_t first_tile, int64_t out_features, int64_t in_features, const Output &out, int threads) {
+    const int64_t units = units_of(in_features, layout), band = kernels.band_tiles;
+    const int64_t end_tile = first_tile + ceil_div(out_features, BC_TILE_ROWS), begin = first_tile / band * band;
+    const int64_t tasks = ceil_div(end_tile - begin, band);
+    const int nthreads = bc_thread_count(threads, tasks, tasks * band * BC_TILE_ROWS * padded_cols(in_features, layout));
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t tile0 = begin + task * band;
+        int32_t raw[kBandTiles * BC_TILE_ROWS];
+        kernels.band(tile_at(weight, tile0, in_features, layout), units, x_q, raw);
+        for (int64_t tile = std::max(tile0, first_tile); tile < std::min(tile0 + band, end_tile); ++tile) {
+            const int64_t row0 = (tile - first_tile) * BC_TILE_ROWS;
+            write_tile(out, raw + (tile - tile0) * BC_TILE_ROWS, x_sum, 0, 1, row0,
+                       int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0)), out_features);
+        }
+    }
+}
+
+// x_q: n rows of ldx = bc_padded_in(in_features, layout) bytes, the activations as the layout reads them
+// (quantize_tokens); x_sum: per-token sum of the int8 codes. Computes the out_features rows from tile first_tile of
+// the repacked matrix at weight, written as output rows 0 .. out_features - 1. One token goes through the path's
+// band function; several are split into (tile, token group) tasks, tile-major, so a thread reuses a tile's weights
+// across groups; with several groups, a path that has DecodedKernels decodes each of its tiles once into the
+// thread's buffer.
 void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint8_t *weight, int layout,
-         int64_t out_features, int64_t in_features, const Output &out, int threads) {
+         int64_t first_tile, int64_t out_features, int64_t in_features, const Output &out, int threads) {
     const Kernels &kernels = kKernels[layout][isa];
-    const int64_t units = units_of(in_features, layout), tile_bytes = bc_tile_bytes(in_features, layout);
+    if (n == 1)
+        return run_band(kernels, x_q, x_sum, weight, layout, first_tile, out_features, in_features, out, threads);
+    const int64_t units = units_of(in_features, layout);
     const int64_t ldx = bc_padded_in(in_features, layout);
     const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
     const int64_t groups = ceil_div(n, kMaxTokens);
     const int64_t tasks = tiles * groups;
-    const int nthreads = bc_thread_count(threads, tasks, tiles * BC_TILE_ROWS * n * ldx);
+    const int nthreads = bc_thread_count(threads, tasks, tiles * BC_TILE_ROWS * n * padded_cols(in_features, layout));
     const DecodedKernels *decoded = groups > 1 ? decoded_kernels(layout, isa) : nullptr;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -490,7 +709,7 @@ void run(int isa, const int8_t *x_q, const int32_t *x_sum, int64_t n, const uint
         for (int64_t task = 0; task < tasks; ++task) {
             const int64_t tile = task / groups, t0 = (task % groups) * kMaxTokens;
             const int nt = int(std::min<int64_t>(kMaxTokens, n - t0));
-            const uint8_t *w = weight + tile * tile_bytes;
+            const uint8_t *w = tile_at(weight, first_tile + tile, in_features, layout);
             int32_t raw[kMaxTokens * BC_TILE_ROWS];
             if (decoded) {
                 if (tile != buffered_tile) decoded->decode(w, units, buffer.data());
@@ -522,17 +741,50 @@ void permute_base3(const int8_t *src, int64_t ldx, int8_t *dst) {
             for (int g = 0; g < kGroups; ++g) dst[block + kGroups * j + g] = src[block + kDigits * g + j];
 }
 
-// Writes the int8 activation row src (in_features values) as the kernels read it, dst (ldx values): zero padded,
-// and for base3 permuted (permute_base3); returns the sum of its values. aside: ldx bytes of scratch for base3.
-// For 2bit, dst may be src (the row is then only padded).
+// The lut activations (ternary_core.h) of the zero-padded int8 row (units * 9 values) into dst: the int16 tables
+// (scalar reference; QuantizeAvx512::lut_tables computes the same) and the int8 codes.
+void lut_tables(const int8_t *row, int64_t units, int8_t *dst) {
+    for (int64_t u = 0; u < units; ++u)
+        for (int k = 0; k < kLutLookups; ++k) {
+            const int8_t *x = row + u * BC_LUT_UNIT_COLS + 3 * k;
+            int16_t table[kLutEntries] = {};
+            for (int index = 0; index < 27; ++index)
+                table[index] = int16_t(base3_digit(index, 0) * x[0] + base3_digit(index, 1) * x[1] +
+                                       base3_digit(index, 2) * x[2]);
+            std::memcpy(dst + (u * kLutLookups + k) * 64, table, sizeof table);
+        }
+}
+
+void lut_codes(const int8_t *row, int64_t units, int8_t *dst) {
+    int8_t *codes = dst + units * kLutTableBytes;
+    for (int64_t u = 0; u < units; ++u)
+        for (int k = 0; k < kLutLookups; ++k) {
+            int8_t *quad = codes + u * kLutCodeBytes + 4 * k;
+            for (int j = 0; j < 3; ++j) quad[j] = row[u * BC_LUT_UNIT_COLS + 3 * k + j];
+            quad[3] = 0;
+        }
+}
+
+// dst (ldx bytes) from the zero-padded int8 row `row` (padded_cols values, in aside unless 2bit): 2bit reads the
+// row itself (row == dst), base3 permuted (permute_base3), lut as tables and codes (lut_tables / lut_codes).
+void scalar_layout_tail(int layout, const int8_t *row, int64_t in_features, int8_t *dst) {
+    if (layout == BC_LAYOUT_BASE3) permute_base3(row, padded_cols(in_features, layout), dst);
+    if (layout == BC_LAYOUT_LUT) {
+        lut_tables(row, units_of(in_features, layout), dst);
+        lut_codes(row, units_of(in_features, layout), dst);
+    }
+}
+
+// Writes the int8 activation row src (in_features values) as the kernels read it, dst (ldx bytes): zero padded,
+// then in the layout's order (scalar_layout_tail); returns the sum of its values. aside: padded_cols bytes of
+// scratch for base3 and lut. For 2bit, dst may be src (the row is then only padded).
 int32_t layout_row(const int8_t *src, int64_t in_features, int layout, int8_t *dst, int8_t *aside) {
-    const int64_t ldx = bc_padded_in(in_features, layout);
     int32_t sum = 0;
     for (int64_t k = 0; k < in_features; ++k) sum += src[k];
     int8_t *row = layout == BC_LAYOUT_2BIT ? dst : aside;
     if (row != src) std::memcpy(row, src, size_t(in_features));
-    std::memset(row + in_features, 0, size_t(ldx - in_features));
-    if (layout != BC_LAYOUT_2BIT) permute_base3(aside, ldx, dst);
+    std::memset(row + in_features, 0, size_t(padded_cols(in_features, layout) - in_features));
+    scalar_layout_tail(layout, row, in_features, dst);
     return sum;
 }
 
@@ -595,9 +847,8 @@ struct QuantizeAvx2 {
             row[k] = quantize_value(x[k] * s);
             sum += row[k];
         }
-        const int64_t ldx = bc_padded_in(in_features, layout);
-        std::memset(row + in_features, 0, size_t(ldx - in_features));
-        if (layout != BC_LAYOUT_2BIT) permute_base3(aside, ldx, dst);
+        std::memset(row + in_features, 0, size_t(padded_cols(in_features, layout) - in_features));
+        scalar_layout_tail(layout, row, in_features, dst);
         return sum;
     }
 };
@@ -621,13 +872,35 @@ struct QuantizeAvx512 {
             total = _mm512_add_epi32(total, codes);  // masked-off lanes hold 0
             _mm512_mask_cvtepi32_storeu_epi8(row + k, mask, codes);
         }
-        const int64_t ldx = bc_padded_in(in_features, layout);
-        std::memset(row + in_features, 0, size_t(ldx - in_features));
-        if (layout != BC_LAYOUT_2BIT) {
+        const int64_t cols = padded_cols(in_features, layout);
+        std::memset(row + in_features, 0, size_t(cols - in_features));
+        if (layout == BC_LAYOUT_BASE3) {
             static const bool vbmi = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vbmi"));
-            vbmi ? permute_base3_vbmi(aside, ldx, dst) : permute_base3(aside, ldx, dst);
+            vbmi ? permute_base3_vbmi(aside, cols, dst) : permute_base3(aside, cols, dst);
+        } else if (layout == BC_LAYOUT_LUT) {
+            lut_tables_vector(row, units_of(in_features, layout), dst);
+            lut_codes(row, units_of(in_features, layout), dst);
         }
         return _mm512_reduce_add_epi32(total);
+    }
+
+    // lut_tables, 32 entries per vector: table = D0 x0 + D1 x1 + D2 x2 with Dj[i] = digit j of i (0 from i = 27),
+    // in int16 (exact: |entry| <= 768).
+    BC_TARGET_AVX512 static void lut_tables_vector(const int8_t *row, int64_t units, int8_t *dst) {
+        alignas(64) static const int16_t kDigitTables[3][kLutEntries] = {
+            {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2},
+            {0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2},
+            {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2}};
+        const __m512i d0 = _mm512_load_si512(kDigitTables[0]), d1 = _mm512_load_si512(kDigitTables[1]),
+                      d2 = _mm512_load_si512(kDigitTables[2]);
+        for (int64_t g = 0; g < units * kLutLookups; ++g) {
+            const int8_t *x = row + 3 * g;
+            const __m512i table = _mm512_add_epi16(
+                _mm512_add_epi16(_mm512_mullo_epi16(d0, _mm512_set1_epi16(x[0])),
+                                 _mm512_mullo_epi16(d1, _mm512_set1_epi16(x[1]))),
+                _mm512_mullo_epi16(d2, _mm512_set1_epi16(x[2])));
+            _mm512_storeu_si512(dst + g * 64, table);
+        }
     }
 
     // Lanes 0 .. min(remaining, 16) - 1.
@@ -665,7 +938,7 @@ void quantize_tokens(int isa, const float *x, int64_t n, int64_t in_features, in
     const int team = bc_thread_count(threads, n, n * in_features * kQuantizeCost);
 #pragma omp parallel num_threads(team) if (team > 1)
     {
-        std::vector<int8_t> aside(layout == BC_LAYOUT_2BIT ? 0 : size_t(ldx));
+        std::vector<int8_t> aside(layout == BC_LAYOUT_2BIT ? 0 : size_t(padded_cols(in_features, layout)));
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n; ++t)
             sums[t] = row(x + t * in_features, in_features, layout, x_q + t * ldx, aside.data(), &s[t]);
@@ -680,7 +953,7 @@ int scaled_linear(const float *x, int64_t n, const uint8_t *weight, int layout, 
     std::vector<int32_t> sums(static_cast<size_t>(n));
     std::vector<float> scales(static_cast<size_t>(n));
     quantize_tokens(isa, x, n, in_features, layout, padded.data(), sums.data(), scales.data(), threads);
-    run(isa, padded.data(), sums.data(), n, weight, layout, out_features, in_features,
+    run(isa, padded.data(), sums.data(), n, weight, layout, 0, out_features, in_features,
         Output{nullptr, y, out_features, scales.data(), weight_scale, row_scales}, threads);
     return BC_OK;
 }
@@ -754,7 +1027,7 @@ int bc_layout_from_name(const char *name) {
 
 int bc_layout_supported(int layout, int isa) {
     if (layout < 0 || layout >= BC_LAYOUT_COUNT || !bc_isa_supported(isa)) return 0;
-    if (kKernels[layout][isa].tiles[1] == nullptr) return 0;
+    if (kKernels[layout][isa].band == nullptr) return 0;
     __builtin_cpu_init();
     return layout != BC_LAYOUT_BASE3 || isa != BC_ISA_AVX512 || __builtin_cpu_supports("avx512vbmi");
 }
@@ -774,8 +1047,14 @@ int64_t bc_tile_bytes(int64_t in_features, int layout) {
     return units_of(in_features, layout) * kUnits[layout].bytes;
 }
 
+// Tiles of a repacked matrix: out_features rounded up to 16 rows (lut: to its 128-row groups).
+int64_t stored_tiles(int64_t out_features, int layout) {
+    if (layout == BC_LAYOUT_LUT) return ceil_div(out_features, BC_LUT_GROUP_ROWS) * kBandTiles;
+    return ceil_div(out_features, BC_TILE_ROWS);
+}
+
 size_t bc_repacked_bytes(int64_t out_features, int64_t in_features, int layout) {
-    return size_t(ceil_div(out_features, BC_TILE_ROWS) * bc_tile_bytes(in_features, layout));
+    return size_t(stored_tiles(out_features, layout) * bc_tile_bytes(in_features, layout));
 }
 
 void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features, int layout, uint8_t *dst) {
@@ -785,15 +1064,27 @@ void bc_repack(const uint8_t *packed, int64_t out_features, int64_t in_features,
         if (o >= out_features || k >= in_features) return 1;
         return (packed[(o % packed_rows) * in_features + k] >> (2 * int(o / packed_rows))) & 3;
     };
-    const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS), units = units_of(in_features, layout);
+    const int64_t tiles = stored_tiles(out_features, layout), units = units_of(in_features, layout);
     std::memset(dst, 0, bc_repacked_bytes(out_features, in_features, layout));
     for (int64_t o = 0; o < tiles * BC_TILE_ROWS; ++o) {
         const int64_t tile = o / BC_TILE_ROWS, r = o % BC_TILE_ROWS;
-        uint8_t *tile_bytes = dst + tile * bc_tile_bytes(in_features, layout);
+        uint8_t *tile_bytes = const_cast<uint8_t *>(tile_at(dst, tile, in_features, layout));
         if (layout == BC_LAYOUT_2BIT) {
             for (int64_t k = 0; k < units * BC_BLOCK_COLS; ++k) {
                 const int64_t b = k / BC_BLOCK_COLS, i = (k % BC_BLOCK_COLS) / 4, j = k % 4;
                 tile_bytes[b * BC_BLOCK_BYTES + 4 * r + j] |= uint8_t(code(o, k) << (2 * i));
+            }
+            continue;
+        }
+        if (layout == BC_LAYOUT_LUT) {
+            for (int64_t u = 0; u < units; ++u) {
+                int word = 0;
+                for (int k = 0; k < kLutLookups; ++k) {
+                    const int64_t col = u * BC_LUT_UNIT_COLS + 3 * k;
+                    word |= (code(o, col) + 3 * code(o, col + 1) + 9 * code(o, col + 2)) << (5 * k);
+                }
+                tile_bytes[u * kLutUnitStride + 2 * r] = uint8_t(word);
+                tile_bytes[u * kLutUnitStride + 2 * r + 1] = uint8_t(word >> 8);
             }
             continue;
         }
@@ -828,16 +1119,17 @@ int bc_matmul_int(const int8_t *x_q, int64_t n, const uint8_t *weight, int layou
     const int64_t ldx = bc_padded_in(in_features, layout);
     std::vector<int8_t> padded(size_t(n * ldx));
     std::vector<int32_t> sums(static_cast<size_t>(n));
-    std::vector<int8_t> aside(static_cast<size_t>(ldx));
+    std::vector<int8_t> aside(size_t(padded_cols(in_features, layout)));
     for (int64_t t = 0; t < n; ++t)
         sums[t] = layout_row(x_q + t * in_features, in_features, layout, &padded[t * ldx], aside.data());
-    run(isa, padded.data(), sums.data(), n, weight, layout, out_features, in_features,
+    run(isa, padded.data(), sums.data(), n, weight, layout, 0, out_features, in_features,
         Output{acc, nullptr, 0, nullptr, 0.0f, nullptr}, threads);
     return BC_OK;
 }
 
 int64_t bc_padded_in(int64_t in_features, int layout) {
-    return units_of(in_features, layout) * kUnits[layout].cols;
+    if (layout == BC_LAYOUT_LUT) return units_of(in_features, layout) * (kLutTableBytes + kLutCodeBytes);
+    return padded_cols(in_features, layout);
 }
 
 void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layout, int8_t *x_q, int32_t *sums,
@@ -847,11 +1139,11 @@ void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layo
 }
 
 int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,
-                        int layout, int64_t out_features, int64_t in_features, float weight_scale, float *y,
-                        int64_t ldy, int isa, int threads) {
+                        int layout, int64_t row0, int64_t out_features, int64_t in_features, float weight_scale,
+                        float *y, int64_t ldy, int isa, int threads) {
     if (const int err = check(isa, layout, n, out_features, in_features)) return err;
-    if (ldy < out_features) return BC_ERR_SHAPE;
-    run(isa, x_q, sums, n, weight, layout, out_features, in_features,
+    if (ldy < out_features || row0 < 0 || row0 % BC_TILE_ROWS != 0) return BC_ERR_SHAPE;
+    run(isa, x_q, sums, n, weight, layout, row0 / BC_TILE_ROWS, out_features, in_features,
         Output{nullptr, y, ldy, s, weight_scale, nullptr}, threads);
     return BC_OK;
 }

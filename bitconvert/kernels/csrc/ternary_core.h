@@ -8,9 +8,9 @@
  * (fp32 throughout; torch computes `127 / t` as `t.reciprocal() * 127`, and so does this code, so the results equal
  * bitconvert.bitlinear's pure-torch path bit for bit).
  *
- * Kernel layouts ("repacked"), chosen when the weights are repacked and passed to every call (`layout`). In both,
- * the codes c = T + 1 in {0, 1, 2}; rows are padded to a multiple of 16 (tiles) with code 1 (weight 0), and one
- * tile's weights are contiguous (tile t starts at byte t * bc_tile_bytes(in, layout)). Since
+ * Kernel layouts ("repacked"), chosen when the weights are repacked and passed to every call (`layout`). In all,
+ * the codes c = T + 1 in {0, 1, 2}; rows are padded to a multiple of 16 (tiles; lut: 128) with code 1 (weight 0);
+ * in 2bit and base3 one tile's weights are contiguous (tile t starts at byte t * bc_tile_bytes(in, layout)). Since
  * sum_k c*x = sum_k T*x + sum_k x, the kernels compute sum(c * x) with unsigned codes and subtract the per-token sum
  * of x_q.
  *
@@ -33,6 +33,16 @@
  * 192 weights, which matters where decoding streams the weights from memory. The AVX2 and AVX-VNNI paths, without
  * vpermb, look each digit up in two 16-entry vpshufb tables and blend by the fifth bit: about 1.7x the work per
  * weight of their 2-bit loop, so they are not the default (bc_default_layout).
+ *
+ * BC_LAYOUT_LUT (1.78 bits per weight; the scalar reference and AVX-512 F/BW; opt-in). Three codes of a row make a
+ * base-3 index as in base3, three indices of columns 9u .. 9u+8 one 16-bit word (index k in bits 5k .. 5k+4, of
+ * columns 9u+3k .. 9u+3k+2); 9-column units, columns padded to a multiple of 9. Rows are padded to 128-row groups
+ * of 8 tiles, stored unit by unit: group g's unit u at byte (g * units + u) * 256 holds its tiles' words, tile i's
+ * row r at byte 32 i + 2 r. The activations (bc_padded_in: 204 bytes per unit) are, per unit u and index k, a
+ * 32-entry int16 table at byte (3u + k) * 64 whose entry i < 27 is sum_j digit_j(i) * x[9u + 3k + j] (0 beyond),
+ * then at byte units * 192 + 12u + 4k the codes (x[9u+3k], x[9u+3k+1], x[9u+3k+2], 0). One token: one vpermw per
+ * index and tile pair (32 word lanes), int16 sums widened every 14 units (|42 x 768| < 2^15); several tokens: the
+ * words decoded to digit planes and vpdpbusd against the codes.
  *
  * Limits: in_features <= BC_MAX_IN_FEATURES keeps every int32 partial sum exact (the AVX-512 one-token path sums
  * codes scaled by up to 64: |64 * 2 * 128| per column, in/4 columns per chain, < 2^31 for in <= 2^19).
@@ -58,7 +68,7 @@ enum {
 };
 
 /* Weight layouts (above). */
-enum { BC_LAYOUT_2BIT = 0, BC_LAYOUT_BASE3 = 1, BC_LAYOUT_COUNT = 2 };
+enum { BC_LAYOUT_2BIT = 0, BC_LAYOUT_BASE3 = 1, BC_LAYOUT_LUT = 2, BC_LAYOUT_COUNT = 3 };
 
 /* Error codes returned by the compute functions. */
 enum { BC_OK = 0, BC_ERR_ISA = 1, BC_ERR_SHAPE = 2, BC_ERR_LAYOUT = 3 };
@@ -68,6 +78,9 @@ enum { BC_OK = 0, BC_ERR_ISA = 1, BC_ERR_SHAPE = 2, BC_ERR_LAYOUT = 3 };
 #define BC_BLOCK_BYTES 64
 #define BC_PAIR_COLS 24
 #define BC_PAIR_BYTES 80
+#define BC_LUT_UNIT_COLS 9
+#define BC_LUT_UNIT_BYTES 32
+#define BC_LUT_GROUP_ROWS 128
 #define BC_MAX_IN_FEATURES (1 << 19)
 
 const char *bc_isa_name(int isa);          /* "scalar", "avx2", "avxvnni", "avx512"; NULL if out of range */
@@ -77,7 +90,7 @@ int bc_best_isa(void);                     /* fastest supported path */
 /* BITCONVERT_ISA if set (-2 if it names an unknown path, -3 if the CPU lacks it), else bc_best_isa(). */
 int bc_default_isa(void);
 
-const char *bc_layout_name(int layout);          /* "2bit", "base3"; NULL if out of range */
+const char *bc_layout_name(int layout);          /* "2bit", "base3", "lut"; NULL if out of range */
 int bc_layout_from_name(const char *name);        /* inverse of bc_layout_name; -2 if unknown */
 int bc_layout_supported(int layout, int isa);     /* 1 if the path isa computes on this layout on this CPU */
 /* The layout to repack into for path isa (BC_ISA_AUTO: bc_default_isa()): BITCONVERT_LAYOUT if set (-2 if it
@@ -118,18 +131,19 @@ int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int layout,
 /* The same product in two steps, for callers that split one product into parts (ONNX Runtime's op): quantize the
  * activations once, then compute any run of whole tiles from them, so that no part re-quantizes its input.
  * bc_padded_in: the row stride ldx of the quantized activations, in_features rounded up to a k-block (16; base3:
- *     a pair, 24).
+ *     a pair, 24; lut: 204 bytes per 9-column unit, its tables and codes).
  * bc_quantize_padded: x (n, in) fp32 -> x_q (n, ldx) int8 (zero padded; base3: permuted as the layout states),
  *     sums (n) int32 = per-token sum of x_q, s (n) fp32, the quantization of bc_quantize_activations (computed by
  *     the SIMD loop of BC_ISA_AUTO's path, on the calling thread only).
- * bc_linear_quantized: y[t * ldy + o] = (float)(x_q[t] . T[o]) / weight_scale / s[t] for the out_features rows of
- *     `weight` (which may start at any tile of a larger repacked matrix); bit for bit bc_linear's output. */
+ * bc_linear_quantized: y[t * ldy + o] = (float)(x_q[t] . T[row0 + o]) / weight_scale / s[t] for o < out_features,
+ *     rows row0 .. row0 + out_features - 1 (row0 a multiple of 16) of the repacked matrix `weight`; bit for bit
+ *     bc_linear's output. */
 int64_t bc_padded_in(int64_t in_features, int layout);
 void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layout, int8_t *x_q, int32_t *sums,
                         float *s);
 int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,
-                        int layout, int64_t out_features, int64_t in_features, float weight_scale, float *y,
-                        int64_t ldy, int isa, int threads);
+                        int layout, int64_t row0, int64_t out_features, int64_t in_features, float weight_scale,
+                        float *y, int64_t ldy, int isa, int threads);
 
 /* Threads for `tasks` parallel tasks totalling `work` multiply-adds: `requested` (0 = OpenMP's default), at most one
  * per task, and at most one per 2^18 multiply-adds (below that the fork/join costs more than it saves). Shared by

@@ -193,7 +193,7 @@ int64_t ternary_layout(int64_t isa) {
     const int layout = bc_default_layout(path);
     const char *name = std::getenv("BITCONVERT_LAYOUT");
     TORCH_CHECK(layout != -2, "bitconvert: unknown weight layout '", name,
-                "' in BITCONVERT_LAYOUT; choose 2bit or base3");
+                "' in BITCONVERT_LAYOUT; choose 2bit, base3 or lut");
     TORCH_CHECK(layout != -3, "bitconvert: the ISA path ", bc_isa_name(path), " does not compute on the layout '", name,
                 "' that BITCONVERT_LAYOUT names");
     return layout;
