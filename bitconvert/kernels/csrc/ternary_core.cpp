@@ -442,6 +442,25 @@ struct LutScalar {  // from the int8 codes of the activations, digit by digit
 struct LutAvx512 {
     static constexpr int64_t kPlaneBytes = kLutLookups * 64;  // decoded bytes per unit
 
+    // lut_tables, 32 entries per vector: table = D0 x0 + D1 x1 + D2 x2 with Dj[i] = digit j of i (0 from i = 27),
+    // in int16 (exact: |entry| <= 768).
+    BC_TARGET_AVX512 static void tables(const int8_t *codes, int64_t units, int8_t *out) {
+        alignas(64) static const int16_t kDigitTables[3][kLutEntries] = {
+            {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2},
+            {0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2},
+            {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2}};
+        const __m512i d0 = _mm512_load_si512(kDigitTables[0]), d1 = _mm512_load_si512(kDigitTables[1]),
+                      d2 = _mm512_load_si512(kDigitTables[2]);
+        for (int64_t g = 0; g < units * kLutLookups; ++g) {
+            const int8_t *x = codes + 4 * g;
+            const __m512i table = _mm512_add_epi16(
+                _mm512_add_epi16(_mm512_mullo_epi16(d0, _mm512_set1_epi16(x[0])),
+                                 _mm512_mullo_epi16(d1, _mm512_set1_epi16(x[1]))),
+                _mm512_mullo_epi16(d2, _mm512_set1_epi16(x[2])));
+            _mm512_storeu_si512(out + g * 64, table);
+        }
+    }
+
     // One token, the 8 tiles of the group at w (a group's 256 bytes per unit read as one stream): raw[16 i + r] =
     // tile i's row r. Each register holds the words of a tile pair (32 word lanes).
     BC_TARGET_AVX512 static void band(const uint8_t *w, int64_t units, const int8_t *x, int32_t *raw) {
@@ -557,21 +576,28 @@ void tile_band(const uint8_t *w, int64_t units, const int8_t *x, int32_t *raw) {
     Path::template tile<1>(w, units, x, 0, raw);
 }
 
+// A table builder: the lut tables (units * 192 bytes, out) from the activation codes of one token.
+using TablesFn = void (*)(const int8_t *codes, int64_t units, int8_t *out);
+
 // tiles[nt] handles nt tokens (1 <= nt <= kMaxTokens); band, the band_tiles tiles of one token (null: the path does
-// not compute on the layout).
+// not compute on the layout); tables, for a band that reads lut tables: each helper thread of run_band builds its
+// own copy with it, since reading the copy the calling thread wrote pulls it line by line from that core's cache
+// (one 4096 x 4096 product from cache: 166 -> 254-257 G weights/s on 2 threads of the Zen 4 VM).
 struct Kernels {
     TileFn tiles[kMaxTokens + 1];
     BandFn band;
     int band_tiles;
+    TablesFn tables;
 };
 
 template <class Path>
-constexpr Kernels kernels_of(BandFn band = &tile_band<Path>, int band_tiles = 1) {
+constexpr Kernels kernels_of(BandFn band = &tile_band<Path>, int band_tiles = 1, TablesFn tables = nullptr) {
     return {{nullptr, &Path::template tile<1>, &Path::template tile<2>, &Path::template tile<3>,
              &Path::template tile<4>, &Path::template tile<5>, &Path::template tile<6>, &Path::template tile<7>,
              &Path::template tile<8>},
             band,
-            band_tiles};
+            band_tiles,
+            tables};
 }
 
 // A path that decodes a tile once for several token groups: decode(w, units, out) writes unit_bytes per unit, and
@@ -604,7 +630,7 @@ const DecodedKernels *decoded_kernels(int layout, int isa) {
 constexpr Kernels kKernels[BC_LAYOUT_COUNT][BC_ISA_COUNT] = {
     {kernels_of<Scalar>(), kernels_of<Avx2>(), kernels_of<AvxVnni>(), kernels_of<Avx512>()},
     {kernels_of<Base3Scalar>(), kernels_of<Base3Avx2>(), kernels_of<Base3AvxVnni>(), kernels_of<Base3Avx512>()},
-    {kernels_of<LutScalar>(), Kernels{}, Kernels{}, kernels_of<LutAvx512>(&LutAvx512::band, kBandTiles)}};
+    {kernels_of<LutScalar>(), Kernels{}, Kernels{}, kernels_of<LutAvx512>(&LutAvx512::band, kBandTiles, &LutAvx512::tables)}};
 
 const char *const kIsaNames[BC_ISA_COUNT] = {"scalar", "avx2", "avxvnni", "avx512"};
 const char *const kLayoutNames[BC_LAYOUT_COUNT] = {"2bit", "base3", "lut"};
@@ -670,15 +696,27 @@ void run_band(const Kernels &kernels, const int8_t *x_q, const int32_t *x_sum, c
     const int64_t end_tile = first_tile + ceil_div(out_features, BC_TILE_ROWS), begin = first_tile / band * band;
     const int64_t tasks = ceil_div(end_tile - begin, band);
     const int nthreads = bc_thread_count(threads, tasks, tasks * band * BC_TILE_ROWS * padded_cols(in_features, layout));
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t tile0 = begin + task * band;
-        int32_t raw[kBandTiles * BC_TILE_ROWS];
-        kernels.band(tile_at(weight, tile0, in_features, layout), units, x_q, raw);
-        for (int64_t tile = std::max(tile0, first_tile); tile < std::min(tile0 + band, end_tile); ++tile) {
-            const int64_t row0 = (tile - first_tile) * BC_TILE_ROWS;
-            write_tile(out, raw + (tile - tile0) * BC_TILE_ROWS, x_sum, 0, 1, row0,
-                       int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0)), out_features);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        const int8_t *x = x_q;
+#ifdef _OPENMP
+        if (kernels.tables != nullptr && omp_get_thread_num() > 0) {  // a helper thread: its own tables
+            thread_local std::vector<int8_t> own;
+            own.resize(size_t(units * kLutTableBytes));
+            kernels.tables(x_q + units * kLutTableBytes, units, own.data());
+            x = own.data();
+        }
+#endif
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; ++task) {
+            const int64_t tile0 = begin + task * band;
+            int32_t raw[kBandTiles * BC_TILE_ROWS];
+            kernels.band(tile_at(weight, tile0, in_features, layout), units, x, raw);
+            for (int64_t tile = std::max(tile0, first_tile); tile < std::min(tile0 + band, end_tile); ++tile) {
+                const int64_t row0 = (tile - first_tile) * BC_TILE_ROWS;
+                write_tile(out, raw + (tile - tile0) * BC_TILE_ROWS, x_sum, 0, 1, row0,
+                           int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0)), out_features);
+            }
         }
     }
 }
@@ -741,12 +779,12 @@ void permute_base3(const int8_t *src, int64_t ldx, int8_t *dst) {
             for (int g = 0; g < kGroups; ++g) dst[block + kGroups * j + g] = src[block + kDigits * g + j];
 }
 
-// The lut activations (ternary_core.h) of the zero-padded int8 row (units * 9 values) into dst: the int16 tables
-// (scalar reference; QuantizeAvx512::lut_tables computes the same) and the int8 codes.
-void lut_tables(const int8_t *row, int64_t units, int8_t *dst) {
+// The lut activations (ternary_core.h): lut_codes writes the codes of the zero-padded int8 row (units * 9 values)
+// into dst, lut_tables the int16 tables from those codes (the scalar reference; LutAvx512::tables computes the same).
+void lut_tables(const int8_t *codes, int64_t units, int8_t *dst) {
     for (int64_t u = 0; u < units; ++u)
         for (int k = 0; k < kLutLookups; ++k) {
-            const int8_t *x = row + u * BC_LUT_UNIT_COLS + 3 * k;
+            const int8_t *x = codes + u * kLutCodeBytes + 4 * k;
             int16_t table[kLutEntries] = {};
             for (int index = 0; index < 27; ++index)
                 table[index] = int16_t(base3_digit(index, 0) * x[0] + base3_digit(index, 1) * x[1] +
@@ -770,8 +808,9 @@ void lut_codes(const int8_t *row, int64_t units, int8_t *dst) {
 void scalar_layout_tail(int layout, const int8_t *row, int64_t in_features, int8_t *dst) {
     if (layout == BC_LAYOUT_BASE3) permute_base3(row, padded_cols(in_features, layout), dst);
     if (layout == BC_LAYOUT_LUT) {
-        lut_tables(row, units_of(in_features, layout), dst);
-        lut_codes(row, units_of(in_features, layout), dst);
+        const int64_t units = units_of(in_features, layout);
+        lut_codes(row, units, dst);
+        lut_tables(dst + units * kLutTableBytes, units, dst);
     }
 }
 
@@ -878,29 +917,11 @@ struct QuantizeAvx512 {
             static const bool vbmi = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vbmi"));
             vbmi ? permute_base3_vbmi(aside, cols, dst) : permute_base3(aside, cols, dst);
         } else if (layout == BC_LAYOUT_LUT) {
-            lut_tables_vector(row, units_of(in_features, layout), dst);
-            lut_codes(row, units_of(in_features, layout), dst);
+            const int64_t units = units_of(in_features, layout);
+            lut_codes(row, units, dst);
+            LutAvx512::tables(dst + units * kLutTableBytes, units, dst);
         }
         return _mm512_reduce_add_epi32(total);
-    }
-
-    // lut_tables, 32 entries per vector: table = D0 x0 + D1 x1 + D2 x2 with Dj[i] = digit j of i (0 from i = 27),
-    // in int16 (exact: |entry| <= 768).
-    BC_TARGET_AVX512 static void lut_tables_vector(const int8_t *row, int64_t units, int8_t *dst) {
-        alignas(64) static const int16_t kDigitTables[3][kLutEntries] = {
-            {0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2},
-            {0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 2, 2, 2},
-            {0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2}};
-        const __m512i d0 = _mm512_load_si512(kDigitTables[0]), d1 = _mm512_load_si512(kDigitTables[1]),
-                      d2 = _mm512_load_si512(kDigitTables[2]);
-        for (int64_t g = 0; g < units * kLutLookups; ++g) {
-            const int8_t *x = row + 3 * g;
-            const __m512i table = _mm512_add_epi16(
-                _mm512_add_epi16(_mm512_mullo_epi16(d0, _mm512_set1_epi16(x[0])),
-                                 _mm512_mullo_epi16(d1, _mm512_set1_epi16(x[1]))),
-                _mm512_mullo_epi16(d2, _mm512_set1_epi16(x[2])));
-            _mm512_storeu_si512(dst + g * 64, table);
-        }
     }
 
     // Lanes 0 .. min(remaining, 16) - 1.
