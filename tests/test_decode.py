@@ -37,12 +37,20 @@ def default_path_layout(layout: str) -> int:
 
 
 @pytest.mark.parametrize("layout", kernels.LAYOUTS)
-@pytest.mark.parametrize("sizes", [(64, 32, 32), (13, 5, 7)], ids=["concatenated-tiles", "repacked"])
-def test_fused_projection_equals_separate_products_bit_for_bit(sizes, layout):
-    layout = default_path_layout(layout)
+@pytest.mark.parametrize("sizes", [(64, 32, 32), (13, 5, 7), (96, 96), (128, 256)],
+                         ids=["tiles", "repacked", "tiles-not-lut-groups", "lut-groups"])
+def test_fused_projection_equals_separate_products_bit_for_bit(sizes, layout, monkeypatch):
+    """Modules already repacked in ``layout`` (as ``bitconvert.load`` leaves them) fused into one product: their
+    buffers are concatenated where each part is whole row blocks (16 rows; lut: 128-row groups), else repacked."""
+    name, layout = layout, default_path_layout(layout)
     modules = packed_layers(sizes, 67)
     x = torch.randn(5, 67) * 3
-    separate = [module(x) for module in modules]
+    separate = [module(x) for module in modules]  # (the default backend re-prepares a module in its own layout)
+    monkeypatch.setenv("BITCONVERT_LAYOUT", name)
+    backend = kernels.KernelBackend()
+    for module in modules:
+        backend.prepare(module)
+        assert module.kernel_layout == layout
     fused = fuse_projections(modules, layout)
     assert fused.layout == layout
     assert fused.out_features == sum(sizes)

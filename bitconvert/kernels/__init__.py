@@ -61,6 +61,9 @@ ISAS = ("scalar", "avx2", "avxvnni", "avx512")
 LAYOUTS = ("2bit", "base3", "lut")
 # The paths that compute on each layout (base3 on avx512 also needs VBMI: ``ternary_layout_supported`` checks the CPU).
 LAYOUT_ISAS = {"2bit": ISAS, "base3": ISAS, "lut": ("scalar", "avx512")}
+# Rows a repacked matrix stores in whole, contiguous blocks (16-row tiles; lut: 128-row groups of interleaved tiles):
+# repacked buffers of parts that are whole blocks concatenate into the repacked buffer of the stacked matrix.
+ROW_BLOCKS = {"2bit": 16, "base3": 16, "lut": 128}
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp",
            CSRC / "decode_step.cpp")

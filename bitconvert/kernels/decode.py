@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..bitlinear import PackedBitLinear
 from ..packing import pack_ternary
-from . import layout_index, load_library, repack
+from . import LAYOUTS, ROW_BLOCKS, layout_index, load_library, repack
 
 
 KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -67,16 +67,18 @@ def fuse_projections(modules: list[PackedBitLinear], layout: int) -> FusedProjec
     """One product for ``modules`` (same in_features) in ``layout``: rows concatenated in order, each with its
     module's scale.
 
-    When every part has a multiple of 16 rows and was repacked in ``layout`` already, the repacked buffers are
-    concatenated (their tiles are contiguous) and each module's ``kernel_weight`` becomes a view into the fused
-    buffer, so nothing is held twice; otherwise the ternary codes are concatenated and repacked.
+    When every part is whole row blocks (:data:`ROW_BLOCKS`: 16 rows, lut 128) and was repacked in ``layout``
+    already, the repacked buffers are concatenated (a block's bytes are contiguous) and each module's
+    ``kernel_weight`` becomes a view into the fused buffer, so nothing is held twice; otherwise the ternary codes
+    are concatenated and repacked.
     """
     load_library()
     sizes = tuple(module.out_features for module in modules)
     scales = torch.cat([module.weight_scale.float().expand(module.out_features) for module in modules]).contiguous()
     parts = [getattr(module, "kernel_weight", None) for module in modules]
     in_layout = all(getattr(module, "kernel_layout", None) == layout for module in modules)
-    if all(size % 16 == 0 for size in sizes) and all(part is not None for part in parts) and in_layout:
+    block = ROW_BLOCKS[LAYOUTS[layout]]
+    if all(size % block == 0 for size in sizes) and all(part is not None for part in parts) and in_layout:
         weight = torch.cat(parts)
         offset = 0
         for module, part in zip(modules, parts):

@@ -15,8 +15,9 @@
 // initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
 // has, the layout BITCONVERT_LAYOUT or the best that path computes on (bc_default_layout). Threads: ONNX Runtime's
 // intra-op pool (SessionOptions.intra_op_num_threads), not OpenMP, so the op never competes with the session's own
-// threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds (kMaxParts at most), by 16-row tiles
-// for one token (each part a contiguous slice of the repacked weights and of y) and by groups of 8 tokens otherwise,
+// threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds (kMaxParts at most), by rows for one
+// token (whole 16-row tiles, lut: 128-row groups; each part a run of rows of y, bc_linear_quantized's row0) and by
+// groups of 8 tokens otherwise,
 // and each part runs the core single-threaded. The activations are quantized once per call (bc_quantize_padded, by
 // token groups in the same pool) and every part reads them: at 7B shapes a decode step had about 800 parts before the
 // cap, and quantizing the 4,096-11,008 inputs in each of them cost more than the products.
@@ -142,7 +143,7 @@ struct TernaryMatMulKernel {
             throw OpError("TernaryMatMul: BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
         if (isa == -3) throw OpError("TernaryMatMul: this CPU cannot run the path BITCONVERT_ISA names");
         layout = bc_default_layout(isa);
-        if (layout == -2) throw OpError("TernaryMatMul: BITCONVERT_LAYOUT names no known layout (2bit, base3)");
+        if (layout == -2) throw OpError("TernaryMatMul: BITCONVERT_LAYOUT names no known layout (2bit, base3, lut)");
         if (layout == -3)
             throw OpError("TernaryMatMul: the SIMD path does not compute on the layout BITCONVERT_LAYOUT names");
         int is_constant = 0;

@@ -24,11 +24,12 @@ inline void check_result(int code, int64_t isa) {
 // layout: a BC_LAYOUT_* index.
 inline void check_layout(int64_t layout) {
     TORCH_CHECK(bc_layout_name(int(layout)) != nullptr, "bitconvert: unknown weight layout ", layout,
-                "; choose 0 (2bit) or 1 (base3)");
+                "; choose 0 (2bit), 1 (base3) or 2 (lut)");
 }
 
-// weight: `layout` (ternary_core.h) of an (out_features, in_features) matrix. The size tells the layouts apart for
-// every in_features but 73-80, so the caller keeps the layout beside the weight (KernelBackend: kernel_layout).
+// weight: `layout` (ternary_core.h) of an (out_features, in_features) matrix. The size tells 2bit and base3 apart for
+// every in_features but 73-80, lut from them for most shapes only (not e.g. 128 rows of 10-16 columns), so the
+// caller keeps the layout beside the weight (KernelBackend: kernel_layout).
 inline void check_weight(const at::Tensor &weight, int64_t layout, int64_t out_features, int64_t in_features) {
     check_layout(layout);
     TORCH_CHECK(weight.dtype() == at::kByte && weight.is_contiguous() && weight.device().is_cpu(),

@@ -30,8 +30,9 @@ constexpr int64_t kPrefetchBlocks = 64;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A tile function: raw[t * 16 + r] = sum over all columns k of code(row r, k) * x[t * ldx + k], for t < NT, where
-// w points at the tile's first unit (2-bit: k-block of 64 bytes; base3: pair of 80 bytes), `units` is their count,
-// and x at the first of NT zero-padded activation rows (base3: permuted as the layout states).
+// w points at the tile's first unit (2-bit: k-block of 64 bytes; base3: pair of 80 bytes; lut: 16 words, the next
+// unit 256 bytes on), `units` is their count, and x at the first of NT activation rows as the layout reads them
+// (zero padded; base3: permuted; lut: tables and codes).
 using TileFn = void (*)(const uint8_t *w, int64_t units, const int8_t *x, int64_t ldx, int32_t *raw);
 
 int32_t load4(const int8_t *p) {
@@ -692,6 +693,7 @@ void write_tile(const Output &out, const int32_t *raw, const int32_t *x_sum, int
 // One token: tasks of kernels.band_tiles tiles each, aligned to the band, writing the tiles in range.
 void run_band(const Kernels &kernels, const int8_t *x_q, const int32_t *x_sum, const uint8_t *weight, int layout,
               int64_t first_tile, int64_t out_features, int64_t in_features, const Output &out, int threads) {
+    if (out_features == 0) return;
     const int64_t units = units_of(in_features, layout), band = kernels.band_tiles;
     const int64_t end_tile = first_tile + ceil_div(out_features, BC_TILE_ROWS), begin = first_tile / band * band;
     const int64_t tasks = ceil_div(end_tile - begin, band);
@@ -834,7 +836,7 @@ int32_t layout_row(const int8_t *src, int64_t in_features, int layout, int8_t *d
 // values are skipped by the max, as std::max(amax, NaN) skips them, and quantize to 0 on every path (quantize_value),
 // as does x * s = inf * 0 when an activation is infinite; torch's reference gives NaN outputs for such a token.
 // A path's row(x, in_features, layout, dst, aside, &s) writes the token's codes as the kernels read them (dst, ldx
-// values; layout_row's order) and its scale s, and returns the sum of the codes; aside: ldx bytes of scratch.
+// values; layout_row's order) and its scale s, and returns the sum of the codes; aside: padded_cols bytes of scratch.
 using QuantizeRowFn = int32_t (*)(const float *x, int64_t in_features, int layout, int8_t *dst, int8_t *aside,
                                   float *scale);
 

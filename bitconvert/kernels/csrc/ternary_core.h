@@ -34,7 +34,7 @@
  * vpermb, look each digit up in two 16-entry vpshufb tables and blend by the fifth bit: about 1.7x the work per
  * weight of their 2-bit loop, so they are not the default (bc_default_layout).
  *
- * BC_LAYOUT_LUT (1.78 bits per weight; the scalar reference and AVX-512 F/BW; opt-in). Three codes of a row make a
+ * BC_LAYOUT_LUT (1.78 bits per weight; the scalar reference and AVX-512 F/BW/VNNI; opt-in). Three codes of a row make a
  * base-3 index as in base3, three indices of columns 9u .. 9u+8 one 16-bit word (index k in bits 5k .. 5k+4, of
  * columns 9u+3k .. 9u+3k+2); 9-column units, columns padded to a multiple of 9. Rows are padded to 128-row groups
  * of 8 tiles, stored unit by unit: group g's unit u at byte (g * units + u) * 256 holds its tiles' words, tile i's
@@ -98,7 +98,8 @@ int bc_layout_supported(int layout, int isa);     /* 1 if the path isa computes 
  * bytes to stream at the same work per weight), else 2bit (the AVX2 and AVX-VNNI base3 loops do more work per
  * weight than they save in bytes at 2 threads: opt in with BITCONVERT_LAYOUT=base3; and for the scalar reference).
  * The layout of a repacked weight is the caller's to keep beside it: the compute functions trust `layout`, and the
- * torch bindings' size check tells the layouts apart except for in_features 73-80 (equal sizes there). */
+ * torch bindings' size check tells 2bit and base3 apart except for in_features 73-80 (equal sizes there), and lut
+ * from them for most shapes only. */
 int bc_default_layout(int isa);
 
 /* Bytes of one 16-row tile, and of the whole repacked (out, in) matrix, in `layout`. */
@@ -132,7 +133,8 @@ int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int layout,
  * activations once, then compute any run of whole tiles from them, so that no part re-quantizes its input.
  * bc_padded_in: the row stride ldx of the quantized activations, in_features rounded up to a k-block (16; base3:
  *     a pair, 24; lut: 204 bytes per 9-column unit, its tables and codes).
- * bc_quantize_padded: x (n, in) fp32 -> x_q (n, ldx) int8 (zero padded; base3: permuted as the layout states),
+ * bc_quantize_padded: x (n, in) fp32 -> x_q (n, ldx) int8 (zero padded; base3: permuted, lut: tables and codes, as
+ *     the layout states),
  *     sums (n) int32 = per-token sum of x_q, s (n) fp32, the quantization of bc_quantize_activations (computed by
  *     the SIMD loop of BC_ISA_AUTO's path, on the calling thread only).
  * bc_linear_quantized: y[t * ldy + o] = (float)(x_q[t] . T[row0 + o]) / weight_scale / s[t] for o < out_features,
