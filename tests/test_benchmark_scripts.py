@@ -19,3 +19,41 @@ def test_no_benchmark_script_shadows_an_installed_module():
     shadowing = [name for name in scripts
                  if name in RESERVED or name in sys.stdlib_module_names or importlib.util.find_spec(name) is not None]
     assert not shadowing, f"benchmarks/ scripts named like installed modules: {shadowing}"
+
+
+def test_paired_decode_alternates_blocks_and_reports_each(tiny_ternary, tmp_path):
+    """benchmarks/paired_decode.py on a tiny converted model: every engine gets one block per round, decoding goes on
+    from the prompt and starts over before passing --max-position, and the figures of each block agree with each
+    other (bytes per token grow with the cache; the fraction of the bound is bytes / time / bandwidth)."""
+    import json
+    import subprocess
+
+    out = tmp_path / "paired.json"
+    command = [sys.executable, str(BENCHMARKS / "paired_decode.py"), str(tiny_ternary), "--layouts", "2bit",
+               "--rounds", "4", "--block", "3", "--prompt-tokens", "5", "--max-position", "12", "--threads", "1",
+               "--split", "0.001", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = report["blocks"]["bitconvert 2bit"]
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]
+    assert [row["mean_position"] for row in rows] == [6.5, 9.5, 6.5, 9.5]  # 5-8, 8-11, then over again from 5
+    assert rows[1]["bytes_per_token"] > rows[0]["bytes_per_token"] == rows[2]["bytes_per_token"]
+    for row in rows:
+        expected = row["bytes_per_token"] / row["seconds_per_token"] / 1e9 / row["bandwidth_gb_s"]
+        assert abs(row["fraction_of_bound"] - expected) <= 1e-9 * expected
+    summary = report["summary"]["all"]
+    assert summary["rounds"] == [0, 1, 2, 3]
+    assert summary["engines"]["bitconvert 2bit"]["time_ratio_to_bitconvert 2bit"] == 1.0
+    assert "high" in report["summary"] and "low" not in report["summary"]  # --split 0.001: every probe is above
+    assert report["summary"]["high"]["rounds"] == [0, 1, 2, 3]
+    assert "bitconvert 2bit" in result.stdout
+
+
+def test_paired_decode_refuses_a_repeated_layout(tiny_ternary):
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "paired_decode.py"), str(tiny_ternary), "--layouts",
+                             "2bit,2bit"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --layouts names 2bit twice")

@@ -1,0 +1,275 @@
+"""Paired decode speed: the engines alternate in short blocks inside one run, each block right after a memory
+bandwidth probe, so a shared host's bandwidth swings (35-67 GB/s within seconds on the 2-core Zen 4 VM) hit every
+engine alike and every block has its own bound.
+
+    LLAMA_CPP_DIR=/path/to/llama.cpp/build PYTHONPATH=. python benchmarks/paired_decode.py CONVERTED \
+        [--layouts 2bit,base3] [--onnx model.onnx] [--gguf model.gguf] [--rounds 30] [--block 8] \
+        [--json bench-out/paired.json]
+
+Engines (all loaded before the first round):
+- ``bitconvert LAYOUT``, one per ``--layouts`` entry: ``bitconvert.load(CONVERTED, lm_head="int8")`` with the
+  kernels repacking into that layout, run by the lean :class:`~bitconvert.kernels.decode.Decoder` (fp32 KV cache);
+- ``ort`` (``--onnx``, a ``bitconvert export`` of the same folder): ONNX Runtime with TernaryMatMul, the cache kept
+  in ORT, spinning intra-op threads (its default);
+- ``llama.cpp`` (``--gguf``, needs ``LLAMA_CPP_DIR``): one ``llama-bench -p 0 -n GGUF_TOKENS -r 1`` process per
+  block (the GGUF stays in the page cache; llama-bench's warm-up run is not timed; it decodes from an empty context,
+  so its KV cache adds almost nothing to its bytes).
+Each round visits every engine (in reverse order on odd rounds): a 100 ms pause (so the previous engine's
+spinning threads have let go of the cores: ORT's hold one for ~60 ms and halve the probe), a bandwidth probe (``torch.sum`` over 512 MiB of
+fp32, best of 3 passes, same threads), then one block of greedy tokens. The in-process engines prefill a 128-token
+random prompt once and decode on from there, starting over when the next block would pass ``--max-position``.
+
+Per block: ms/token, bytes read per token (every streamed weight once, plus the KV cache at the block's mean position
+in the engine's cache type; ``decode.bytes_per_token`` and ``headtohead``'s GGUF/ONNX counts) and the fraction of
+the probe's bandwidth that makes. Per engine: medians over the rounds, and the median of the per-round time ratio to
+the first engine (same round, so a paired ratio); with ``--split GB_S``, the same over the rounds whose probes all
+fell below GB_S and over those whose probes all reached it. Prints the tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bitconvert import kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import decode  # noqa: E402  (benchmarks/ siblings)
+import headtohead  # noqa: E402
+import llamacpp  # noqa: E402
+import onnx_decode  # noqa: E402
+
+PROBE_BYTES = 512 << 20  # 16x this VM's 32 MiB L3
+SETTLE_S = 0.1  # ORT's spinning workers hold a core for ~60 ms after its last step (measured), OpenMP's briefly
+
+
+class BandwidthProbe:
+    """Read bandwidth from one 512 MiB fp32 tensor allocated once: ``torch.sum``, best of ``passes`` (GB/s)."""
+
+    def __init__(self, passes: int = 3):
+        self.data, self.passes = torch.ones(PROBE_BYTES // 4), passes
+
+    def __call__(self) -> float:
+        best = float("inf")
+        for _ in range(self.passes):
+            start = time.perf_counter()
+            self.data.sum()
+            best = min(best, time.perf_counter() - start)
+        return PROBE_BYTES / best / 1e9
+
+
+class LeanEngine:
+    """``bitconvert.load`` in one kernel layout and its lean decoder, decoding on from a prefilled prompt."""
+
+    def __init__(self, folder: str, layout: str, prompt: list[int], max_position: int):
+        with decode.kernel_layout(layout):  # the decoder keeps the layout it was built in
+            self.runner = decode.Runner(folder, "lean", max_position + 1, lm_head="int8")
+        self.prompt, self.max_position = prompt, max_position
+        self.position = max_position  # forces a prefill before the first block
+
+    def block(self, tokens: int) -> tuple[float, float]:
+        """(seconds per token, mean position) of ``tokens`` greedy steps."""
+        decoder = self.runner.decoder
+        if self.position + tokens > self.max_position:
+            decoder.reset()
+            self.logits = decoder.forward(torch.tensor(self.prompt))
+            self.position = len(self.prompt)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            self.logits = decoder.forward(self.logits.argmax().reshape(1))
+        elapsed = time.perf_counter() - start
+        mean_position = self.position + tokens / 2
+        self.position += tokens
+        return elapsed / tokens, mean_position
+
+    def bytes_per_token(self, mean_position: float) -> int:
+        return self.runner.bytes_per_token(mean_position, 0)
+
+
+class OrtEngine:
+    """An exported decoder in ONNX Runtime, decoding on from a prefilled prompt in a preallocated cache."""
+
+    def __init__(self, path: Path, threads: int, prompt: list[int], max_position: int, config):
+        self.decoder = onnx_decode.decoder_for(path, threads, spinning=True)
+        self.prompt, self.max_position, self.config = np.array([prompt]), max_position, config
+        self.weight_bytes = headtohead.onnx_bytes_per_token(path)
+        self.position = max_position
+
+    def block(self, tokens: int) -> tuple[float, float]:
+        if self.position + tokens > self.max_position:
+            cache = self.decoder.empty_cache(capacity=self.max_position + 1)
+            self.logits, self.cache = self.decoder.step(self.prompt, cache)
+            self.position = self.prompt.shape[1]
+        start = time.perf_counter()
+        for _ in range(tokens):
+            next_token = np.array([[int(np.argmax(self.logits[0, -1]))]])
+            self.logits, self.cache = self.decoder.step(next_token, self.cache)
+        elapsed = time.perf_counter() - start
+        mean_position = self.position + tokens / 2
+        self.position += tokens
+        return elapsed / tokens, mean_position
+
+    def bytes_per_token(self, mean_position: float) -> int:
+        return self.weight_bytes + decode.kv_cache_bytes(self.config, mean_position, 0, 4)
+
+
+class LlamaCppEngine:
+    """``llama-bench`` on a GGUF, one process per block, decoding ``tokens`` from an empty context."""
+
+    def __init__(self, path: Path, threads: int, tokens: int, config):
+        self.path, self.threads, self.tokens, self.config = path, threads, tokens, config
+        self.weight_bytes = headtohead.gguf_bytes_per_token(path)
+
+    def block(self, _tokens: int) -> tuple[float, float]:
+        figures = llamacpp.bench_gguf(self.path, self.threads, prompt=0, gen=self.tokens)
+        return 1 / figures["decode_tok_s"], self.tokens / 2
+
+    def bytes_per_token(self, mean_position: float) -> int:
+        return self.weight_bytes + decode.kv_cache_bytes(self.config, mean_position, 0, 2)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def summarize(blocks: dict[str, list[dict]], rounds: list[int]) -> dict[str, dict]:
+    """Per engine, over the blocks of ``rounds``: median ms/token, tok/s, fraction of the bound, and the median of
+    the per-round time ratio to the first engine (a paired ratio)."""
+    first = next(iter(blocks))
+    summary = {}
+    for engine, all_rows in blocks.items():
+        rows = [all_rows[index] for index in rounds]
+        seconds = [row["seconds_per_token"] for row in rows]
+        fractions = [row["fraction_of_bound"] for row in rows]
+        ratios = [all_rows[index]["seconds_per_token"] / blocks[first][index]["seconds_per_token"] for index in rounds]
+        summary[engine] = {
+            "ms_per_token": 1e3 * statistics.median(seconds), "tok_s": 1 / statistics.median(seconds),
+            "best_tok_s": 1 / min(seconds), "bytes_per_token": statistics.median(row["bytes_per_token"] for row in rows),
+            "probe_gb_s": statistics.median(row["bandwidth_gb_s"] for row in rows),
+            "fraction_of_bound": statistics.median(fractions), "fraction_of_bound_range": [min(fractions), max(fractions)],
+            f"time_ratio_to_{first}": statistics.median(ratios)}
+    return summary
+
+
+def regimes(blocks: dict[str, list[dict]], split_gb_s: float | None) -> dict[str, list[int]]:
+    """Round indices to summarize: all of them; with ``split_gb_s``, also the rounds whose every probe was below it
+    ("low") and those whose every probe was at or above it ("high"), where there are any."""
+    count = len(next(iter(blocks.values())))
+    chosen = {"all": list(range(count))}
+    if split_gb_s is not None:
+        probes = [[rows[index]["bandwidth_gb_s"] for rows in blocks.values()] for index in range(count)]
+        chosen["low"] = [index for index, values in enumerate(probes) if max(values) < split_gb_s]
+        chosen["high"] = [index for index, values in enumerate(probes) if min(values) >= split_gb_s]
+    return {name: rounds for name, rounds in chosen.items() if rounds}
+
+
+def print_table(name: str, summary: dict[str, dict], rounds: int) -> None:
+    first = next(iter(summary))
+    print(f"\n{name}: {rounds} rounds (medians)")
+    print(f"{'engine':<18} {'ms/token':>9} {'tok/s':>7} {'best':>7} {'MB/token':>9} {'probe GB/s':>10} {'of bound':>9} "
+          f"{'range':>10} {'time / ' + first:>20}")
+    for engine, row in summary.items():
+        low, high = row["fraction_of_bound_range"]
+        print(f"{engine:<18} {row['ms_per_token']:9.2f} {row['tok_s']:7.2f} {row['best_tok_s']:7.2f} "
+              f"{row['bytes_per_token'] / 1e6:9.0f} {row['probe_gb_s']:10.1f} {row['fraction_of_bound']:9.0%} "
+              f"{low:4.0%}-{high:4.0%} {row[f'time_ratio_to_{first}']:20.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("converted", help="a bitconvert-converted folder")
+    parser.add_argument("--layouts", default="2bit,base3", help="kernel layouts to load, comma-separated (default "
+                        "2bit,base3; lut is opt-in); the first engine is the ratios' reference")
+    parser.add_argument("--onnx", type=Path, help="an export of the same folder, for the ONNX Runtime engine")
+    parser.add_argument("--gguf", type=Path, help="a GGUF of the same model, for the llama.cpp engine "
+                        "(needs LLAMA_CPP_DIR)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--block", type=int, default=8, help="tokens per block of the in-process engines")
+    parser.add_argument("--gguf-tokens", type=int, default=16, help="tokens per llama-bench block")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-position", type=int, default=512)
+    parser.add_argument("--split", type=float, metavar="GB_S", help="also summarize the rounds whose every probe was "
+                        "below GB_S, and those whose every probe was at or above it (a host that swings between two "
+                        "bandwidths: e.g. 45 on the Zen 4 VM, which gives about 35 or about 66)")
+    parser.add_argument("--json", type=Path, default=Path("bench-out/paired.json"))
+    args = parser.parse_args()
+    if not Path(args.converted, "config.json").is_file():
+        raise SystemExit(f"error: {args.converted} is not a converted folder (no config.json); pass the output of "
+                         "`bitconvert SOURCE --out DIR`")
+    for option, path in (("--onnx", args.onnx), ("--gguf", args.gguf)):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"error: {option} {path}: no such file")
+    layouts = args.layouts.split(",")
+    for layout in layouts:
+        if layout not in kernels.LAYOUTS or not kernels.layout_supported(kernels.LAYOUTS.index(layout),
+                                                                          kernels.isa_index()):
+            supported = [name for index, name in enumerate(kernels.LAYOUTS)
+                         if kernels.layout_supported(index, kernels.isa_index())]
+            raise SystemExit(f"error: --layouts {layout}: not a layout this CPU's kernels compute on; pick from "
+                             f"{','.join(supported)}")
+    if repeated := sorted({layout for layout in layouts if layouts.count(layout) > 1}):
+        raise SystemExit(f"error: --layouts names {repeated[0]} twice; list each layout once")
+    if args.prompt_tokens + args.block > args.max_position:
+        raise SystemExit("error: --max-position must leave room for the prompt and one block")
+
+    from transformers import AutoConfig
+
+    torch.set_num_threads(args.threads)
+    config = AutoConfig.from_pretrained(args.converted)
+    prompt = decode.prompt_ids(config.vocab_size, args.prompt_tokens)
+    engines = {}
+    for layout in layouts:
+        print(f"loading bitconvert ({layout})", flush=True)
+        engines[f"bitconvert {layout}"] = LeanEngine(args.converted, layout, prompt, args.max_position)
+    if args.onnx:
+        print("loading ONNX Runtime", flush=True)
+        engines["ort"] = OrtEngine(args.onnx, args.threads, prompt, args.max_position, config)
+    if args.gguf:
+        engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config)
+
+    probe = BandwidthProbe()
+    blocks: dict[str, list[dict]] = {name: [] for name in engines}
+    for round_index in range(args.rounds):
+        order = list(engines) if round_index % 2 == 0 else list(engines)[::-1]
+        for name in order:
+            time.sleep(SETTLE_S)
+            bandwidth = probe()
+            seconds, mean_position = engines[name].block(args.block)
+            count = engines[name].bytes_per_token(mean_position)
+            blocks[name].append({"round": round_index, "bandwidth_gb_s": bandwidth, "seconds_per_token": seconds,
+                                 "mean_position": mean_position, "bytes_per_token": count,
+                                 "fraction_of_bound": count / seconds / 1e9 / bandwidth})
+        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {1e3 * rows[-1]['seconds_per_token']:.1f} ms ({rows[-1]['fraction_of_bound']:.0%} of "
+            f"{rows[-1]['bandwidth_gb_s']:.0f})" for name, rows in blocks.items()), flush=True)
+
+    bandwidths = [row["bandwidth_gb_s"] for rows in blocks.values() for row in rows]
+    print(f"\n{cpu_model()}, {args.threads} threads; probe {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s, median "
+          f"{statistics.median(bandwidths):.1f}")
+    summaries = {}
+    for name, rounds in regimes(blocks, args.split).items():
+        summaries[name] = {"rounds": rounds, "engines": summarize(blocks, rounds)}
+        print_table(name if name == "all" else f"{name} bandwidth (every probe of the round "
+                    f"{'<' if name == 'low' else '>='} {args.split} GB/s)", summaries[name]["engines"], len(rounds))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"cpu": cpu_model(), "arguments": {k: str(v) for k, v in vars(args).items()},
+                                     "summary": summaries, "blocks": blocks}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
