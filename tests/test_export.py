@@ -385,10 +385,14 @@ def test_fused_cache_written_in_place_equals_growing_cache(fused_onnx):
     shared, growing = decoder.empty_cache(capacity=10), decoder.empty_cache()
     assert decoder.empty_cache(2, capacity=10).capacity == 0  # ORT's kernel: batch 1 only (see empty_cache)
     assert (shared.capacity, growing.capacity) == (10, 0)
+    returned = []
     for start, end in ((0, 6), (6, 7), (7, 8), (8, 10)):
         got, shared = decoder.step(tokens[:, start:end], shared)
         want, growing = decoder.step(tokens[:, start:end], growing)
         np.testing.assert_array_equal(got, want)
+        returned.append((got, got.copy()))
+    # the steps reuse one I/O binding, yet every step's logits are its own: none was overwritten by a later step
+    assert all(np.array_equal(got, kept) for got, kept in returned)
     assert shared.length == growing.length == 10
     np.testing.assert_array_equal(shared.values["past_key_values.0.key"].numpy(),
                                   growing.values["past_key_values.0.key"].numpy())

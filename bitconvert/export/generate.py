@@ -12,12 +12,14 @@ and back on every token. With a ``--graph fused`` export, batch 1 and a known le
 ``generate`` does), each layer's ``past_key_values.*`` and ``present.*`` are bound to one preallocated buffer of N
 positions: ORT's GroupQueryAttention then writes the new keys and values in place instead of copying the whole
 cache into a new ``present`` every step (at 7B shapes and position 160 that copy read and wrote 168 MB per
-token). The logits are the same bit for bit (tested).
+token). The logits are the same bit for bit (tested). Such a cache also keeps its I/O binding: every step rebinds only
+the three small inputs and the logits (a fresh buffer each step, so earlier logits stay valid), not the layers x 2
+cache buffers in and out (on the 12-layer 192M model 0.11 ms less per token, 3.7%; 0.7% on 4 layers of 7B shape).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from onnxruntime import OrtValue
@@ -36,6 +38,7 @@ class Cache:
     values: dict[str, OrtValue]
     length: int = 0
     capacity: int = 0
+    binding: object = field(default=None, repr=False)  # with a capacity: the IOBinding its steps reuse
 
 
 @dataclass
@@ -103,22 +106,32 @@ class OnnxDecoder:
         if cache.capacity and past + length > cache.capacity:
             raise BitconvertError(f"the KV cache holds {cache.capacity} positions; {past + length} needed "
                                   "(make it with a larger empty_cache(capacity=...))")
-        binding = self.session.io_binding()
+        binding = cache.binding or self._binding(cache)
+        # ORT reads these arrays during run_with_iobinding only (they live until this method returns)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ones((batch, past + length), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.broadcast_to(np.arange(past, past + length, dtype=np.int64),
                                                                (batch, length)).copy())
+        binding.bind_output("logits", "cpu")  # rebound: a new buffer, so the logits returned before stay as they were
+        self.session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()
+        if cache.capacity:
+            return logits.numpy(), Cache(cache.values, past + length, cache.capacity, binding)
+        return logits.numpy(), Cache(dict(zip(self.past_names, presents)), past + length)
+
+    def _binding(self, cache: Cache):
+        """A new I/O binding with the logits output first, then each layer's cache: with a capacity the shared buffer
+        as both ``past_key_values.*`` and ``present.*`` (GroupQueryAttention appends in place), else the past values
+        in and new ``present`` outputs."""
+        binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")
         for name, present in zip(self.past_names, self.present_names):
             binding.bind_ortvalue_input(name, cache.values[name])
-            if cache.capacity:  # the same buffer in and out: GroupQueryAttention appends in place
+            if cache.capacity:
                 binding.bind_ortvalue_output(present, cache.values[name])
             else:
                 binding.bind_output(present, "cpu")
-        self.session.run_with_iobinding(binding)
-        logits, *presents = binding.get_outputs()
-        values = cache.values if cache.capacity else dict(zip(self.past_names, presents))
-        return logits.numpy(), Cache(values, past + length, cache.capacity)
+        return binding
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  eos_token_ids: tuple[int, ...] = ()) -> list[int]:
