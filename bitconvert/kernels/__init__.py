@@ -35,6 +35,7 @@ int6 ``lm_head`` (:mod:`.lm_head`) on the same paths (int4: scalar and AVX2; int
     torch.ops.bitconvert.decode_layer(x, input_norm, qkv_weight, qkv_scales, o_weight, o_scales, post_norm,
         gate_up_weight, gate_up_scales, down_weight, down_scales, cos, sin, keys, values, position, heads, eps,
         layout=0) -> None: one decoder layer for one token, in place on x, keys, values (csrc/decode_step.cpp)
+    torch.ops.bitconvert.exp_approx(x fp32, simd=True) -> fp32: the fused step's exp (csrc/fast_exp.h), for tests
     torch.ops.bitconvert.ternary_isa(name="") -> int          ("" = BITCONVERT_ISA or the best path)
     torch.ops.bitconvert.ternary_isa_supported(isa) -> bool
     torch.ops.bitconvert.ternary_layout(isa) -> int           (BITCONVERT_LAYOUT or the best layout of the path)
@@ -68,7 +69,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp",
            CSRC / "decode_step.cpp")
 HEADERS = (CSRC / "ternary_core.h", CSRC / "int8_core.h", CSRC / "op_checks.h", CSRC / "decode_ops.h",
-           CSRC / "avxvnni.h")
+           CSRC / "avxvnni.h", CSRC / "fast_exp.h")
 # Exact float rounding: no fused multiply-add contraction, no fast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 

@@ -15,7 +15,8 @@
 // Exactness against the per-op path (F.rms_norm, ternary_linear, rope_cache_write, SDPA, F.silu): the ternary
 // products quantize their input per token exactly as ternary_linear does, so equal inputs give bit-identical outputs,
 // and the rotary/cache step is the same code. What is summed in another order is the norms' sum of squares and
-// attention's dot products and softmax sums (torch blocks and vectorizes its reductions), so the layer's output
+// attention's dot products and softmax sums (torch blocks and vectorizes its reductions), and the softmax's and SiLU's
+// exp is fast_exp.h's polynomial (within 1 ulp of the exact exp, as is torch's own vectorized exp), so the layer's output
 // differs from the per-op path's by fp32 rounding -- and, rarely, by one int8 code where that rounding moves an
 // activation across a rounding boundary of the next product's quantization.
 #include <ATen/ATen.h>
@@ -29,6 +30,7 @@
 #include <vector>
 
 #include "decode_ops.h"
+#include "fast_exp.h"
 #include "op_checks.h"
 #include "ternary_core.h"
 
@@ -132,11 +134,12 @@ void attend(const float *q, const Cache *keys, const Cache *values, int64_t leng
         scores[j] = dot(q, keys + j * dim, dim, avx2) * scale;
         largest = std::max(largest, scores[j]);
     }
+    if (avx2)
+        bitconvert::fast_exp::exp_shifted_avx2(scores, length, largest);
+    else
+        bitconvert::fast_exp::exp_shifted_scalar(scores, length, largest);
     float total = 0.0f;
-    for (int64_t j = 0; j < length; ++j) {
-        scores[j] = std::exp(scores[j] - largest);
-        total += scores[j];
-    }
+    for (int64_t j = 0; j < length; ++j) total += scores[j];
     std::fill(out, out + dim, 0.0f);
     for (int64_t j = 0; j < length; ++j) add_scaled(scores[j], values + j * dim, dim, out, avx2);
     for (int64_t d = 0; d < dim; ++d) out[d] /= total;
@@ -169,12 +172,12 @@ void product(const float *x, int64_t in_features, const at::Tensor &weight, int 
                              BC_ISA_AUTO);
 }
 
-// out (n) = silu(gate) * up = gate / (1 + exp(-gate)) * up, with gate_up (2n) = gate then up.
+// out (n) = silu(gate) * up with gate_up (2n) = gate then up (fast_exp.h), on the cache loops' path (use_avx2).
 void swiglu(const float *gate_up, int64_t n, float *out) {
-    for (int64_t i = 0; i < n; ++i) {
-        const float gate = gate_up[i];
-        out[i] = gate / (1.0f + std::exp(-gate)) * gate_up[n + i];
-    }
+    if (use_avx2())
+        bitconvert::fast_exp::swiglu_avx2(gate_up, n, out);
+    else
+        bitconvert::fast_exp::swiglu_scalar(gate_up, n, out);
 }
 
 // x (n) += delta (n).
@@ -255,13 +258,29 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
     add(state, delta, hidden);
 }
 
+// exp of every value of x (contiguous fp32) by fast_exp.h, the AVX2 loop where use_avx2() and simd allow: what the
+// fused step's softmax and SiLU compute, exposed for tests.
+at::Tensor exp_approx(const at::Tensor &x, bool simd) {
+    TORCH_CHECK(x.dtype() == at::kFloat, "bitconvert: exp_approx takes fp32, got ", x.dtype());
+    at::Tensor out = x.contiguous().clone();
+    if (simd && use_avx2())
+        bitconvert::fast_exp::exp_shifted_avx2(out.data_ptr<float>(), out.numel(), 0.0f);
+    else
+        bitconvert::fast_exp::exp_shifted_scalar(out.data_ptr<float>(), out.numel(), 0.0f);
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bitconvert, m) {
+    m.def("exp_approx(Tensor x, bool simd=True) -> Tensor");
     m.def("decode_layer(Tensor(a!) x, Tensor input_norm, Tensor qkv_weight, Tensor qkv_scales, Tensor o_weight, "
           "Tensor o_scales, Tensor post_norm, Tensor gate_up_weight, Tensor gate_up_scales, Tensor down_weight, "
           "Tensor down_scales, Tensor cos, Tensor sin, Tensor(b!) keys, Tensor(c!) values, int position, int heads, "
           "float eps, int layout=0) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(bitconvert, CPU, m) { m.impl("decode_layer", &decode_layer); }
+TORCH_LIBRARY_IMPL(bitconvert, CPU, m) {
+    m.impl("decode_layer", &decode_layer);
+    m.impl("exp_approx", &exp_approx);
+}
