@@ -224,6 +224,8 @@ def main() -> None:
                              f"{','.join(supported)}")
     if repeated := sorted({layout for layout in layouts if layouts.count(layout) > 1}):
         raise SystemExit(f"error: --layouts names {repeated[0]} twice; list each layout once")
+    if args.gguf is not None:
+        llamacpp.binary("llama-bench")  # exits with the fix if LLAMA_CPP_DIR is unset or lacks it, before any loading
     if args.prompt_tokens + args.block > args.max_position:
         raise SystemExit("error: --max-position must leave room for the prompt and one block")
 
