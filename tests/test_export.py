@@ -336,6 +336,42 @@ def test_segmented_op_equals_separate_projections(tmp_path, monkeypatch, threads
         np.testing.assert_array_equal(run_single(tmp_path, model, {"X": tokens.numpy()}, threads), expected)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_swiglu_op_equals_its_reference(tmp_path, threads):
+    """activation="swiglu" (gate and up segments of 48 rows): silu(gate) * up of the node's two exact products.
+    Against the torch reference (F.silu, whose exp is torch's own) within 4 ulp-scale relative error: each output is
+    a product of two exact ternary results, one exp (both within 1 ulp of the true exp) and three roundings."""
+    generator = torch.Generator().manual_seed(11)
+    half, in_features = 48, 200
+    ternary = torch.randint(-1, 2, (2 * half, in_features), generator=generator, dtype=torch.int8)
+    scales = torch.tensor([1 / 0.03, 1 / 0.05])
+    node = helper.make_node("TernaryMatMul", ["X", "W", "S"], ["Y"], domain=DOMAIN, out_features=2 * half,
+                            segments=[half, half], activation="swiglu")
+    model = single_node_model(2 * half, in_features, pack_ternary(ternary).numpy(), 1.0)
+    model.graph.ClearField("node")
+    model.graph.node.append(node)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(scales.numpy(), "S"))
+    x = torch.randn(3, 5, in_features, generator=generator) * 2
+    for tokens in (x, x[:1, :1]):
+        expected = ternary_matmul(tokens, pack_ternary(ternary), scales, 2 * half, [half, half], "swiglu")
+        got = torch.from_numpy(run_single(tmp_path, model, {"X": tokens.numpy()}, threads))
+        assert got.shape == (*tokens.shape[:-1], half)
+        torch.testing.assert_close(got, expected, rtol=4 * 2**-23, atol=1e-30)
+
+
+def test_swiglu_op_rejects_a_bad_activation(tmp_path):
+    weight = np.zeros((24, 16), np.uint8)  # 96 rows
+    for attributes, message in [({"segments": [48, 48], "activation": "gelu"}, "swiglu\" or absent"),
+                                ({"segments": [64, 32], "activation": "swiglu"}, "two segments of equal size"),
+                                ({"activation": "swiglu"}, "two segments of equal size")]:
+        model = single_node_model(96, 16, weight, 1.0)
+        model.graph.node[0].attribute.extend(helper.make_attribute(k, v) for k, v in attributes.items())
+        with pytest.raises(BitconvertError, match=message):
+            run_single(tmp_path, model, {"X": np.zeros((1, 1, 16), np.float32)})
+    with pytest.raises(ValueError, match="two segments of equal size"):
+        ternary_matmul(torch.zeros(1, 16), torch.from_numpy(weight), torch.ones(2), 96, [64, 32], "swiglu")
+
+
 def test_segmented_op_rejects_bad_segments(tmp_path):
     weight = np.zeros((12, 16), np.uint8)  # 48 rows
     for segments, message in [([20, 28], "multiple of 16"), ([16, 16], "add up to out_features")]:
@@ -358,6 +394,10 @@ def test_fused_graph(fused_onnx, torch_model):
     count = lambda op: sum(node.op_type == op for node in model.graph.node)  # noqa: E731
     assert count("GroupQueryAttention") == layers and count("TernaryMatMul") == 4 * layers
     assert count("Softmax") == 0 and count("ReduceMean") == 0
+    # the SiLU MLP's activation runs inside its gate/up node: no Split, Sigmoid or elementwise Mul per layer
+    swiglu = [node for node in model.graph.node
+              if any(a.name == "activation" and a.s == b"swiglu" for a in node.attribute)]
+    assert len(swiglu) == layers and count("Split") == 0 and count("Sigmoid") == 0 and count("Mul") == 0
     assert count("SkipSimplifiedLayerNormalization") == 2 * layers
     assert [i.name for i in model.graph.input][:4] == ["input_ids", "attention_mask", "position_ids",
                                                        "past_key_values.0.key"]

@@ -147,12 +147,15 @@ class FusedKVCacheDecoder(KVCacheDecoder):
             out = sub_norm(out)
         return attn.o_proj(out), key, value
 
-    @staticmethod
-    def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """down(act(gate) * up); a SiLU MLP with fused gate/up computes silu(gate) * up inside that one node."""
         if not hasattr(mlp, "gate_up_proj"):
             return mlp(x)
-        gate, up = mlp.gate_up_proj(x).split(mlp.gate_up_proj.segments, dim=-1)
-        hidden = mlp.act_fn(gate) * up
+        if self.model.config.hidden_act in ("silu", "swish"):
+            hidden = mlp.gate_up_proj.swiglu(x)
+        else:
+            gate, up = mlp.gate_up_proj(x).split(mlp.gate_up_proj.segments, dim=-1)
+            hidden = mlp.act_fn(gate) * up
         sub_norm = getattr(mlp, "ffn_sub_norm", None)
         return mlp.down_proj(hidden if sub_norm is None else sub_norm(hidden))
 

@@ -74,6 +74,11 @@ class FusedTernaryMatMulLinear(nn.Module):
         return torch.ops.bitconvert_export.ternary_matmul(x, self.weight, self.weight_scale, self.out_features,
                                                           self.segments)
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a fused (gate, up) pair, (..., N/2), in the same node (``activation="swiglu"``)."""
+        return torch.ops.bitconvert_export.ternary_matmul(x, self.weight, self.weight_scale, self.out_features,
+                                                          self.segments, "swiglu")
+
 
 def fuse_projections(model: nn.Module) -> int:
     """Give every decoder layer whose q/k/v (gate/up) can be fused a ``qkv_proj`` (``gate_up_proj``) module and

@@ -4,7 +4,9 @@
     x float (..., K), weight uint8 (ceil(N/4), K) (HF BitNet layout, see :mod:`bitconvert.packing`), weight_scale
     fp32 (1,) = 1/g -> fp32 (..., N) = BitLinear's ``(x_q @ T^T) / weight_scale / s``, activations quantized per token
     inside. Exported as one ``com.bitconvert::TernaryMatMul`` node (attribute ``out_features``), run in ONNX Runtime
-    by the custom-op library (:mod:`bitconvert.export.runtime`).
+    by the custom-op library (:mod:`bitconvert.export.runtime`). Optional: ``segments`` (N_1, ..., N_m), m stacked
+    projections, one 1/g each in ``weight_scale`` (m,); ``activation="swiglu"`` with two equal segments (gate, up):
+    the output is (..., N/2) = ``silu(gate) * up``, the LLaMA MLP's activation inside the node.
 
 ``torch.ops.bitconvert_export.matmul_nbits(x, b, scales, zero_points, k, n, block_size, accuracy_level)``
     The standard contrib op ``com.microsoft::MatMulNBits`` with ``bits=2`` (or 8, for the int8 lm_head; layouts in
@@ -37,21 +39,35 @@ _microsoft_opset = onnxscript.values.Opset(MS_DOMAIN, 1)
 
 @torch.library.custom_op("bitconvert_export::ternary_matmul", mutates_args=())
 def ternary_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_features: int,
-                   segments: list[int] | None = None) -> torch.Tensor:
+                   segments: list[int] | None = None, activation: str = "") -> torch.Tensor:
     """BitLinear's inference product (pure torch, exact integer part); see the module docstring. With ``segments``
-    (N_1, ..., N_m), rows are m stacked projections and ``weight_scale`` (m,) holds each one's 1/g."""
+    (N_1, ..., N_m), rows are m stacked projections and ``weight_scale`` (m,) holds each one's 1/g; with
+    ``activation="swiglu"`` (two equal segments) the result is ``silu(gate) * up``."""
+    check_activation(out_features, segments, activation)
     flat = x.reshape(-1, x.shape[-1])
     if not segments:
         return reference_linear(flat, weight, weight_scale, out_features).reshape(*x.shape[:-1], out_features)
     x_q, act_scale = quantize_activations(flat)
     acc = int_matmul_reference(x_q, unpack_ternary(weight, out_features)).float()
     parts = [part / weight_scale[i] / act_scale for i, part in enumerate(acc.split(list(segments), dim=-1))]
+    if activation:
+        return (torch.nn.functional.silu(parts[0]) * parts[1]).reshape(*x.shape[:-1], out_features // 2)
     return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], out_features)
 
 
+def check_activation(out_features: int, segments: list[int] | None, activation: str) -> None:
+    """``activation`` is "" or "swiglu", and "swiglu" comes with two equal segments (gate, up)."""
+    if activation not in ("", "swiglu"):
+        raise ValueError(f"ternary_matmul: activation must be '' or 'swiglu', got {activation!r}")
+    if activation and (not segments or len(segments) != 2 or 2 * segments[0] != out_features):
+        raise ValueError("ternary_matmul: activation 'swiglu' needs two segments of equal size (gate, up)")
+
+
 @ternary_matmul.register_fake
-def _ternary_matmul_fake(x, weight, weight_scale, out_features, segments=None):
-    return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+def _ternary_matmul_fake(x, weight, weight_scale, out_features, segments=None, activation=""):
+    check_activation(out_features, segments, activation)
+    width = out_features // 2 if activation else out_features
+    return x.new_empty((*x.shape[:-1], width), dtype=torch.float32)
 
 
 @torch.library.custom_op("bitconvert_export::matmul_nbits", mutates_args=())
@@ -68,11 +84,13 @@ def _matmul_nbits_fake(x, b, scales, zero_points, k, n, block_size, accuracy_lev
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 
-def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int, segments=None):
+def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int, segments=None, activation: str = ""):
+    attributes = {"out_features": out_features}
     if segments:
-        return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale, out_features=out_features,
-                                               segments=list(segments))
-    return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale, out_features=out_features)
+        attributes["segments"] = list(segments)
+    if activation:
+        attributes["activation"] = activation
+    return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale, **attributes)
 
 
 def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: int, accuracy_level: int, bits: int = 2):
@@ -86,8 +104,8 @@ TRANSLATIONS = {
 }
 
 
-def _infer_last_dim(attribute: str):
-    """Shape inference: output 0 has input 0's type and shape with the last dimension set to ``attribute``."""
+def _infer_last_dim(width):
+    """Shape inference: output 0 has input 0's type and shape with the last dimension set to ``width(ctx)``."""
 
     def infer(ctx) -> None:
         output = onnx.TypeProto()
@@ -95,10 +113,17 @@ def _infer_last_dim(attribute: str):
         dims = output.tensor_type.shape.dim
         if len(dims):
             dims[len(dims) - 1].Clear()
-            dims[len(dims) - 1].dim_value = ctx.get_attribute(attribute).i
+            dims[len(dims) - 1].dim_value = width(ctx)
         ctx.set_output_type(0, output)
 
     return infer
+
+
+def _ternary_matmul_width(ctx) -> int:
+    """TernaryMatMul's output width: out_features, halved by activation "swiglu"."""
+    activation = ctx.get_attribute("activation")
+    halved = activation is not None and activation.s == b"swiglu"
+    return ctx.get_attribute("out_features").i // (2 if halved else 1)
 
 
 def _ternary_matmul_schema() -> defs.OpSchema:
@@ -110,14 +135,17 @@ def _ternary_matmul_schema() -> defs.OpSchema:
         inputs=[parameter("X", "T", "activations (..., K)"),
                 parameter("W", "tensor(uint8)", "packed ternary weights (ceil(N/4), K)"),
                 parameter("scale", "tensor(float)", "weight_scale = 1/g, shape (1,), or (m,): one per segment")],
-        outputs=[parameter("Y", "T", "(..., N)")],
+        outputs=[parameter("Y", "T", "(..., N), or (..., N/2) with activation \"swiglu\"")],
         type_constraints=[("T", ["tensor(float)"], "float32 activations")],
         attributes=[defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of T"),
                     defs.OpSchema.Attribute("segments", defs.OpSchema.AttrType.INTS,
                                             "optional: rows of each stacked projection (sum N), each divided by its "
-                                            "own scale; all but the last a multiple of 16", required=False)],
+                                            "own scale; all but the last a multiple of 16", required=False),
+                    defs.OpSchema.Attribute("activation", defs.OpSchema.AttrType.STRING,
+                                            "optional: \"swiglu\" with two equal segments (gate, up): Y (..., N/2) = "
+                                            "silu(gate) * up", required=False)],
     )
-    return schema.set_type_and_shape_inference_function(_infer_last_dim("out_features"))
+    return schema.set_type_and_shape_inference_function(_infer_last_dim(_ternary_matmul_width))
 
 
 def _matmul_nbits_schema() -> defs.OpSchema:
@@ -135,7 +163,7 @@ def _matmul_nbits_schema() -> defs.OpSchema:
                     attribute("bits", integer, "bits per code"), attribute("block_size", integer, "block columns"),
                     attribute("accuracy_level", integer, "0: fp32 activations, 4: int8 per block")],
     )
-    return schema.set_type_and_shape_inference_function(_infer_last_dim("N"))
+    return schema.set_type_and_shape_inference_function(_infer_last_dim(lambda ctx: ctx.get_attribute("N").i))
 
 
 def register_onnx_schemas() -> None:

@@ -123,7 +123,7 @@ def build_library(include_dir: Path) -> Path:
     """Compile the library into the cache unless an identical build is there; returns its path."""
     compiler = _compiler()
     digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
-    for path in (*SOURCES, CORE_DIR / "ternary_core.h", CORE_DIR / "avxvnni.h", include_dir / "onnxruntime_c_api.h"):
+    for path in (*SOURCES, CORE_DIR / "ternary_core.h", CORE_DIR / "avxvnni.h", CORE_DIR / "fast_exp.h", include_dir / "onnxruntime_c_api.h"):
         digest.update(path.read_bytes())
     folder = cache_root() / "ort_ops" / digest.hexdigest()[:16]
     library = folder / LIBRARY_NAME

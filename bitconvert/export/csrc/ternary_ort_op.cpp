@@ -10,6 +10,9 @@
 // [N_1 + ... + N_{i-1}, N_1 + ... + N_i) of T are projection i and are divided by scale[i], so every output equals
 // that projection's own TernaryMatMul bit for bit. Every segment but the last must be a multiple of 16 rows (the
 // kernel's tile), so that no tile straddles two scales. Models without the attribute are unchanged.
+// `activation` = "swiglu" (optional; needs two segments of equal size I, gate then up): Y (..., I) = silu(gate) * up
+// = gate / (1 + exp(-gate)) * up per token, exp by bitconvert/kernels/csrc/fast_exp.h (AVX2 where the CPU has it,
+// same bits as its scalar loop), the LLaMA MLP's activation in the node that computes gate and up.
 //
 // W is repacked into the kernel layout once, when the kernel is created, if ONNX Runtime gives it as a constant
 // initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
@@ -33,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "fast_exp.h"
 #include "ternary_core.h"
 
 namespace {
@@ -126,8 +130,20 @@ void check_weight_shape(const std::vector<int64_t> &shape, int64_t out_features)
                       std::to_string(out_features) + "/4), K) with 1 <= K <= " + std::to_string(BC_MAX_IN_FEATURES));
 }
 
+// silu(gate) * up for each of n tokens of y (n, 2 * half) into out (n, half) (fast_exp.h).
+void swiglu_tokens(const float *y, int64_t n, int64_t half, float *out) {
+    static const bool avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+    for (int64_t t = 0; t < n; ++t) {
+        if (avx2 && bc_default_isa() > BC_ISA_SCALAR)
+            bitconvert::fast_exp::swiglu_avx2(y + t * 2 * half, half, out + t * half);
+        else
+            bitconvert::fast_exp::swiglu_scalar(y + t * 2 * half, half, out + t * half);
+    }
+}
+
 struct TernaryMatMulKernel {
     int64_t out_features = 0;
+    bool swiglu = false;  // activation = "swiglu"
     std::vector<int64_t> segment_ends;  // exclusive end row of each segment; {out_features} without `segments`
     int isa = BC_ISA_SCALAR, layout = BC_LAYOUT_2BIT;
     std::vector<uint8_t> repacked;  // empty unless W was a constant initializer
@@ -138,6 +154,7 @@ struct TernaryMatMulKernel {
         out_features = kernel_info.GetAttribute<int64_t>("out_features");
         if (out_features < 1) throw OpError("TernaryMatMul: attribute out_features must be >= 1");
         read_segments(kernel_info);
+        read_activation(kernel_info);
         isa = bc_default_isa();
         if (isa == -2)
             throw OpError("TernaryMatMul: BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
@@ -177,6 +194,20 @@ struct TernaryMatMulKernel {
             throw OpError("TernaryMatMul: the segments must add up to out_features = " + std::to_string(out_features));
     }
 
+    void read_activation(const Ort::ConstKernelInfo &kernel_info) {
+        std::string activation;
+        try {
+            activation = kernel_info.GetAttribute<std::string>("activation");
+        } catch (const Ort::Exception &) {  // absent: none
+        }
+        if (activation.empty()) return;
+        if (activation != "swiglu")
+            throw OpError("TernaryMatMul: attribute activation must be \"swiglu\" or absent, got \"" + activation + "\"");
+        if (segment_ends.size() != 2 || segment_ends[0] * 2 != out_features)
+            throw OpError("TernaryMatMul: activation \"swiglu\" needs two segments of equal size (gate, up)");
+        swiglu = true;
+    }
+
     void Compute(OrtKernelContext *context) {
         Ort::KernelContext ctx(context);
         Ort::ConstValue x = ctx.GetInput(0), w = ctx.GetInput(1), scale = ctx.GetInput(2);
@@ -193,9 +224,11 @@ struct TernaryMatMulKernel {
         int64_t n = 1;
         for (size_t i = 0; i + 1 < x_shape.size(); ++i) n *= x_shape[i];
         std::vector<int64_t> y_shape = x_shape;
-        y_shape.back() = out_features;
+        y_shape.back() = swiglu ? out_features / 2 : out_features;
         Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
         if (n == 0) return;
+        std::vector<float> products(swiglu ? size_t(n * out_features) : 0);  // gate | up, before the activation
+        float *out = swiglu ? products.data() : y.GetTensorMutableData<float>();
         std::vector<uint8_t> per_call;
         const uint8_t *weight = repacked.data();
         if (repacked.empty()) {
@@ -212,11 +245,12 @@ struct TernaryMatMulKernel {
         std::vector<int32_t> x_sums(static_cast<size_t>(n));
         std::vector<float> x_scales(static_cast<size_t>(n));
         Job job{x.GetTensorData<float>(), x_q.data(), x_sums.data(), x_scales.data(), weight,
-                y.GetTensorMutableData<float>(), scale.GetTensorData<float>(), &segment_ends, n, out_features,
+                out, scale.GetTensorData<float>(), &segment_ends, n, out_features,
                 in_features, ldx, parts, isa, layout, {BC_OK}};
         ctx.ParallelFor(quantize_group, size_t(ceil_div(n, kTokensPerGroup)), 0, &job);
         ctx.ParallelFor(run_part, size_t(parts), 0, &job);
         if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));
+        if (swiglu) swiglu_tokens(products.data(), n, out_features / 2, y.GetTensorMutableData<float>());
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext *context) {
