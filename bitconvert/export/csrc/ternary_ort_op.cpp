@@ -130,15 +130,22 @@ void check_weight_shape(const std::vector<int64_t> &shape, int64_t out_features)
                       std::to_string(out_features) + "/4), K) with 1 <= K <= " + std::to_string(BC_MAX_IN_FEATURES));
 }
 
-// silu(gate) * up for each of n tokens of y (n, 2 * half) into out (n, half) (fast_exp.h).
-void swiglu_tokens(const float *y, int64_t n, int64_t half, float *out) {
-    static const bool avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
-    for (int64_t t = 0; t < n; ++t) {
-        if (avx2 && bc_default_isa() > BC_ISA_SCALAR)
-            bitconvert::fast_exp::swiglu_avx2(y + t * 2 * half, half, out + t * half);
-        else
-            bitconvert::fast_exp::swiglu_scalar(y + t * 2 * half, half, out + t * half);
-    }
+// silu(gate) * up of token `index`: products (n, 2 * half) = gate | up per token -> out (n, half) (fast_exp.h).
+struct SwigluJob {
+    const float *products;
+    float *out;
+    int64_t half;
+    bool avx2;
+};
+
+void swiglu_token(void *data, size_t index) {
+    const SwigluJob &job = *static_cast<const SwigluJob *>(data);
+    const float *gate_up = job.products + int64_t(index) * 2 * job.half;
+    float *out = job.out + int64_t(index) * job.half;
+    if (job.avx2)
+        bitconvert::fast_exp::swiglu_avx2(gate_up, job.half, out);
+    else
+        bitconvert::fast_exp::swiglu_scalar(gate_up, job.half, out);
 }
 
 struct TernaryMatMulKernel {
@@ -250,7 +257,12 @@ struct TernaryMatMulKernel {
         ctx.ParallelFor(quantize_group, size_t(ceil_div(n, kTokensPerGroup)), 0, &job);
         ctx.ParallelFor(run_part, size_t(parts), 0, &job);
         if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));
-        if (swiglu) swiglu_tokens(products.data(), n, out_features / 2, y.GetTensorMutableData<float>());
+        if (swiglu) {  // the AVX2 loop unless the CPU lacks it or BITCONVERT_ISA=scalar (same bits either way)
+            static const bool avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+            SwigluJob epilogue{products.data(), y.GetTensorMutableData<float>(), out_features / 2,
+                               avx2 && isa > BC_ISA_SCALAR};
+            ctx.ParallelFor(swiglu_token, size_t(n), 0, &epilogue);
+        }
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext *context) {
