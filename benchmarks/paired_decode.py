@@ -67,56 +67,64 @@ class BandwidthProbe:
         return PROBE_BYTES / best / 1e9
 
 
-class LeanEngine:
-    """``bitconvert.load`` in one kernel layout and its lean decoder, decoding on from a prefilled prompt."""
+class InProcessEngine:
+    """A decoder in this process that decodes on from a prefilled prompt and starts over (prefills the prompt again,
+    untimed) when the next block would pass ``max_position``. Subclasses give ``restart()`` (prefill; returns the
+    logits) and ``step(logits)`` (one greedy token; returns the next logits)."""
 
-    def __init__(self, folder: str, layout: str, prompt: list[int], max_position: int):
-        with decode.kernel_layout(layout):  # the decoder keeps the layout it was built in
-            self.runner = decode.Runner(folder, "lean", max_position + 1, lm_head="int8")
+    def __init__(self, prompt: list[int], max_position: int):
         self.prompt, self.max_position = prompt, max_position
         self.position = max_position  # forces a prefill before the first block
 
     def block(self, tokens: int) -> tuple[float, float]:
         """(seconds per token, mean position) of ``tokens`` greedy steps."""
-        decoder = self.runner.decoder
         if self.position + tokens > self.max_position:
-            decoder.reset()
-            self.logits = decoder.forward(torch.tensor(self.prompt))
+            self.logits = self.restart()
             self.position = len(self.prompt)
         start = time.perf_counter()
         for _ in range(tokens):
-            self.logits = decoder.forward(self.logits.argmax().reshape(1))
+            self.logits = self.step(self.logits)
         elapsed = time.perf_counter() - start
         mean_position = self.position + tokens / 2
         self.position += tokens
         return elapsed / tokens, mean_position
+
+
+class LeanEngine(InProcessEngine):
+    """``bitconvert.load`` in one kernel layout and its lean decoder."""
+
+    def __init__(self, folder: str, layout: str, prompt: list[int], max_position: int):
+        super().__init__(prompt, max_position)
+        with decode.kernel_layout(layout):  # the decoder keeps the layout it was built in
+            self.runner = decode.Runner(folder, "lean", max_position + 1, lm_head="int8")
+
+    def restart(self) -> torch.Tensor:
+        self.runner.decoder.reset()
+        return self.runner.decoder.forward(torch.tensor(self.prompt))
+
+    def step(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.runner.decoder.forward(logits.argmax().reshape(1))
 
     def bytes_per_token(self, mean_position: float) -> int:
         return self.runner.bytes_per_token(mean_position, 0)
 
 
-class OrtEngine:
-    """An exported decoder in ONNX Runtime, decoding on from a prefilled prompt in a preallocated cache."""
+class OrtEngine(InProcessEngine):
+    """An exported decoder in ONNX Runtime, its cache preallocated for ``max_position`` positions."""
 
     def __init__(self, path: Path, threads: int, prompt: list[int], max_position: int, config):
+        super().__init__(prompt, max_position)
         self.decoder = onnx_decode.decoder_for(path, threads, spinning=True)
-        self.prompt, self.max_position, self.config = np.array([prompt]), max_position, config
-        self.weight_bytes = headtohead.onnx_bytes_per_token(path)
-        self.position = max_position
+        self.config, self.weight_bytes = config, headtohead.onnx_bytes_per_token(path)
 
-    def block(self, tokens: int) -> tuple[float, float]:
-        if self.position + tokens > self.max_position:
-            cache = self.decoder.empty_cache(capacity=self.max_position + 1)
-            self.logits, self.cache = self.decoder.step(self.prompt, cache)
-            self.position = self.prompt.shape[1]
-        start = time.perf_counter()
-        for _ in range(tokens):
-            next_token = np.array([[int(np.argmax(self.logits[0, -1]))]])
-            self.logits, self.cache = self.decoder.step(next_token, self.cache)
-        elapsed = time.perf_counter() - start
-        mean_position = self.position + tokens / 2
-        self.position += tokens
-        return elapsed / tokens, mean_position
+    def restart(self) -> np.ndarray:
+        logits, self.cache = self.decoder.step(np.array([self.prompt]),
+                                               self.decoder.empty_cache(capacity=self.max_position + 1))
+        return logits
+
+    def step(self, logits: np.ndarray) -> np.ndarray:
+        logits, self.cache = self.decoder.step(np.array([[int(np.argmax(logits[0, -1]))]]), self.cache)
+        return logits
 
     def bytes_per_token(self, mean_position: float) -> int:
         return self.weight_bytes + decode.kv_cache_bytes(self.config, mean_position, 0, 4)

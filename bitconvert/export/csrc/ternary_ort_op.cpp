@@ -140,12 +140,8 @@ struct SwigluJob {
 
 void swiglu_token(void *data, size_t index) {
     const SwigluJob &job = *static_cast<const SwigluJob *>(data);
-    const float *gate_up = job.products + int64_t(index) * 2 * job.half;
-    float *out = job.out + int64_t(index) * job.half;
-    if (job.avx2)
-        bitconvert::fast_exp::swiglu_avx2(gate_up, job.half, out);
-    else
-        bitconvert::fast_exp::swiglu_scalar(gate_up, job.half, out);
+    bitconvert::fast_exp::swiglu(job.products + int64_t(index) * 2 * job.half, job.half,
+                                 job.out + int64_t(index) * job.half, job.avx2);
 }
 
 struct TernaryMatMulKernel {

@@ -134,10 +134,7 @@ void attend(const float *q, const Cache *keys, const Cache *values, int64_t leng
         scores[j] = dot(q, keys + j * dim, dim, avx2) * scale;
         largest = std::max(largest, scores[j]);
     }
-    if (avx2)
-        bitconvert::fast_exp::exp_shifted_avx2(scores, length, largest);
-    else
-        bitconvert::fast_exp::exp_shifted_scalar(scores, length, largest);
+    bitconvert::fast_exp::exp_shifted(scores, length, largest, avx2);
     float total = 0.0f;
     for (int64_t j = 0; j < length; ++j) total += scores[j];
     std::fill(out, out + dim, 0.0f);
@@ -170,14 +167,6 @@ void product(const float *x, int64_t in_features, const at::Tensor &weight, int 
     bitconvert::check_result(bc_linear_rows(x, 1, weight.data_ptr<uint8_t>(), layout, scales.numel(), in_features,
                                             scales.data_ptr<float>(), y, BC_ISA_AUTO, threads),
                              BC_ISA_AUTO);
-}
-
-// out (n) = silu(gate) * up with gate_up (2n) = gate then up (fast_exp.h), on the cache loops' path (use_avx2).
-void swiglu(const float *gate_up, int64_t n, float *out) {
-    if (use_avx2())
-        bitconvert::fast_exp::swiglu_avx2(gate_up, n, out);
-    else
-        bitconvert::fast_exp::swiglu_scalar(gate_up, n, out);
 }
 
 // x (n) += delta (n).
@@ -253,7 +242,7 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
     add(state, delta, hidden);
     rms_norm(state, post_norm.data_ptr<float>(), hidden, float(eps), normed);
     product(normed, hidden, gate_up_weight, int(layout), gate_up_scales, gates, threads);
-    swiglu(gates, intermediate, activation);
+    bitconvert::fast_exp::swiglu(gates, intermediate, activation, use_avx2());  // silu(gate) * up
     product(activation, intermediate, down_weight, int(layout), down_scales, delta, threads);
     add(state, delta, hidden);
 }
@@ -263,10 +252,7 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
 at::Tensor exp_approx(const at::Tensor &x, bool simd) {
     TORCH_CHECK(x.dtype() == at::kFloat, "bitconvert: exp_approx takes fp32, got ", x.dtype());
     at::Tensor out = x.contiguous().clone();
-    if (simd && use_avx2())
-        bitconvert::fast_exp::exp_shifted_avx2(out.data_ptr<float>(), out.numel(), 0.0f);
-    else
-        bitconvert::fast_exp::exp_shifted_scalar(out.data_ptr<float>(), out.numel(), 0.0f);
+    bitconvert::fast_exp::exp_shifted(out.data_ptr<float>(), out.numel(), 0.0f, simd && use_avx2());
     return out;
 }
 

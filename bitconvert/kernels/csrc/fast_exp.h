@@ -99,6 +99,15 @@ BC_TARGET_AVX2_EXP inline void swiglu_avx2(const float *gate_up, int64_t n, floa
     for (; i < n; ++i) out[i] = gate_up[i] / (1.0f + scalar(-gate_up[i])) * gate_up[n + i];
 }
 
+// The two loops above behind one call each: avx2 picks the AVX2 loop (the caller checks the CPU and BITCONVERT_ISA).
+inline void exp_shifted(float *values, int64_t n, float shift, bool avx2) {
+    avx2 ? exp_shifted_avx2(values, n, shift) : exp_shifted_scalar(values, n, shift);
+}
+
+inline void swiglu(const float *gate_up, int64_t n, float *out, bool avx2) {
+    avx2 ? swiglu_avx2(gate_up, n, out) : swiglu_scalar(gate_up, n, out);
+}
+
 }  // namespace fast_exp
 }  // namespace bitconvert
 
