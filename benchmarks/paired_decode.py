@@ -16,8 +16,11 @@ Engines (all loaded before the first round):
   so its KV cache adds almost nothing to its bytes).
 Each round visits every engine (in reverse order on odd rounds): a 100 ms pause (so the previous engine's
 spinning threads have let go of the cores: ORT's hold one for ~60 ms and halve the probe), a bandwidth probe (``torch.sum`` over 512 MiB of
-fp32, best of 3 passes, same threads), then one block of greedy tokens. The in-process engines prefill a 128-token
-random prompt once and decode on from there, starting over when the next block would pass ``--max-position``.
+fp32, best of 3 passes, same threads), a 50 ms pause (the probe's OpenMP workers spin on after it, which slowed
+ONNX Runtime's next tokens), then one block of greedy tokens. The in-process engines run ``--warmup-tokens`` untimed
+tokens first (default 1, as llama-bench's warm-up run before its timed tokens: the probe has just flushed the caches).
+They prefill a 128-token random prompt once and decode on from there, starting over when the next block would pass
+``--max-position``.
 
 Per block: ms/token, bytes read per token (every streamed weight once, plus the KV cache at the block's mean position
 in the engine's cache type; ``decode.bytes_per_token`` and ``headtohead``'s GGUF/ONNX counts) and the fraction of
@@ -50,6 +53,10 @@ import onnx_decode  # noqa: E402
 
 PROBE_BYTES = 512 << 20  # 16x this VM's 32 MiB L3
 SETTLE_S = 0.1  # ORT's spinning workers hold a core for ~60 ms after its last step (measured), OpenMP's briefly
+# After the probe, torch's OpenMP workers spin on both cores for some milliseconds: ONNX Runtime's first two tokens
+# after it took 5.1 and 6.6 ms instead of ~3.0 (192M model, 2 threads; llama.cpp starts a process, so it never met
+# them, and the lean decoder shares torch's pool). 30 ms of pause removed it (measured); 50 ms leaves a margin.
+SETTLE_AFTER_PROBE_S = 0.05
 
 
 class BandwidthProbe:
@@ -76,11 +83,14 @@ class InProcessEngine:
         self.prompt, self.max_position = prompt, max_position
         self.position = max_position  # forces a prefill before the first block
 
-    def block(self, tokens: int) -> tuple[float, float]:
-        """(seconds per token, mean position) of ``tokens`` greedy steps."""
-        if self.position + tokens > self.max_position:
+    def block(self, tokens: int, warmup: int = 0) -> tuple[float, float]:
+        """(seconds per token, mean position) of ``tokens`` greedy steps after ``warmup`` untimed ones."""
+        if self.position + warmup + tokens > self.max_position:
             self.logits = self.restart()
             self.position = len(self.prompt)
+        for _ in range(warmup):
+            self.logits = self.step(self.logits)
+        self.position += warmup
         start = time.perf_counter()
         for _ in range(tokens):
             self.logits = self.step(self.logits)
@@ -137,7 +147,8 @@ class LlamaCppEngine:
         self.path, self.threads, self.tokens, self.config = path, threads, tokens, config
         self.weight_bytes = headtohead.gguf_bytes_per_token(path)
 
-    def block(self, _tokens: int) -> tuple[float, float]:
+    def block(self, _tokens: int, _warmup: int = 0) -> tuple[float, float]:
+        """llama-bench's own warm-up (one untimed token) stands for ``warmup``."""
         figures = llamacpp.bench_gguf(self.path, self.threads, prompt=0, gen=self.tokens)
         return 1 / figures["decode_tok_s"], self.tokens / 2
 
@@ -208,6 +219,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--block", type=int, default=8, help="tokens per block of the in-process engines")
+    parser.add_argument("--warmup-tokens", type=int, default=1, help="untimed tokens of the in-process engines "
+                        "before each block, after the probe (default 1: as llama-bench's own warm-up run, one token)")
     parser.add_argument("--gguf-tokens", type=int, default=16, help="tokens per llama-bench block")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-position", type=int, default=512)
@@ -234,8 +247,10 @@ def main() -> None:
         raise SystemExit(f"error: --layouts names {repeated[0]} twice; list each layout once")
     if args.gguf is not None:
         llamacpp.binary("llama-bench")  # exits with the fix if LLAMA_CPP_DIR is unset or lacks it, before any loading
-    if args.prompt_tokens + args.block > args.max_position:
-        raise SystemExit("error: --max-position must leave room for the prompt and one block")
+    if args.warmup_tokens < 0:
+        raise SystemExit("error: --warmup-tokens must be >= 0")
+    if args.prompt_tokens + args.warmup_tokens + args.block > args.max_position:
+        raise SystemExit("error: --max-position must leave room for the prompt, the warm-up tokens and one block")
 
     from transformers import AutoConfig
 
@@ -259,7 +274,8 @@ def main() -> None:
         for name in order:
             time.sleep(SETTLE_S)
             bandwidth = probe()
-            seconds, mean_position = engines[name].block(args.block)
+            time.sleep(SETTLE_AFTER_PROBE_S)
+            seconds, mean_position = engines[name].block(args.block, args.warmup_tokens)
             count = engines[name].bytes_per_token(mean_position)
             blocks[name].append({"round": round_index, "bandwidth_gb_s": bandwidth, "seconds_per_token": seconds,
                                  "mean_position": mean_position, "bytes_per_token": count,
