@@ -15,6 +15,9 @@ cache into a new ``present`` every step (at 7B shapes and position 160 that copy
 token). The logits are the same bit for bit (tested). Such a cache also keeps its I/O binding: every step rebinds only
 the three small inputs and the logits (a fresh buffer each step, so earlier logits stay valid), not the layers x 2
 cache buffers in and out (on the 12-layer 192M model 0.11 ms less per token, 3.7%; 0.7% on 4 layers of 7B shape).
+Its logits go straight into a new numpy array of the known shape (the vocabulary from the graph, one position with
+``bitconvert.logits`` = last), not through ``IOBinding.get_outputs``, which wraps every bound output, cache
+included, each step (0.09 ms of a 2.9 ms token on the 192M model).
 """
 
 from __future__ import annotations
@@ -86,7 +89,10 @@ class OnnxDecoder:
         self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
         self.present_names = [name.replace("past_key_values.", "present.", 1) for name in self.past_names]
         _, self.kv_heads, _, self.head_dim = inputs["past_key_values.0.key"].shape
-        self.shares_cache = session.get_modelmeta().custom_metadata_map.get("bitconvert.graph") == "fused"
+        metadata = session.get_modelmeta().custom_metadata_map
+        self.shares_cache = metadata.get("bitconvert.graph") == "fused"
+        self.last_logits_only = metadata.get("bitconvert.logits") == "last"
+        self.vocab_size = session.get_outputs()[0].shape[-1]
 
     def empty_cache(self, batch: int = 1, capacity: int = 0) -> Cache:
         """An empty cache; with ``capacity`` > 0, batch 1 and a graph that ``shares_cache``, buffers of that many
@@ -112,6 +118,11 @@ class OnnxDecoder:
         binding.bind_cpu_input("attention_mask", np.ones((batch, past + length), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.broadcast_to(np.arange(past, past + length, dtype=np.int64),
                                                                (batch, length)).copy())
+        if cache.capacity and isinstance(self.vocab_size, int):  # ORT writes the logits into a new array of ours
+            logits = np.empty((batch, 1 if self.last_logits_only else length, self.vocab_size), dtype=np.float32)
+            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            self.session.run_with_iobinding(binding)
+            return logits, Cache(cache.values, past + length, cache.capacity, binding)
         binding.bind_output("logits", "cpu")  # rebound: a new buffer, so the logits returned before stay as they were
         self.session.run_with_iobinding(binding)
         logits, *presents = binding.get_outputs()
