@@ -12,6 +12,7 @@ DIR/<model name>/<variant>/model.onnx and reused when present:
     fast     --graph fused --lm-head int8 --logits last (logits of the last position only: the prompt's lm_head
              runs on one token, as llama.cpp's does)
     fast-exact  --graph fused --logits last (the exact lm_head)
+    fast-int6   --graph fused --lm-head int6 --logits last (bitconvert's Int6MatMul, 6.5 bits per weight)
 All variants of a model run with the same session options, repeats interleaved round-robin so that drifting machine
 load hits them alike. ``--profile`` adds ONNX Runtime's per-node profile of the decode steps, grouped by component
 (:func:`profile_ort`); ``--parity`` compares greedy tokens with ``bitconvert.load`` on real prompts.
@@ -38,6 +39,7 @@ VARIANTS = {
     "after": {"graph": "fused", "lm_head": "int8"},
     "fast": {"graph": "fused", "lm_head": "int8", "logits": "last"},
     "fast-exact": {"graph": "fused", "logits": "last"},
+    "fast-int6": {"graph": "fused", "lm_head": "int6", "logits": "last"},
 }
 PROMPTS = (
     "The capital of France is",
@@ -46,7 +48,8 @@ PROMPTS = (
     "Water boils at a temperature of",
     "The three primary colors are",
 )
-# Profile groups by ONNX op type (the lm_head MatMul is recognised by its output width = vocabulary size).
+# Profile groups by ONNX op type (the lm_head MatMul, MatMulNBits or Int6MatMul is recognised by its output width =
+# vocabulary size).
 TERNARY_OPS = {"TernaryMatMul"}
 ATTENTION_OPS = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax", "MatMul", "FusedMatMul", "Concat"}
 ELEMENTWISE_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "Mul", "Add",
@@ -135,7 +138,7 @@ def _group(event: dict, vocab: int) -> str:
     op = event["args"].get("op_name", "")
     if op in TERNARY_OPS:
         return "ternary products"
-    if op in {"MatMul", "MatMulNBits", "Gemm", "FusedMatMul"}:
+    if op in {"MatMul", "MatMulNBits", "Gemm", "FusedMatMul", "Int6MatMul"}:
         shapes = event["args"].get("output_type_shape") or [{}]
         dims = next(iter(shapes[0].values()), [])
         if dims and dims[-1] == vocab:

@@ -3,13 +3,15 @@ bandwidth probe, so a shared host's bandwidth swings (35-67 GB/s within seconds 
 engine alike and every block has its own bound.
 
     LLAMA_CPP_DIR=/path/to/llama.cpp/build PYTHONPATH=. python benchmarks/paired_decode.py CONVERTED \
-        [--layouts 2bit,base3] [--onnx model.onnx] [--gguf model.gguf] [--rounds 30] [--block 8] \
+        [--layouts 2bit,base3] [--lm-heads int8,int6] [--onnx model.onnx ...] [--gguf model.gguf] [--rounds 30] \
+        [--block 8] \
         [--json bench-out/paired.json]
 
 Engines (all loaded before the first round):
-- ``bitconvert LAYOUT``, one per ``--layouts`` entry: ``bitconvert.load(CONVERTED, lm_head="int8")`` with the
-  kernels repacking into that layout, run by the lean :class:`~bitconvert.kernels.decode.Decoder` (fp32 KV cache);
-- ``ort`` (``--onnx``, a ``bitconvert export`` of the same folder): ONNX Runtime with TernaryMatMul, the cache kept
+- ``bitconvert LAYOUT [HEAD]``, one per ``--layouts`` entry and ``--lm-heads`` entry (default int8, left out of the
+  name): ``bitconvert.load(CONVERTED, lm_head=HEAD)`` with the kernels repacking into that layout, run by the lean :class:`~bitconvert.kernels.decode.Decoder` (fp32 KV cache);
+- ``ort [HEAD]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by their lm_head when it
+  is not int8): ONNX Runtime with TernaryMatMul, the cache kept
   in ORT, spinning intra-op threads (its default);
 - ``llama.cpp`` (``--gguf``, needs ``LLAMA_CPP_DIR``): one ``llama-bench -p 0 -n GGUF_TOKENS -r 1`` process per
   block (the GGUF stays in the page cache; llama-bench's warm-up run is not timed; it decodes from an empty context,
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from bitconvert import kernels
+from bitconvert.kernels.lm_head import LM_HEADS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -103,10 +106,10 @@ class InProcessEngine:
 class LeanEngine(InProcessEngine):
     """``bitconvert.load`` in one kernel layout and its lean decoder."""
 
-    def __init__(self, folder: str, layout: str, prompt: list[int], max_position: int):
+    def __init__(self, folder: str, layout: str, lm_head: str, prompt: list[int], max_position: int):
         super().__init__(prompt, max_position)
         with decode.kernel_layout(layout):  # the decoder keeps the layout it was built in
-            self.runner = decode.Runner(folder, "lean", max_position + 1, lm_head="int8")
+            self.runner = decode.Runner(folder, "lean", max_position + 1, lm_head=lm_head)
 
     def restart(self) -> torch.Tensor:
         self.runner.decoder.reset()
@@ -213,7 +216,11 @@ def main() -> None:
     parser.add_argument("converted", help="a bitconvert-converted folder")
     parser.add_argument("--layouts", default="2bit,base3", help="kernel layouts to load, comma-separated (default "
                         "2bit,base3; lut is opt-in); the first engine is the ratios' reference")
-    parser.add_argument("--onnx", type=Path, help="an export of the same folder, for the ONNX Runtime engine")
+    parser.add_argument("--lm-heads", default="int8", help="lm_heads of the bitconvert engines, comma-separated "
+                        "(default int8; int6 is the ~6-bit head, as llama.cpp's Q6_K output)")
+    parser.add_argument("--onnx", type=Path, action="append", default=[],
+                        help="an export of the same folder, for an ONNX Runtime engine (repeatable: e.g. one with "
+                        "--lm-head int8 and one with int6)")
     parser.add_argument("--gguf", type=Path, help="a GGUF of the same model, for the llama.cpp engine "
                         "(needs LLAMA_CPP_DIR)")
     parser.add_argument("--threads", type=int, default=2)
@@ -232,7 +239,7 @@ def main() -> None:
     if not Path(args.converted, "config.json").is_file():
         raise SystemExit(f"error: {args.converted} is not a converted folder (no config.json); pass the output of "
                          "`bitconvert SOURCE --out DIR`")
-    for option, path in (("--onnx", args.onnx), ("--gguf", args.gguf)):
+    for option, path in (*(("--onnx", path) for path in args.onnx), ("--gguf", args.gguf)):
         if path is not None and not path.is_file():
             raise SystemExit(f"error: {option} {path}: no such file")
     layouts = args.layouts.split(",")
@@ -245,6 +252,11 @@ def main() -> None:
                              f"{','.join(supported)}")
     if repeated := sorted({layout for layout in layouts if layouts.count(layout) > 1}):
         raise SystemExit(f"error: --layouts names {repeated[0]} twice; list each layout once")
+    heads = args.lm_heads.split(",")
+    if unknown := [head for head in heads if head not in LM_HEADS]:
+        raise SystemExit(f"error: --lm-heads {unknown[0]}: not an lm_head; pick from {','.join(LM_HEADS)}")
+    if len(set(heads)) < len(heads):
+        raise SystemExit("error: --lm-heads names a head twice; list each once")
     if args.gguf is not None:
         llamacpp.binary("llama-bench")  # exits with the fix if LLAMA_CPP_DIR is unset or lacks it, before any loading
     if args.warmup_tokens < 0:
@@ -259,11 +271,18 @@ def main() -> None:
     prompt = decode.prompt_ids(config.vocab_size, args.prompt_tokens)
     engines = {}
     for layout in layouts:
-        print(f"loading bitconvert ({layout})", flush=True)
-        engines[f"bitconvert {layout}"] = LeanEngine(args.converted, layout, prompt, args.max_position)
-    if args.onnx:
-        print("loading ONNX Runtime", flush=True)
-        engines["ort"] = OrtEngine(args.onnx, args.threads, prompt, args.max_position, config)
+        for head in heads:
+            name = f"bitconvert {layout}" + ("" if head == "int8" else f" {head}")
+            print(f"loading {name}", flush=True)
+            engines[name] = LeanEngine(args.converted, layout, head, prompt, args.max_position)
+    for path in args.onnx:
+        print(f"loading ONNX Runtime ({path})", flush=True)
+        engine = OrtEngine(path, args.threads, prompt, args.max_position, config)
+        head = engine.decoder.session.get_modelmeta().custom_metadata_map.get("bitconvert.lm_head", "exact")
+        name = "ort" + ("" if head == "int8" else f" {head}")
+        if name in engines:
+            raise SystemExit(f"error: two --onnx files with the {head} lm_head; give one export per lm_head")
+        engines[name] = engine
     if args.gguf:
         engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config)
 

@@ -450,18 +450,24 @@ def test_int8_layout_round_trip():
 
 
 @pytest.fixture(scope="session")
-def tied_int8(tmp_path_factory):
-    """A tiny model with tied embeddings, converted: its PyTorch model and its fused export with the int8 lm_head
-    and the last position's logits only."""
+def tied_ternary(tmp_path_factory):
+    """A tiny model with tied embeddings, converted (the folder)."""
     from bitconvert.convert import convert
     from tiny import make_tiny_llama
 
     source = make_tiny_llama(tmp_path_factory.mktemp("tied") / "src", tie_word_embeddings=True)
     converted = tmp_path_factory.mktemp("tied-out") / "ternary"
     convert(source, converted, progress=False)
-    out = export_onnx(converted, tmp_path_factory.mktemp("onnx-int8") / "model.onnx", graph="fused", lm_head="int8",
-                      logits="last")
-    return load(converted, dtype=torch.float32), out
+    return converted
+
+
+@pytest.fixture(scope="session")
+def tied_int8(tied_ternary, tmp_path_factory):
+    """The tied tiny model in PyTorch and its fused export with the int8 lm_head and the last position's logits
+    only."""
+    out = export_onnx(tied_ternary, tmp_path_factory.mktemp("onnx-int8") / "model.onnx", graph="fused",
+                      lm_head="int8", logits="last")
+    return load(tied_ternary, dtype=torch.float32), out
 
 
 def test_int8_lm_head_last_logits(tied_int8):
@@ -483,3 +489,83 @@ def test_int8_lm_head_last_logits(tied_int8):
     assert_logits_close(logits, expected[:, -1:], INT8_HEAD_TOLERANCE)
     _, cache = decoder.step(tokens[:, :8].numpy(), decoder.empty_cache())
     assert_logits_close(decoder.step(tokens[:, 8:].numpy(), cache)[0], expected[:, -1:], INT8_HEAD_TOLERANCE)
+
+
+def int6_node_model(out_features: int, w_q: np.ndarray, d: np.ndarray):
+    """One Int6MatMul node with W and D as initializers."""
+    node = helper.make_node("Int6MatMul", ["X", "W", "D"], ["Y"], domain=DOMAIN, out_features=out_features)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", "t", "k"])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(w_q, "W"), numpy_helper.from_array(d, "D")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", kernels.ISAS)
+def test_int6_op_bit_exact(tmp_path, monkeypatch, isa, threads):
+    """Int6MatMul equals bitconvert.kernels.int6_linear bit for bit on the same SIMD path: one token (the rows split
+    into parts) and 2 x 9 tokens (the tokens split), widths off the 64-column grid; the int6 head is an
+    approximation, but ONNX Runtime adds nothing to it."""
+    if isa not in kernels.supported_isas():
+        pytest.skip(f"this CPU lacks the {isa} path")
+    monkeypatch.setenv("BITCONVERT_ISA", isa)
+    generator = torch.Generator().manual_seed(3)
+    for out_features, in_features in [(1000, 576), (37, 100), (3000, 1024)]:
+        weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+        w_q, d = kernels.int6_quantize_rows(weight)
+        model = int6_node_model(out_features, w_q.numpy(), d.numpy())
+        x = torch.randn(2, 9, in_features, generator=generator) * 2
+        x[0, 1] = 0.0
+        for tokens in (x, x[:1, :1]):
+            expected = kernels.int6_linear(tokens.reshape(-1, in_features), w_q, d, kernels.ISAS.index(isa), 1)
+            got = run_single(tmp_path, model, {"X": tokens.numpy()}, threads)
+            assert got.shape == (*tokens.shape[:-1], out_features)
+            np.testing.assert_array_equal(got.reshape(-1, out_features), expected.numpy())
+
+
+def test_int6_op_rejects_wrong_shapes(tmp_path):
+    w_q, d = kernels.int6_quantize_rows(torch.randn(40, 64))  # (40, 48) codes, (40, 2) scales
+    model = int6_node_model(40, w_q.numpy(), d.numpy())
+    with pytest.raises(Exception, match=r"Int6MatMul: W has shape \(40, 48\), expected \(40, 96\) for K = 100"):
+        run_single(tmp_path, model, {"X": np.zeros((1, 1, 100), np.float32)})
+    bad = int6_node_model(41, w_q.numpy(), d.numpy())
+    with pytest.raises(Exception, match=r"Int6MatMul: W has shape \(40, 48\), expected \(41, 48\)"):
+        run_single(tmp_path, bad, {"X": np.zeros((1, 1, 64), np.float32)})
+
+
+@pytest.fixture(scope="session")
+def tied_int6(tied_ternary, tmp_path_factory):
+    """The tied tiny model's fused export with the int6 lm_head (bitconvert's Int6MatMul), last logits only."""
+    return tied_ternary, export_onnx(tied_ternary, tmp_path_factory.mktemp("onnx-int6") / "model.onnx",
+                                     graph="fused", lm_head="int6", logits="last")
+
+
+def test_int6_lm_head_equals_pytorch_int6_head(tied_int6):
+    """The exported int6 head holds bitconvert.load(..., lm_head="int6")'s codes: the ONNX logits equal PyTorch's
+    with the same head within the float tolerance of the rest of the graph (LOGIT_TOLERANCE), and stay within the
+    int8 head's bound of the exact logits; metadata says int6, the Gather keeps the float table."""
+    converted, path = tied_int6
+    torch_model = load(converted, dtype=torch.float32)
+    model = onnx.load(path)
+    assert [node.op_type for node in model.graph.node].count("Int6MatMul") == 1
+    assert "MatMulNBits" not in {node.op_type for node in model.graph.node}
+    assert {p.key: p.value for p in model.metadata_props}["bitconvert.lm_head"] == "int6"
+    gather = next(node for node in model.graph.node if node.op_type == "Gather")
+    assert {t.name: t for t in model.graph.initializer}[gather.input[0]].data_type == TensorProto.FLOAT
+    decoder = OnnxDecoder(session(path))
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        exact = torch_model(tokens).logits.numpy()[:, -1:]
+        int6 = load(converted, dtype=torch.float32, lm_head="int6")(tokens).logits.numpy()[:, -1:]
+    logits, _ = decoder.step(tokens.numpy(), decoder.empty_cache())
+    assert logits.shape == exact.shape
+    assert_logits_close(logits, int6, LOGIT_TOLERANCE)
+    assert_logits_close(logits, exact, INT8_HEAD_TOLERANCE)
+    assert np.abs(logits - exact).max() > 0  # the approximation is really there (not the exact head by mistake)
+    # the shared-buffer cache writes the last logits straight into an array of ours: same values, and a later step
+    # leaves the earlier array alone
+    shared_logits, shared = decoder.step(tokens[:, :8].numpy(), decoder.empty_cache(capacity=10))
+    kept = shared_logits.copy()
+    last, _ = decoder.step(tokens[:, 8:].numpy(), shared)
+    np.testing.assert_array_equal(last, logits)
+    np.testing.assert_array_equal(shared_logits, kept)

@@ -43,9 +43,10 @@ def register(subparsers) -> None:
                         help="plain (default): attention and RMSNorm in standard ONNX ops; fused: ONNX Runtime's "
                         "GroupQueryAttention and RMSNorm ops and stacked q/k/v, gate/up products (fewer nodes, "
                         "faster; logits equal up to float rounding; positions taken from the cache length)")
-    parser.add_argument("--lm-head", choices=("exact", "int8"), default="exact",
+    parser.add_argument("--lm-head", choices=("exact", "int8", "int6"), default="exact",
                         help="exact (default): fp32 lm_head; int8: MatMulNBits bits=8 with int8 activations, a "
-                        "quarter of the bytes read per token, an approximation (see docs/export.md)")
+                        "quarter of the bytes read per token; int6: bitconvert's Int6MatMul (6.5 bits per weight, as "
+                        "llama.cpp's Q6_K output), 19%% fewer bytes than int8; both approximations (docs/export.md)")
     parser.add_argument("--logits", choices=("all", "last"), default="all",
                         help="all (default): logits for every input position; last: only the last position's "
                         "(B, 1, V), all that generation needs, and a much faster prompt")

@@ -3,7 +3,8 @@
 Both keep the packed weights as buffers (they become 2-bit initializers) and call one custom torch op that the
 exporter translates to one ONNX node (:mod:`bitconvert.export.ops`). Shapes: x (..., in) -> y (..., out), fp32.
 Also: :func:`fuse_projections` stacks q/k/v and gate/up into one TernaryMatMul each (exact: per-segment scales),
-and :class:`Int8LmHead` replaces the float ``lm_head`` by MatMulNBits bits=8 (the ``--lm-head int8`` option).
+and :class:`Int8LmHead` replaces the float ``lm_head`` by MatMulNBits bits=8 (the ``--lm-head int8`` option),
+:class:`Int6LmHead` by bitconvert's Int6MatMul (``--lm-head int6``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,28 @@ class Int8LmHead(nn.Module):
         y = torch.ops.bitconvert_export.matmul_nbits(x.float(), self.b, self.scales, self.zero_points,
                                                      self.in_features, self.out_features, self.block_size,
                                                      self.ACCURACY_LEVEL, 8)
+        return y if self.bias is None else y + self.bias
+
+
+class Int6LmHead(nn.Module):
+    """``lm_head`` as ``com.bitconvert::Int6MatMul``: codes in [-31, 31] with one fp16 scale per row and 32-column
+    block (6.5 bits per weight, llama.cpp's Q6_K: 6.56), activations int8 per 32-column block: the int6 head of
+    ``bitconvert.load(..., lm_head="int6")`` (:class:`bitconvert.kernels.lm_head.Int6LmHead`), the same codes and the
+    same core, so ONNX Runtime's logits equal PyTorch's bit for bit on the same SIMD path. An approximation (SmolLM2:
+    perplexity +1.1%, docs/kernels.md). A tied embedding keeps its float table for the input Gather."""
+
+    def __init__(self, linear: nn.Linear):
+        from ..kernels import int6_quantize_rows
+
+        super().__init__()
+        self.out_features = linear.weight.shape[0]
+        w_q, d = int6_quantize_rows(linear.weight.detach().float().contiguous())
+        self.register_buffer("w_q", w_q)
+        self.register_buffer("d", d)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.bitconvert_export.int6_matmul(x.float(), self.w_q, self.d, self.out_features)
         return y if self.bias is None else y + self.bias
 
 

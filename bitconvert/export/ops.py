@@ -1,4 +1,4 @@
-"""The two ternary matmul operators seen by PyTorch's ONNX exporter, and what each becomes in the ONNX graph.
+"""The matmul operators seen by PyTorch's ONNX exporter, and what each becomes in the ONNX graph.
 
 ``torch.ops.bitconvert_export.ternary_matmul(x, weight, weight_scale, out_features)``
     x float (..., K), weight uint8 (ceil(N/4), K) (HF BitNet layout, see :mod:`bitconvert.packing`), weight_scale
@@ -12,9 +12,15 @@
     The standard contrib op ``com.microsoft::MatMulNBits`` with ``bits=2`` (or 8, for the int8 lm_head; layouts in
     :mod:`bitconvert.export.matmulnbits`): ``y = x @ ((c - z) * scale)^T`` per block of ``block_size`` columns.
 
+``torch.ops.bitconvert_export.int6_matmul(x, w_q, d, out_features)``
+    The ~6-bit lm_head (``--lm-head int6``): x float (..., K), w_q uint8 (N, K' * 3 / 4) and d fp16 (N, K' / 32) as
+    :func:`bitconvert.kernels.int6_quantize_rows` returns them (K' = K rounded up to 64) -> fp32 (..., N), the
+    activations quantized to int8 per 32-column block inside (``bitconvert/kernels/csrc/int8_core.h``). Exported as
+    one ``com.bitconvert::Int6MatMul`` node (attribute ``out_features``), in the same custom-op library.
+
 The eager implementations are the reference math (they run only while tracing and in tests); the fake (meta)
-implementations give the exporter the output shapes. Importing this module also registers ONNX schemas for both
-ops with the ``onnx`` package (which has none for either), so the exporter, ``onnx.checker.check_model(...,
+implementations give the exporter the output shapes. Importing this module also registers ONNX schemas for the
+ops with the ``onnx`` package (which has none for them), so the exporter, ``onnx.checker.check_model(...,
 full_check=True)`` and ``onnx.shape_inference`` know them and infer ``Y``'s shape (``X``'s, last dimension N).
 """
 
@@ -30,6 +36,7 @@ from ..packing import unpack_ternary
 
 DOMAIN = "com.bitconvert"
 OP_NAME = "TernaryMatMul"
+INT6_OP_NAME = "Int6MatMul"
 OP_VERSION = 1
 MS_DOMAIN = "com.microsoft"
 
@@ -84,6 +91,19 @@ def _matmul_nbits_fake(x, b, scales, zero_points, k, n, block_size, accuracy_lev
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 
+@torch.library.custom_op("bitconvert_export::int6_matmul", mutates_args=())
+def int6_matmul(x: torch.Tensor, w_q: torch.Tensor, d: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The int6 lm_head's product on the C++ core (:func:`bitconvert.kernels.int6_linear`); see the module docstring."""
+    from ..kernels import int6_linear
+
+    return int6_linear(x.float().reshape(-1, x.shape[-1]), w_q, d).reshape(*x.shape[:-1], out_features)
+
+
+@int6_matmul.register_fake
+def _int6_matmul_fake(x, w_q, d, out_features):
+    return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+
+
 def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int, segments=None, activation: str = ""):
     attributes = {"out_features": out_features}
     if segments:
@@ -98,9 +118,14 @@ def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: in
                                         accuracy_level=accuracy_level)
 
 
+def _int6_matmul_onnx(x, w_q, d, out_features: int):
+    return _bitconvert_opset.Int6MatMul(x, w_q, d, out_features=out_features)
+
+
 TRANSLATIONS = {
     torch.ops.bitconvert_export.ternary_matmul.default: _ternary_matmul_onnx,
     torch.ops.bitconvert_export.matmul_nbits.default: _matmul_nbits_onnx,
+    torch.ops.bitconvert_export.int6_matmul.default: _int6_matmul_onnx,
 }
 
 
@@ -148,6 +173,23 @@ def _ternary_matmul_schema() -> defs.OpSchema:
     return schema.set_type_and_shape_inference_function(_infer_last_dim(_ternary_matmul_width))
 
 
+def _int6_matmul_schema() -> defs.OpSchema:
+    parameter = defs.OpSchema.FormalParameter
+    schema = defs.OpSchema(
+        INT6_OP_NAME, DOMAIN, OP_VERSION,
+        "int6 x int8 product (the ~6-bit lm_head): Y[t][o] = sum_b d[o][b] e[t][b] P[t][o][b] over 32-column blocks b, "
+        "X quantized to int8 per block (scale e), W int6 codes with fp16 block scales D (bitconvert's int8_core.h).",
+        inputs=[parameter("X", "T", "activations (..., K)"),
+                parameter("W", "tensor(uint8)", "int6 codes (N, K' * 3 / 4), K' = K rounded up to 64"),
+                parameter("D", "tensor(float16)", "block scales (N, K' / 32)")],
+        outputs=[parameter("Y", "T", "(..., N)")],
+        type_constraints=[("T", ["tensor(float)"], "float32 activations")],
+        attributes=[defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of W")],
+    )
+    return schema.set_type_and_shape_inference_function(
+        _infer_last_dim(lambda ctx: ctx.get_attribute("out_features").i))
+
+
 def _matmul_nbits_schema() -> defs.OpSchema:
     """The subset of ONNX Runtime's contrib schema this exporter emits (the onnx package has none for it)."""
     parameter = defs.OpSchema.FormalParameter
@@ -167,9 +209,12 @@ def _matmul_nbits_schema() -> defs.OpSchema:
 
 
 def register_onnx_schemas() -> None:
-    """Register TernaryMatMul's schema, and MatMulNBits' unless the onnx package has one (idempotent)."""
+    """Register TernaryMatMul's and Int6MatMul's schemas, and MatMulNBits' unless the onnx package has one
+    (idempotent)."""
     if not defs.has(OP_NAME, OP_VERSION, DOMAIN):
         defs.register_schema(_ternary_matmul_schema())
+    if not defs.has(INT6_OP_NAME, OP_VERSION, DOMAIN):
+        defs.register_schema(_int6_matmul_schema())
     if not defs.has("MatMulNBits", 1, MS_DOMAIN):
         defs.register_schema(_matmul_nbits_schema())
 

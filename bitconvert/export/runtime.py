@@ -1,8 +1,9 @@
-"""The ONNX Runtime custom-op library for ``com.bitconvert::TernaryMatMul``: headers, build, sessions.
+"""The ONNX Runtime custom-op library for ``com.bitconvert`` (TernaryMatMul, Int6MatMul): headers, build, sessions.
 
-The library is ``csrc/ternary_ort_op.cpp`` compiled together with the kernels' own core
-(``bitconvert/kernels/csrc/ternary_core.cpp``, same flags), so ONNX Runtime runs the very SIMD paths and integer
-products that the PyTorch kernels run. It is compiled on first use with the system C++ compiler (``$CXX`` or ``c++``)
+The library is ``csrc/ternary_ort_op.cpp`` and ``csrc/int6_ort_op.cpp`` (the int6 lm_head's
+``com.bitconvert::Int6MatMul``) compiled together with the kernels' own core (``bitconvert/kernels/csrc/
+ternary_core.cpp`` and ``int8_core.cpp``, same flags), so ONNX Runtime runs the very SIMD paths and integer products
+that the PyTorch kernels run. It is compiled on first use with the system C++ compiler (``$CXX`` or ``c++``)
 and cached under ``$BITCONVERT_CACHE`` or ``~/.cache/bitconvert`` in a folder keyed by the sources, the flags and
 the headers, so edits rebuild and nothing is rebuilt otherwise.
 
@@ -28,8 +29,11 @@ from ..kernels import CFLAGS as CORE_FLAGS
 from ..kernels import CSRC as CORE_DIR
 from .ops import DOMAIN
 
-OP_SOURCE = Path(__file__).parent / "csrc" / "ternary_ort_op.cpp"
-SOURCES = (CORE_DIR / "ternary_core.cpp", OP_SOURCE)
+OP_DIR = Path(__file__).parent / "csrc"
+OP_SOURCE = OP_DIR / "ternary_ort_op.cpp"
+SOURCES = (CORE_DIR / "ternary_core.cpp", CORE_DIR / "int8_core.cpp", OP_SOURCE, OP_DIR / "int6_ort_op.cpp")
+HEADERS = (CORE_DIR / "ternary_core.h", CORE_DIR / "int8_core.h", CORE_DIR / "avxvnni.h", CORE_DIR / "fast_exp.h",
+           OP_DIR / "ort_op_common.h")
 FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", *CORE_FLAGS]
 LIBRARY_NAME = "libbitconvert_ort.so"
 HEADERS_PACKAGE = "libonnxruntime-dev"
@@ -123,7 +127,7 @@ def build_library(include_dir: Path) -> Path:
     """Compile the library into the cache unless an identical build is there; returns its path."""
     compiler = _compiler()
     digest = hashlib.sha256(" ".join([compiler, *FLAGS]).encode())
-    for path in (*SOURCES, CORE_DIR / "ternary_core.h", CORE_DIR / "avxvnni.h", CORE_DIR / "fast_exp.h", include_dir / "onnxruntime_c_api.h"):
+    for path in (*SOURCES, *HEADERS, include_dir / "onnxruntime_c_api.h"):
         digest.update(path.read_bytes())
     folder = cache_root() / "ort_ops" / digest.hexdigest()[:16]
     library = folder / LIBRARY_NAME
@@ -131,7 +135,8 @@ def build_library(include_dir: Path) -> Path:
         return library
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f"{LIBRARY_NAME}.{os.getpid()}.partial"
-    command = [compiler, *FLAGS, f"-I{CORE_DIR}", f"-I{include_dir}", *map(str, SOURCES), "-o", str(partial)]
+    command = [compiler, *FLAGS, f"-I{CORE_DIR}", f"-I{OP_DIR}", f"-I{include_dir}", *map(str, SOURCES), "-o",
+               str(partial)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)

@@ -25,7 +25,7 @@
 // token groups in the same pool) and every part reads them: at 7B shapes a decode step had about 800 parts before the
 // cap, and quantizing the 4,096-11,008 inputs in each of them cost more than the products.
 // Built against the C API of the oldest supported onnxruntime: RegisterCustomOps refuses an older runtime with an
-// error status instead of crashing.
+// error status instead of crashing. It registers the domain's other operator too (Int6MatMul, int6_ort_op.cpp).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -37,9 +37,14 @@
 #include <vector>
 
 #include "fast_exp.h"
+#include "ort_op_common.h"
 #include "ternary_core.h"
 
 namespace {
+
+using bitconvert_ort::ceil_div;
+using bitconvert_ort::OpError;
+using bitconvert_ort::shape_string;
 
 constexpr const char *kDomain = "com.bitconvert";
 constexpr int64_t kMinWorkPerPart = int64_t(1) << 18;  // below this, handing work to another thread costs more
@@ -48,8 +53,6 @@ constexpr int64_t kMinWorkPerPart = int64_t(1) << 18;  // below this, handing wo
 // Zen 4, docs/export.md), while 32 parts still balance a pool of up to 8 threads or so.
 constexpr int64_t kMaxParts = 32;
 constexpr int64_t kTokensPerGroup = 8;                 // the core's tokens per tile call
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // One call's work, cut into `parts` slices that run_part computes independently.
 struct Job {
@@ -110,19 +113,7 @@ void run_part(void *data, size_t index) {
     }
 }
 
-struct OpError : std::exception {
-    std::string message;
-    explicit OpError(std::string m) : message(std::move(m)) {}
-    const char *what() const noexcept override { return message.c_str(); }
-};
-
 int64_t packed_rows(int64_t out_features) { return (out_features + 3) / 4; }
-
-std::string shape_string(const std::vector<int64_t> &shape) {
-    std::string text = "(";
-    for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
-    return text + ")";
-}
 
 void check_weight_shape(const std::vector<int64_t> &shape, int64_t out_features) {
     if (shape.size() != 2 || shape[0] != packed_rows(out_features) || shape[1] < 1 || shape[1] > BC_MAX_IN_FEATURES)
@@ -144,7 +135,7 @@ void swiglu_token(void *data, size_t index) {
                                  job.out + int64_t(index) * job.half, job.avx2);
 }
 
-struct TernaryMatMulKernel {
+struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
     int64_t out_features = 0;
     bool swiglu = false;  // activation = "swiglu"
     std::vector<int64_t> segment_ends;  // exclusive end row of each segment; {out_features} without `segments`
@@ -260,33 +251,14 @@ struct TernaryMatMulKernel {
             ctx.ParallelFor(swiglu_token, size_t(n), 0, &epilogue);
         }
     }
-
-    OrtStatusPtr ComputeV2(OrtKernelContext *context) {
-        try {
-            Compute(context);
-            return nullptr;
-        } catch (const std::exception &error) {
-            return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, error.what());
-        }
-    }
 };
 
-struct TernaryMatMulOp : Ort::CustomOpBase<TernaryMatMulOp, TernaryMatMulKernel, true> {
-    OrtStatusPtr CreateKernelV2(const OrtApi &api, const OrtKernelInfo *info, void **kernel) const {
-        try {
-            *kernel = new TernaryMatMulKernel(info);
-            return nullptr;
-        } catch (const std::exception &error) {
-            return api.CreateStatus(ORT_INVALID_ARGUMENT, error.what());
-        }
-    }
+struct TernaryMatMulOp : bitconvert_ort::OpBase<TernaryMatMulOp, TernaryMatMulKernel> {
     const char *GetName() const { return "TernaryMatMul"; }
     size_t GetInputTypeCount() const { return 3; }
     ONNXTensorElementDataType GetInputType(size_t index) const {
         return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
-    size_t GetOutputTypeCount() const { return 1; }
-    ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
 }  // namespace
@@ -305,6 +277,7 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     OrtCustomOpDomain *domain = nullptr;
     if (OrtStatus *status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
     if (OrtStatus *status = api->CustomOpDomain_Add(domain, &op)) return status;
+    if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::int6_matmul_op())) return status;
     // The domain must outlive every session made from these options, so it is never released (a few bytes per
     // registration; releasing it at process exit could run after onnxruntime itself is gone).
     return api->AddCustomOpDomain(options, domain);
