@@ -127,14 +127,15 @@ def build_ggufs(converted: str | Path, source: str | Path | None, workdir: str |
     return ggufs
 
 
-def bench_gguf(path: str | Path, threads: int, prompt: int = 128, gen: int = 64) -> dict:
+def bench_gguf(path: str | Path, threads: int, prompt: int = 128, gen: int = 64, depth: int = 0) -> dict:
     """One ``llama-bench`` run of ``path`` (``-r 1``): ``{"prefill_tok_s", "decode_tok_s", "size_bytes", "type"}``.
 
     Prefill is the ``pp{prompt}`` test (a prompt of ``prompt`` tokens in one batch; None with ``prompt=0``, which
-    skips it), decode the ``tg{gen}`` test (``gen`` tokens one at a time after an empty context); tokens/s as
-    llama-bench's ``avg_ts``.
+    skips it), decode the ``tg{gen}`` test (``gen`` tokens one at a time after an empty context, or after ``depth``
+    tokens already in the cache: ``-d``, whose prefill llama-bench does not time); tokens/s as llama-bench's ``avg_ts``.
     """
-    out = _run([binary("llama-bench"), "-m", path, "-p", prompt, "-n", gen, "-t", threads, "-r", 1, "-o", "json"])
+    command = [binary("llama-bench"), "-m", path, "-p", prompt, "-n", gen, "-t", threads, "-r", 1, "-o", "json"]
+    out = _run(command + (["-d", depth] if depth else []))
     records = json.loads(out)
     prefill = next((r for r in records if r["n_prompt"] == prompt and r["n_gen"] == 0), None) if prompt else None
     decode = next(r for r in records if r["n_gen"] == gen and r["n_prompt"] == 0)

@@ -14,8 +14,9 @@ Engines (all loaded before the first round):
   is not int8): ONNX Runtime with TernaryMatMul, the cache kept
   in ORT, spinning intra-op threads (its default);
 - ``llama.cpp`` (``--gguf``, needs ``LLAMA_CPP_DIR``): one ``llama-bench -p 0 -n GGUF_TOKENS -r 1`` process per
-  block (the GGUF stays in the page cache; llama-bench's warm-up run is not timed; it decodes from an empty context,
-  so its KV cache adds almost nothing to its bytes).
+  block (the GGUF stays in the page cache; llama-bench's warm-up run is not timed). It decodes from an empty context,
+  so its KV cache adds almost nothing to its bytes, or with ``--gguf-depth D`` after D tokens (``-d D``, an untimed
+  prefill in every block): set D to ``--prompt-tokens`` to compare at the in-process engines' depth.
 Each round visits every engine (in reverse order on odd rounds): a 100 ms pause (so the previous engine's
 spinning threads have let go of the cores: ORT's hold one for ~60 ms and halve the probe), a bandwidth probe (``torch.sum`` over 512 MiB of
 fp32, best of 3 passes, same threads), a 50 ms pause (the probe's OpenMP workers spin on after it, which slowed
@@ -146,14 +147,14 @@ class OrtEngine(InProcessEngine):
 class LlamaCppEngine:
     """``llama-bench`` on a GGUF, one process per block, decoding ``tokens`` from an empty context."""
 
-    def __init__(self, path: Path, threads: int, tokens: int, config):
-        self.path, self.threads, self.tokens, self.config = path, threads, tokens, config
+    def __init__(self, path: Path, threads: int, tokens: int, config, depth: int = 0):
+        self.path, self.threads, self.tokens, self.config, self.depth = path, threads, tokens, config, depth
         self.weight_bytes = headtohead.gguf_bytes_per_token(path)
 
     def block(self, _tokens: int, _warmup: int = 0) -> tuple[float, float]:
         """llama-bench's own warm-up (one untimed token) stands for ``warmup``."""
-        figures = llamacpp.bench_gguf(self.path, self.threads, prompt=0, gen=self.tokens)
-        return 1 / figures["decode_tok_s"], self.tokens / 2
+        figures = llamacpp.bench_gguf(self.path, self.threads, prompt=0, gen=self.tokens, depth=self.depth)
+        return 1 / figures["decode_tok_s"], self.depth + self.tokens / 2
 
     def bytes_per_token(self, mean_position: float) -> int:
         return self.weight_bytes + decode.kv_cache_bytes(self.config, mean_position, 0, 2)
@@ -229,6 +230,8 @@ def main() -> None:
     parser.add_argument("--warmup-tokens", type=int, default=1, help="untimed tokens of the in-process engines "
                         "before each block, after the probe (default 1: as llama-bench's own warm-up run, one token)")
     parser.add_argument("--gguf-tokens", type=int, default=16, help="tokens per llama-bench block")
+    parser.add_argument("--gguf-depth", type=int, default=0, help="tokens in llama.cpp's cache before each block "
+                        "(llama-bench -d, prefilled untimed; default 0: an empty context)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-position", type=int, default=512)
     parser.add_argument("--split", type=float, metavar="GB_S", help="also summarize the rounds whose every probe was "
@@ -259,8 +262,8 @@ def main() -> None:
         raise SystemExit("error: --lm-heads names a head twice; list each once")
     if args.gguf is not None:
         llamacpp.binary("llama-bench")  # exits with the fix if LLAMA_CPP_DIR is unset or lacks it, before any loading
-    if args.warmup_tokens < 0:
-        raise SystemExit("error: --warmup-tokens must be >= 0")
+    if args.warmup_tokens < 0 or args.gguf_depth < 0:
+        raise SystemExit("error: --warmup-tokens and --gguf-depth must be >= 0")
     if args.prompt_tokens + args.warmup_tokens + args.block > args.max_position:
         raise SystemExit("error: --max-position must leave room for the prompt, the warm-up tokens and one block")
 
@@ -284,7 +287,7 @@ def main() -> None:
             raise SystemExit(f"error: two --onnx files with the {head} lm_head; give one export per lm_head")
         engines[name] = engine
     if args.gguf:
-        engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config)
+        engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config, args.gguf_depth)
 
     probe = BandwidthProbe()
     blocks: dict[str, list[dict]] = {name: [] for name in engines}

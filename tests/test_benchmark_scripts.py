@@ -62,3 +62,26 @@ def test_paired_decode_refuses_a_repeated_layout(tiny_ternary):
                              "2bit,2bit"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: --layouts names 2bit twice")
+
+
+def test_llama_bench_depth(monkeypatch):
+    """benchmarks/llamacpp.bench_gguf asks llama-bench for a filled cache (-d) only when given a depth, and reads the
+    decode figure either way (llama-bench itself is not run: its command line is checked)."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import llamacpp
+
+    commands = []
+
+    def fake_run(command):
+        commands.append([str(part) for part in command])
+        return json.dumps([{"n_prompt": 0, "n_gen": 8, "n_depth": 0, "avg_ts": 100.0, "model_size": 1,
+                            "model_type": "llama"}])
+
+    monkeypatch.setattr(llamacpp, "_run", fake_run)
+    monkeypatch.setattr(llamacpp, "binary", lambda name: name)
+    assert llamacpp.bench_gguf("m.gguf", 2, prompt=0, gen=8, depth=128)["decode_tok_s"] == 100.0
+    assert llamacpp.bench_gguf("m.gguf", 2, prompt=0, gen=8)["decode_tok_s"] == 100.0
+    assert commands[0][-2:] == ["-d", "128"]
+    assert "-d" not in commands[1]
