@@ -10,8 +10,8 @@ engine alike and every block has its own bound.
 Engines (all loaded before the first round):
 - ``bitconvert LAYOUT [HEAD]``, one per ``--layouts`` entry and ``--lm-heads`` entry (default int8, left out of the
   name): ``bitconvert.load(CONVERTED, lm_head=HEAD)`` with the kernels repacking into that layout, run by the lean :class:`~bitconvert.kernels.decode.Decoder` (fp32 KV cache);
-- ``ort [HEAD]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by their lm_head when it
-  is not int8): ONNX Runtime with TernaryMatMul, the cache kept
+- ``ort [HEAD] [fp16-kv]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by their lm_head
+  when it is not int8 and their KV cache when it is fp16): ONNX Runtime with TernaryMatMul, the cache kept
   in ORT, spinning intra-op threads (its default);
 - ``llama.cpp`` (``--gguf``, needs ``LLAMA_CPP_DIR``): one ``llama-bench -p 0 -n GGUF_TOKENS -r 1`` process per
   block (the GGUF stays in the page cache; llama-bench's warm-up run is not timed). It decodes from an empty context,
@@ -141,7 +141,8 @@ class OrtEngine(InProcessEngine):
         return logits
 
     def bytes_per_token(self, mean_position: float) -> int:
-        return self.weight_bytes + decode.kv_cache_bytes(self.config, mean_position, 0, 4)
+        value_bytes = np.dtype(self.decoder.cache_dtype).itemsize  # fp32, or fp16 (--kv-cache fp16 export)
+        return self.weight_bytes + decode.kv_cache_bytes(self.config, mean_position, 0, value_bytes)
 
 
 class LlamaCppEngine:
@@ -281,10 +282,12 @@ def main() -> None:
     for path in args.onnx:
         print(f"loading ONNX Runtime ({path})", flush=True)
         engine = OrtEngine(path, args.threads, prompt, args.max_position, config)
-        head = engine.decoder.session.get_modelmeta().custom_metadata_map.get("bitconvert.lm_head", "exact")
-        name = "ort" + ("" if head == "int8" else f" {head}")
+        metadata = engine.decoder.session.get_modelmeta().custom_metadata_map
+        head, cache = metadata.get("bitconvert.lm_head", "exact"), metadata.get("bitconvert.kv_cache", "fp32")
+        name = "ort" + ("" if head == "int8" else f" {head}") + ("" if cache == "fp32" else f" {cache}-kv")
         if name in engines:
-            raise SystemExit(f"error: two --onnx files with the {head} lm_head; give one export per lm_head")
+            raise SystemExit(f"error: two --onnx files with the {head} lm_head and {cache} KV cache; give one export "
+                             "per kind")
         engines[name] = engine
     if args.gguf:
         engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config, args.gguf_depth)

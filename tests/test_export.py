@@ -440,6 +440,43 @@ def test_fused_cache_written_in_place_equals_growing_cache(fused_onnx):
         decoder.step(tokens[:, :1], shared)
 
 
+@pytest.fixture(scope="session")
+def fused_fp16_cache_onnx(tiny_ternary, tmp_path_factory):
+    return export_onnx(tiny_ternary, tmp_path_factory.mktemp("onnx-fused-fp16") / "model.onnx", graph="fused",
+                       kv_cache="fp16")
+
+
+def test_fused_fp16_cache_stays_close_to_the_fp32_cache(fused_fp16_cache_onnx, fused_onnx, torch_model):
+    """--kv-cache fp16: the cache inputs/outputs are float16 and so is attention; the keys, values and queries are
+    rounded to fp16 (2^-11 relative), which moves the logits by a small fraction of their spread. The same bound as
+    the lean decoder's fp16 cache (tests/test_decode.py: 5% of the logits' standard deviation; measured here 0.9%),
+    over a prompt and teacher-forced single steps, each on the shared buffer written in place and on the growing
+    cache (equal bit for bit); greedy tokens as PyTorch's."""
+    model = onnx.load(fused_fp16_cache_onnx)
+    types = {value.name: value.type.tensor_type.elem_type for value in [*model.graph.input, *model.graph.output]}
+    assert types["past_key_values.0.key"] == types["present.0.value"] == TensorProto.FLOAT16
+    assert types["logits"] == TensorProto.FLOAT
+    assert {p.key: p.value for p in model.metadata_props}["bitconvert.kv_cache"] == "fp16"
+    half, exact = OnnxDecoder(session(fused_fp16_cache_onnx)), OnnxDecoder(session(fused_onnx))
+    tokens = np.random.default_rng(8).integers(0, 256, (1, 16))
+    caches = {"shared": half.empty_cache(capacity=16), "growing": half.empty_cache(), "exact": exact.empty_cache()}
+    assert caches["shared"].values["past_key_values.0.key"].data_type() == "tensor(float16)"
+    errors, spread = [], None
+    for start, end in ((0, 8), *((i, i + 1) for i in range(8, 16))):
+        got, caches["shared"] = half.step(tokens[:, start:end], caches["shared"])
+        growing, caches["growing"] = half.step(tokens[:, start:end], caches["growing"])
+        want, caches["exact"] = exact.step(tokens[:, start:end], caches["exact"])
+        np.testing.assert_array_equal(got, growing)
+        spread = spread or float(want.std())
+        errors.append(float(np.abs(got - want).max()))
+    assert 0 < max(errors) <= 0.05 * spread, (max(errors), spread)
+    prompt = [1, 5, 9, 2]
+    assert half.generate(prompt, 24) == torch_model.generate(torch.tensor([prompt]), max_new_tokens=24,
+                                                                do_sample=False)[0, 4:].tolist()
+    with pytest.raises(BitconvertError, match="needs --graph fused"):
+        export_onnx("unused", "unused.onnx", kv_cache="fp16")
+
+
 def test_int8_layout_round_trip():
     weight = torch.randn(6, 80) * torch.logspace(-3, 1, 80)  # blocks of very different magnitudes
     b, scales, zero_points = to_matmulnbits_int8(weight, 32)  # K padded to 96

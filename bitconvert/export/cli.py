@@ -47,6 +47,10 @@ def register(subparsers) -> None:
                         help="exact (default): fp32 lm_head; int8: MatMulNBits bits=8 with int8 activations, a "
                         "quarter of the bytes read per token; int6: bitconvert's Int6MatMul (6.5 bits per weight, as "
                         "llama.cpp's Q6_K output), 19%% fewer bytes than int8; both approximations (docs/export.md)")
+    parser.add_argument("--kv-cache", choices=("fp32", "fp16"), default="fp32",
+                        help="fp32 (default) or fp16 (with --graph fused): the KV cache inputs/outputs and attention "
+                        "in float16, half the cache bytes read per token at long contexts; keys and values rounded "
+                        "to fp16")
     parser.add_argument("--logits", choices=("all", "last"), default="all",
                         help="all (default): logits for every input position; last: only the last position's "
                         "(B, 1, V), all that generation needs, and a much faster prompt")
@@ -59,7 +63,7 @@ def run(args) -> int:
     from .exporter import export_onnx
 
     out = export_onnx(args.model, args.out, op=args.op, accuracy_level=args.accuracy_level, graph=args.graph,
-                      lm_head=args.lm_head, logits=args.logits)
+                      lm_head=args.lm_head, logits=args.logits, kv_cache=args.kv_cache)
     size = sum(path.stat().st_size for path in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 2**20:.1f} MiB) and its tokenizer; run it: bitconvert generate {out} --prompt ...")
     return 0

@@ -6,8 +6,8 @@ dynamo ONNX exporter (the custom ops translated by :data:`bitconvert.export.ops.
 with its initializers in one external-data file when the model is above 2 GB (protobuf's limit), check it with
 ``onnx.checker`` (full check, custom domain declared) and write the tokenizer next to it. The model's metadata
 records the operator (``bitconvert.op``: ternary, matmulnbits or fp32), the graph (``bitconvert.graph``: plain or
-fused), the lm_head (``bitconvert.lm_head``: exact, int8 or int6) and which logits it returns (``bitconvert.logits``:
-all or last). A full-precision source exports as fp32.
+fused), the lm_head (``bitconvert.lm_head``: exact, int8 or int6), which logits it returns (``bitconvert.logits``:
+all or last) and the KV cache's type (``bitconvert.kv_cache``: fp32 or fp16). A full-precision source exports as fp32.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitconvertError, reason
-from .decoder import INPUT_NAMES, FusedKVCacheDecoder, KVCacheDecoder, cache_names
+from .decoder import INPUT_NAMES, KV_CACHE_DTYPES, FusedKVCacheDecoder, KVCacheDecoder, cache_names
 from .fused_ops import TRANSLATIONS as FUSED_TRANSLATIONS
 from .modules import OPS, Int6LmHead, Int8LmHead, fuse_projections, replace_bitlinears
 from .ops import DOMAIN, MS_DOMAIN, OP_VERSION, TRANSLATIONS
@@ -104,7 +104,8 @@ def _declare_opsets(program) -> None:
 
 
 def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str = "ternary",
-                accuracy_level: int = 0, graph: str = "plain", lm_head: str = "exact", logits: str = "all") -> Path:
+                accuracy_level: int = 0, graph: str = "plain", lm_head: str = "exact", logits: str = "all",
+                kv_cache: str = "fp32") -> Path:
     """Export ``model_path`` to the ONNX file ``out`` (its folder also gets the tokenizer); returns ``out``.
 
     ``op``: ``ternary`` (one com.bitconvert::TernaryMatMul per BitLinear) or ``matmulnbits`` (portable
@@ -115,6 +116,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     or ``int6`` (:class:`~bitconvert.export.modules.Int6LmHead`, bitconvert's Int6MatMul: 19% fewer bytes than int8).
     ``logits``: ``all`` positions (B, S, V) or the ``last`` one (B, 1, V), enough for generation and much cheaper
     for a prompt.
+    ``kv_cache``: ``fp32`` or ``fp16`` (``--graph fused`` only: the cache inputs/outputs and attention in float16,
+    half the cache bytes per step; see :mod:`bitconvert.export.decoder`).
     """
     from ..load import is_converted_folder, load_for_inference
 
@@ -126,6 +129,10 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
         raise BitconvertError(f"unknown --lm-head {lm_head!r}; choose one of {', '.join(LM_HEADS)}")
     if logits not in LOGITS:
         raise BitconvertError(f"unknown --logits {logits!r}; choose one of {', '.join(LOGITS)}")
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise BitconvertError(f"unknown --kv-cache {kv_cache!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+    if kv_cache != "fp32" and graph != "fused":
+        raise BitconvertError(f"--kv-cache {kv_cache} needs --graph fused (the plain graph keeps an fp32 cache)")
     if accuracy_level not in (0, 4):
         raise BitconvertError(f"accuracy level must be 0 or 4, got {accuracy_level}")
     out = Path(out)
@@ -144,7 +151,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
             raise BitconvertError(f"--graph fused supports {', '.join(FUSED_MODEL_TYPES)} models (LLaMA attention "
                                   f"and rotary), not '{model.config.model_type}'; use --graph plain")
         fuse_projections(model)
-    decoder = (FusedKVCacheDecoder if graph == "fused" else KVCacheDecoder)(model, logits == "last").eval()
+    decoder = (FusedKVCacheDecoder(model, logits == "last", kv_cache) if graph == "fused"
+               else KVCacheDecoder(model, logits == "last")).eval()
     with torch.no_grad():
         try:
             program = _trace(decoder)
@@ -157,7 +165,7 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     _name_dims(program.model.graph)
     _declare_opsets(program)
     kind = op if replaced else "fp32"
-    metadata = {"op": kind, "graph": graph, "lm_head": lm_head, "logits": logits}
+    metadata = {"op": kind, "graph": graph, "lm_head": lm_head, "logits": logits, "kv_cache": kv_cache}
     if kind == "matmulnbits":
         metadata["accuracy_level"] = str(accuracy_level)
     program.model.metadata_props.update({f"bitconvert.{key}": value for key, value in metadata.items()})

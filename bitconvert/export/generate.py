@@ -89,6 +89,7 @@ class OnnxDecoder:
         self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
         self.present_names = [name.replace("past_key_values.", "present.", 1) for name in self.past_names]
         _, self.kv_heads, _, self.head_dim = inputs["past_key_values.0.key"].shape
+        self.cache_dtype = np.float16 if inputs["past_key_values.0.key"].type == "tensor(float16)" else np.float32
         metadata = session.get_modelmeta().custom_metadata_map
         self.shares_cache = metadata.get("bitconvert.graph") == "fused"
         self.last_logits_only = metadata.get("bitconvert.logits") == "last"
@@ -101,7 +102,7 @@ class OnnxDecoder:
         context above batch 1.)"""
         capacity = capacity if self.shares_cache and batch == 1 else 0
         shape = (batch, self.kv_heads, capacity, self.head_dim)
-        return Cache({name: OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+        return Cache({name: OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.cache_dtype))
                       for name in self.past_names}, 0, capacity)
 
     def step(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
