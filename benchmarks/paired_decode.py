@@ -8,8 +8,9 @@ engine alike and every block has its own bound.
         [--json bench-out/paired.json]
 
 Engines (all loaded before the first round):
-- ``bitconvert LAYOUT [HEAD]``, one per ``--layouts`` entry and ``--lm-heads`` entry (default int8, left out of the
-  name): ``bitconvert.load(CONVERTED, lm_head=HEAD)`` with the kernels repacking into that layout, run by the lean :class:`~bitconvert.kernels.decode.Decoder` (fp32 KV cache);
+- ``bitconvert LAYOUT [HEAD] [fp16-kv]``, one per ``--layouts``, ``--lm-heads`` and ``--kv-caches`` entry (defaults
+  int8 and fp32, left out of the name): ``bitconvert.load(CONVERTED, lm_head=HEAD)`` with the kernels repacking into
+  that layout, run by the lean :class:`~bitconvert.kernels.decode.Decoder` (its KV cache in that type);
 - ``ort [HEAD] [fp16-kv]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by their lm_head
   when it is not int8 and their KV cache when it is fp16): ONNX Runtime with TernaryMatMul, the cache kept
   in ORT, spinning intra-op threads (its default);
@@ -107,10 +108,10 @@ class InProcessEngine:
 class LeanEngine(InProcessEngine):
     """``bitconvert.load`` in one kernel layout and its lean decoder."""
 
-    def __init__(self, folder: str, layout: str, lm_head: str, prompt: list[int], max_position: int):
+    def __init__(self, folder: str, layout: str, lm_head: str, kv_cache: str, prompt: list[int], max_position: int):
         super().__init__(prompt, max_position)
         with decode.kernel_layout(layout):  # the decoder keeps the layout it was built in
-            self.runner = decode.Runner(folder, "lean", max_position + 1, lm_head=lm_head)
+            self.runner = decode.Runner(folder, "lean", max_position + 1, kv_cache=kv_cache, lm_head=lm_head)
 
     def restart(self) -> torch.Tensor:
         self.runner.decoder.reset()
@@ -220,6 +221,8 @@ def main() -> None:
                         "2bit,base3; lut is opt-in); the first engine is the ratios' reference")
     parser.add_argument("--lm-heads", default="int8", help="lm_heads of the bitconvert engines, comma-separated "
                         "(default int8; int6 is the ~6-bit head, as llama.cpp's Q6_K output)")
+    parser.add_argument("--kv-caches", default="fp32", help="KV caches of the bitconvert engines, comma-separated "
+                        "(default fp32; fp16 halves the cache bytes, as llama.cpp's default f16 cache)")
     parser.add_argument("--onnx", type=Path, action="append", default=[],
                         help="an export of the same folder, for an ONNX Runtime engine (repeatable: e.g. one with "
                         "--lm-head int8 and one with int6)")
@@ -261,6 +264,9 @@ def main() -> None:
         raise SystemExit(f"error: --lm-heads {unknown[0]}: not an lm_head; pick from {','.join(LM_HEADS)}")
     if len(set(heads)) < len(heads):
         raise SystemExit("error: --lm-heads names a head twice; list each once")
+    caches = args.kv_caches.split(",")
+    if unknown := [cache for cache in caches if cache not in ("fp32", "fp16")] or len(set(caches)) < len(caches):
+        raise SystemExit(f"error: --kv-caches {args.kv_caches}: list fp32 and/or fp16, each once")
     if args.gguf is not None:
         llamacpp.binary("llama-bench")  # exits with the fix if LLAMA_CPP_DIR is unset or lacks it, before any loading
     if args.warmup_tokens < 0 or args.gguf_depth < 0:
@@ -276,9 +282,11 @@ def main() -> None:
     engines = {}
     for layout in layouts:
         for head in heads:
-            name = f"bitconvert {layout}" + ("" if head == "int8" else f" {head}")
-            print(f"loading {name}", flush=True)
-            engines[name] = LeanEngine(args.converted, layout, head, prompt, args.max_position)
+            for cache in caches:
+                name = f"bitconvert {layout}" + ("" if head == "int8" else f" {head}") + (
+                    "" if cache == "fp32" else f" {cache}-kv")
+                print(f"loading {name}", flush=True)
+                engines[name] = LeanEngine(args.converted, layout, head, cache, prompt, args.max_position)
     for path in args.onnx:
         print(f"loading ONNX Runtime ({path})", flush=True)
         engine = OrtEngine(path, args.threads, prompt, args.max_position, config)

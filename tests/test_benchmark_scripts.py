@@ -31,14 +31,16 @@ def test_paired_decode_alternates_blocks_and_reports_each(tiny_ternary, tmp_path
 
     out = tmp_path / "paired.json"
     command = [sys.executable, str(BENCHMARKS / "paired_decode.py"), str(tiny_ternary), "--layouts", "2bit",
-               "--lm-heads", "int8,int6", "--rounds", "4", "--block", "3", "--warmup-tokens", "1", "--prompt-tokens",
+               "--lm-heads", "int8,int6", "--kv-caches", "fp32,fp16", "--rounds", "4", "--block", "3", "--warmup-tokens", "1", "--prompt-tokens",
                "5", "--max-position", "13", "--threads", "1", "--split", "0.001", "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert list(report["blocks"]) == ["bitconvert 2bit", "bitconvert 2bit int6"]
-    heads = [report["blocks"][name][0]["bytes_per_token"] for name in report["blocks"]]
-    assert heads[1] < heads[0]  # the int6 head reads fewer bytes than the int8 one
+    assert list(report["blocks"]) == ["bitconvert 2bit", "bitconvert 2bit fp16-kv", "bitconvert 2bit int6",
+                                      "bitconvert 2bit int6 fp16-kv"]
+    read = {name: rows[0]["bytes_per_token"] for name, rows in report["blocks"].items()}
+    assert read["bitconvert 2bit int6"] < read["bitconvert 2bit"]  # the int6 head reads fewer bytes than int8
+    assert read["bitconvert 2bit fp16-kv"] < read["bitconvert 2bit"]  # and the fp16 cache fewer than fp32
     rows = report["blocks"]["bitconvert 2bit"]
     assert [row["round"] for row in rows] == [0, 1, 2, 3]
     # warm-up at 5, timed 6-8; warm-up at 9, timed 10-12; then over again from 5
