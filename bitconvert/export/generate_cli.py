@@ -54,8 +54,8 @@ def run(args) -> int:
 
         return run_folder(args)
     if args.kv_cache != "fp32":
-        raise BitconvertError("--kv-cache applies to converted folders; an ONNX model keeps the fp32 cache it was "
-                              "exported with (drop --kv-cache)")
+        raise BitconvertError("--kv-cache applies to converted folders; an ONNX model keeps the cache type it was "
+                              "exported with (drop --kv-cache; `bitconvert export --kv-cache fp16` makes an fp16 one)")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     decoder = OnnxDecoder(session(args.model))
     from transformers import AutoTokenizer

@@ -26,7 +26,6 @@
 
 namespace {
 
-using bitconvert_ort::ceil_div;
 using bitconvert_ort::OpError;
 using bitconvert_ort::shape_string;
 
