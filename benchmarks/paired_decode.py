@@ -4,8 +4,7 @@ engine alike and every block has its own bound.
 
     LLAMA_CPP_DIR=/path/to/llama.cpp/build PYTHONPATH=. python benchmarks/paired_decode.py CONVERTED \
         [--layouts 2bit,base3] [--lm-heads int8,int6] [--onnx model.onnx ...] [--gguf model.gguf] [--rounds 30] \
-        [--block 8] \
-        [--json bench-out/paired.json]
+        [--block 32] [--gguf-tokens 32] [--json bench-out/paired.json]
 
 Engines (all loaded before the first round):
 - ``bitconvert LAYOUT [HEAD] [fp16-kv]``, one per ``--layouts``, ``--lm-heads`` and ``--kv-caches`` entry (defaults
@@ -230,10 +229,12 @@ def main() -> None:
                         "(needs LLAMA_CPP_DIR)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--block", type=int, default=8, help="tokens per block of the in-process engines")
+    parser.add_argument("--block", type=int, default=32, help="timed tokens per block of the in-process engines "
+                        "(default 32, as --gguf-tokens: every engine's block then pays its start-up over as many "
+                        "tokens)")
     parser.add_argument("--warmup-tokens", type=int, default=1, help="untimed tokens of the in-process engines "
                         "before each block, after the probe (default 1: as llama-bench's own warm-up run, one token)")
-    parser.add_argument("--gguf-tokens", type=int, default=16, help="tokens per llama-bench block")
+    parser.add_argument("--gguf-tokens", type=int, default=32, help="timed tokens per llama-bench block")
     parser.add_argument("--gguf-depth", type=int, default=0, help="tokens in llama.cpp's cache before each block "
                         "(llama-bench -d, prefilled untimed; default 0: an empty context)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
