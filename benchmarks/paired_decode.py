@@ -146,7 +146,8 @@ class OrtEngine(InProcessEngine):
 
 
 class LlamaCppEngine:
-    """``llama-bench`` on a GGUF, one process per block, decoding ``tokens`` from an empty context."""
+    """``llama-bench`` on a GGUF, one process per block, decoding ``tokens`` after ``depth`` cached tokens (0: an
+    empty context)."""
 
     def __init__(self, path: Path, threads: int, tokens: int, config, depth: int = 0):
         self.path, self.threads, self.tokens, self.config, self.depth = path, threads, tokens, config, depth
