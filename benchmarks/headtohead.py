@@ -55,16 +55,26 @@ import onnx_decode  # noqa: E402
 BANDWIDTH_BYTES = 3 * 2**29  # 1.5 GiB: far beyond any L3 here
 
 
+class BandwidthProbe:
+    """Read bandwidth, in bytes/s, from one fp32 tensor of ``nbytes`` allocated once: ``torch.sum`` over it, best of
+    ``passes`` (on torch's current thread count)."""
+
+    def __init__(self, nbytes: int, passes: int):
+        self.data, self.passes = torch.ones(nbytes // 4), passes
+
+    def __call__(self) -> float:
+        best = float("inf")
+        for _ in range(self.passes):
+            start = time.perf_counter()
+            self.data.sum()
+            best = min(best, time.perf_counter() - start)
+        return self.data.numel() * 4 / best
+
+
 def memory_bandwidth(threads: int, repeats: int = 5) -> float:
-    """Bytes/s that ``torch.sum`` reads from a 1.5 GiB fp32 tensor, best of ``repeats``."""
+    """Bytes/s that ``torch.sum`` reads from a 1.5 GiB fp32 tensor (allocated for this call), best of ``repeats``."""
     torch.set_num_threads(threads)
-    data = torch.ones(BANDWIDTH_BYTES // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return BANDWIDTH_BYTES / best
+    return BandwidthProbe(BANDWIDTH_BYTES, repeats)()
 
 
 def gguf_tensor_bytes(path: Path) -> dict[str, int]:

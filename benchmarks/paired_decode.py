@@ -63,21 +63,6 @@ SETTLE_S = 0.1  # ORT's spinning workers hold a core for ~60 ms after its last s
 SETTLE_AFTER_PROBE_S = 0.05
 
 
-class BandwidthProbe:
-    """Read bandwidth from one 512 MiB fp32 tensor allocated once: ``torch.sum``, best of ``passes`` (GB/s)."""
-
-    def __init__(self, passes: int = 3):
-        self.data, self.passes = torch.ones(PROBE_BYTES // 4), passes
-
-    def __call__(self) -> float:
-        best = float("inf")
-        for _ in range(self.passes):
-            start = time.perf_counter()
-            self.data.sum()
-            best = min(best, time.perf_counter() - start)
-        return PROBE_BYTES / best / 1e9
-
-
 class InProcessEngine:
     """A decoder in this process that decodes on from a prefilled prompt and starts over (prefills the prompt again,
     untimed) when the next block would pass ``max_position``. Subclasses give ``restart()`` (prefill; returns the
@@ -302,13 +287,13 @@ def main() -> None:
     if args.gguf:
         engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config, args.gguf_depth)
 
-    probe = BandwidthProbe()
+    probe = headtohead.BandwidthProbe(PROBE_BYTES, passes=3)  # bytes/s
     blocks: dict[str, list[dict]] = {name: [] for name in engines}
     for round_index in range(args.rounds):
         order = list(engines) if round_index % 2 == 0 else list(engines)[::-1]
         for name in order:
             time.sleep(SETTLE_S)
-            bandwidth = probe()
+            bandwidth = probe() / 1e9
             time.sleep(SETTLE_AFTER_PROBE_S)
             seconds, mean_position = engines[name].block(args.block, args.warmup_tokens)
             count = engines[name].bytes_per_token(mean_position)
