@@ -29,8 +29,8 @@ With ``kv_cache="fp16"`` the fused decoder keeps the cache in float16 (``past_ke
 fp16): each layer's stacked q/k/v is cast to fp16 and GroupQueryAttention runs in fp16 (cos/sin tables and the
 padding bias too, its blocked value float16's min), its output cast back to fp32 for o_proj. Half the cache bytes a
 step reads (at 7B shapes and position 512, 268 MB instead of 537 MB per token); each key and value rounded to fp16,
-as the lean decoder's ``kv_cache="fp16"``. A memory option: ORT 1.32's CPU attention in fp16 converts where the CPU
-has no fp16 arithmetic, and decodes slower than in fp32 (docs/export.md).
+as the lean decoder's ``kv_cache="fp16"``. A memory option: on a CPU without fp16 arithmetic (Zen 4, measured) ORT
+1.32 decodes slower with it than with the fp32 cache (docs/export.md).
 """
 
 from __future__ import annotations
