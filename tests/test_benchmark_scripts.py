@@ -22,7 +22,7 @@ def test_no_benchmark_script_shadows_an_installed_module():
 
 
 def test_paired_decode_alternates_blocks_and_reports_each(tiny_ternary, tmp_path):
-    """benchmarks/paired_decode.py on a tiny converted model: one engine per layout and lm_head, every engine gets one
+    """benchmarks/paired_decode.py on a tiny converted model: one engine per layout, lm_head and cache, each gets one
     block per round, decoding goes on from the prompt after one untimed warm-up token per block and starts over
     before passing --max-position, and the figures of each block agree with each other (bytes per token grow with
     the cache; the fraction of the bound is bytes / time / bandwidth)."""
@@ -31,8 +31,9 @@ def test_paired_decode_alternates_blocks_and_reports_each(tiny_ternary, tmp_path
 
     out = tmp_path / "paired.json"
     command = [sys.executable, str(BENCHMARKS / "paired_decode.py"), str(tiny_ternary), "--layouts", "2bit",
-               "--lm-heads", "int8,int6", "--kv-caches", "fp32,fp16", "--rounds", "4", "--block", "3", "--warmup-tokens", "1", "--prompt-tokens",
-               "5", "--max-position", "13", "--threads", "1", "--split", "0.001", "--json", str(out)]
+               "--lm-heads", "int8,int6", "--kv-caches", "fp32,fp16", "--rounds", "4", "--block", "3",
+               "--warmup-tokens", "1", "--prompt-tokens", "5", "--max-position", "13", "--threads", "1",
+               "--split", "0.001", "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
