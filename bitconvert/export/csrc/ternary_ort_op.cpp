@@ -245,7 +245,7 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         ctx.ParallelFor(run_part, size_t(parts), 0, &job);
         if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));
         if (swiglu) {  // the AVX2 loop unless the CPU lacks it or BITCONVERT_ISA=scalar (same bits either way)
-            static const bool avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+            static const bool avx2 = bc_isa_supported(BC_ISA_AVX2);
             SwigluJob epilogue{products.data(), y.GetTensorMutableData<float>(), out_features / 2,
                                avx2 && isa > BC_ISA_SCALAR};
             ctx.ParallelFor(swiglu_token, size_t(n), 0, &epilogue);
