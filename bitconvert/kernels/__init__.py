@@ -58,6 +58,8 @@ from pathlib import Path
 
 import torch
 
+from .pages import on_huge_pages
+
 ISAS = ("scalar", "avx2", "avxvnni", "avx512")
 LAYOUTS = ("2bit", "base3", "lut")
 # The paths that compute on each layout (base3 on avx512 also needs VBMI: ``ternary_layout_supported`` checks the CPU).
@@ -267,7 +269,7 @@ class KernelBackend:
         self.name = f"kernels-{ISAS[self.isa]}"
 
     def prepare(self, module) -> None:
-        weight = repack(module.weight, module.out_features, self.layout)
+        weight = on_huge_pages(repack(module.weight, module.out_features, self.layout))
         module.register_buffer("kernel_weight", weight, persistent=False)
         module.kernel_layout = self.layout
         module._kernel_source = (module.weight, module.weight._version, self.layout)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..bitlinear import PackedBitLinear
 from ..packing import pack_ternary
 from . import LAYOUTS, ROW_BLOCKS, layout_index, load_library, repack
+from .pages import cat_on_huge_pages, on_huge_pages
 
 
 KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -79,13 +80,14 @@ def fuse_projections(modules: list[PackedBitLinear], layout: int) -> FusedProjec
     in_layout = all(getattr(module, "kernel_layout", None) == layout for module in modules)
     block = ROW_BLOCKS[LAYOUTS[layout]]
     if all(size % block == 0 for size in sizes) and all(part is not None for part in parts) and in_layout:
-        weight = torch.cat(parts)
+        weight = cat_on_huge_pages(parts)
         offset = 0
         for module, part in zip(modules, parts):
             module.kernel_weight = weight[offset:offset + part.numel()]
             offset += part.numel()
     else:
-        weight = repack(pack_ternary(torch.cat([module.ternary() for module in modules])), sum(sizes), layout)
+        weight = on_huge_pages(
+            repack(pack_ternary(torch.cat([module.ternary() for module in modules])), sum(sizes), layout))
     return FusedProjection(weight, layout, scales, sizes)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import int4_linear, int4_quantize_rows, int6_linear, int6_quantize_rows, int8_linear, int8_quantize_rows
+from .pages import on_huge_pages
 
 LM_HEADS = ("exact", "int8", "int6", "int4")
 
@@ -41,7 +42,7 @@ class QuantizedLmHead(nn.Module):
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         weight_q, scale = self.quantize(weight.detach())
-        self.register_buffer("weight_q", weight_q, persistent=False)
+        self.register_buffer("weight_q", on_huge_pages(weight_q), persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.isa = isa
         self.threads = threads
