@@ -3,13 +3,15 @@ bandwidth probe, so a shared host's bandwidth swings (35-67 GB/s within seconds 
 engine alike and every block has its own bound.
 
     LLAMA_CPP_DIR=/path/to/llama.cpp/build PYTHONPATH=. python benchmarks/paired_decode.py CONVERTED \
-        [--layouts 2bit,base3] [--lm-heads int8,int6] [--onnx model.onnx ...] [--gguf model.gguf] [--rounds 30] \
-        [--block 32] [--gguf-tokens 32] [--json bench-out/paired.json]
+        [--layouts 2bit,base3] [--lm-heads int8,int6] [--pages huge,4k] [--onnx model.onnx ...] \
+        [--gguf model.gguf] [--rounds 30] [--block 32] [--gguf-tokens 32] [--json bench-out/paired.json]
 
 Engines (all loaded before the first round):
-- ``bitconvert LAYOUT [HEAD] [fp16-kv]``, one per ``--layouts``, ``--lm-heads`` and ``--kv-caches`` entry (defaults
-  int8 and fp32, left out of the name): ``bitconvert.load(CONVERTED, lm_head=HEAD)`` with the kernels repacking into
-  that layout, run by the lean :class:`~bitconvert.kernels.decode.Decoder` (its KV cache in that type);
+- ``bitconvert LAYOUT [HEAD] [fp16-kv] [4k-pages]``, one per ``--layouts``, ``--lm-heads``, ``--kv-caches`` and
+  ``--pages`` entry (defaults int8, fp32 and huge, left out of the name): ``bitconvert.load(CONVERTED,
+  lm_head=HEAD)`` with the kernels repacking into that layout, run by the lean
+  :class:`~bitconvert.kernels.decode.Decoder` (its KV cache in that type; its weights on transparent huge pages, or
+  with ``4k-pages`` on ordinary ones);
 - ``ort [HEAD] [fp16-kv]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by their lm_head
   when it is not int8 and their KV cache when it is fp16): ONNX Runtime with TernaryMatMul, the cache kept
   in ORT, spinning intra-op threads (its default);
@@ -35,7 +37,9 @@ fell below GB_S and over those whose probes all reached it. Prints the tables an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -46,6 +50,7 @@ import numpy as np
 import torch
 
 from bitconvert import kernels
+from bitconvert.kernels import pages
 from bitconvert.kernels.lm_head import LM_HEADS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,6 +66,21 @@ SETTLE_S = 0.1  # ORT's spinning workers hold a core for ~60 ms after its last s
 # after it took 5.1 and 6.6 ms instead of ~3.0 (192M model, 2 threads; llama.cpp starts a process, so it never met
 # them, and the lean decoder shares torch's pool). 30 ms of pause removed it (measured); 50 ms leaves a margin.
 SETTLE_AFTER_PROBE_S = 0.05
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str | None):
+    """Environment variable ``name`` set to ``value`` (None: left as it is) inside the block, restored after."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 class InProcessEngine:
@@ -92,9 +112,11 @@ class InProcessEngine:
 class LeanEngine(InProcessEngine):
     """``bitconvert.load`` in one kernel layout and its lean decoder."""
 
-    def __init__(self, folder: str, layout: str, lm_head: str, kv_cache: str, prompt: list[int], max_position: int):
+    def __init__(self, folder: str, layout: str, lm_head: str, kv_cache: str, prompt: list[int], max_position: int,
+                 huge_pages: bool = True):
         super().__init__(prompt, max_position)
-        with decode.kernel_layout(layout):  # the decoder keeps the layout it was built in
+        # the decoder keeps the layout and the pages it was built with
+        with decode.kernel_layout(layout), environment(pages.ENV_VARIABLE, None if huge_pages else "0"):
             self.runner = decode.Runner(folder, "lean", max_position + 1, kv_cache=kv_cache, lm_head=lm_head)
 
     def restart(self) -> torch.Tensor:
@@ -208,6 +230,9 @@ def main() -> None:
                         "(default int8; int6 is the ~6-bit head, as llama.cpp's Q6_K output)")
     parser.add_argument("--kv-caches", default="fp32", help="KV caches of the bitconvert engines, comma-separated "
                         "(default fp32; fp16 halves the cache bytes, as llama.cpp's default f16 cache)")
+    parser.add_argument("--pages", default="huge", help="memory of the bitconvert engines' weights, comma-separated: "
+                        "huge (the default: transparent huge pages where Linux offers them, bitconvert.kernels.pages) "
+                        "and/or 4k (BITCONVERT_HUGE_PAGES=0 while loading)")
     parser.add_argument("--onnx", type=Path, action="append", default=[],
                         help="an export of the same folder, for an ONNX Runtime engine (repeatable: e.g. one with "
                         "--lm-head int8 and one with int6)")
@@ -254,6 +279,9 @@ def main() -> None:
     caches = args.kv_caches.split(",")
     if unknown := [cache for cache in caches if cache not in ("fp32", "fp16")] or len(set(caches)) < len(caches):
         raise SystemExit(f"error: --kv-caches {args.kv_caches}: list fp32 and/or fp16, each once")
+    page_kinds = args.pages.split(",")
+    if any(kind not in ("huge", "4k") for kind in page_kinds) or len(set(page_kinds)) < len(page_kinds):
+        raise SystemExit(f"error: --pages {args.pages}: list huge and/or 4k, each once")
     if args.gguf is not None:
         llamacpp.binary("llama-bench")  # exits with the fix if LLAMA_CPP_DIR is unset or lacks it, before any loading
     if args.warmup_tokens < 0 or args.gguf_depth < 0:
@@ -270,10 +298,12 @@ def main() -> None:
     for layout in layouts:
         for head in heads:
             for cache in caches:
-                name = f"bitconvert {layout}" + ("" if head == "int8" else f" {head}") + (
-                    "" if cache == "fp32" else f" {cache}-kv")
-                print(f"loading {name}", flush=True)
-                engines[name] = LeanEngine(args.converted, layout, head, cache, prompt, args.max_position)
+                for kind in page_kinds:
+                    name = f"bitconvert {layout}" + ("" if head == "int8" else f" {head}") + (
+                        "" if cache == "fp32" else f" {cache}-kv") + ("" if kind == "huge" else " 4k-pages")
+                    print(f"loading {name}", flush=True)
+                    engines[name] = LeanEngine(args.converted, layout, head, cache, prompt, args.max_position,
+                                               huge_pages=kind == "huge")
     for path in args.onnx:
         print(f"loading ONNX Runtime ({path})", flush=True)
         engine = OrtEngine(path, args.threads, prompt, args.max_position, config)

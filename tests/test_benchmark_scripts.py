@@ -58,6 +58,35 @@ def test_paired_decode_alternates_blocks_and_reports_each(tiny_ternary, tmp_path
     assert "bitconvert 2bit" in result.stdout
 
 
+def test_paired_decode_pages_engines(tiny_ternary, tmp_path, monkeypatch):
+    """--pages 4k,huge gives one engine per kind (4k named), built with BITCONVERT_HUGE_PAGES=0 only while the 4k one
+    loads; a kind that is not huge or 4k is refused."""
+    import json
+    import subprocess
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import paired_decode
+    from bitconvert.kernels import pages
+
+    monkeypatch.delenv(pages.ENV_VARIABLE, raising=False)
+    with paired_decode.environment(pages.ENV_VARIABLE, "0"):
+        assert not pages.huge_pages_requested()
+    assert pages.ENV_VARIABLE not in paired_decode.os.environ
+    with paired_decode.environment(pages.ENV_VARIABLE, None):
+        assert pages.ENV_VARIABLE not in paired_decode.os.environ
+
+    out = tmp_path / "paired.json"
+    base = [sys.executable, str(BENCHMARKS / "paired_decode.py"), str(tiny_ternary), "--layouts", "2bit",
+            "--rounds", "1", "--block", "2", "--prompt-tokens", "4", "--max-position", "9", "--threads", "1"]
+    result = subprocess.run([*base, "--pages", "4k,huge", "--json", str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(json.loads(out.read_text())["blocks"]) == ["bitconvert 2bit 4k-pages", "bitconvert 2bit"]
+    refused = subprocess.run([*base, "--pages", "huge,2m"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1] == "error: --pages huge,2m: list huge and/or 4k, each once"
+
+
 def test_paired_decode_refuses_a_repeated_layout(tiny_ternary):
     import subprocess
 
