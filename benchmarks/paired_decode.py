@@ -12,9 +12,10 @@ Engines (all loaded before the first round):
   lm_head=HEAD)`` with the kernels repacking into that layout, run by the lean
   :class:`~bitconvert.kernels.decode.Decoder` (its KV cache in that type; its weights on transparent huge pages, or
   with ``4k-pages`` on ordinary ones);
-- ``ort [HEAD] [fp16-kv]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by their lm_head
-  when it is not int8 and their KV cache when it is fp16): ONNX Runtime with TernaryMatMul, the cache kept
-  in ORT, spinning intra-op threads (its default);
+- ``ort [HEAD] [fp16-kv] [4k-pages]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by
+  their lm_head when it is not int8 and their KV cache when it is fp16; one per ``--pages`` entry): ONNX Runtime with
+  TernaryMatMul (its repacked weights on huge pages, or not), the cache kept in ORT, spinning intra-op threads (its
+  default);
 - ``llama.cpp`` (``--gguf``, needs ``LLAMA_CPP_DIR``): one ``llama-bench -p 0 -n GGUF_TOKENS -r 1`` process per
   block (the GGUF stays in the page cache; llama-bench's warm-up run is not timed). It decodes from an empty context,
   so its KV cache adds almost nothing to its bytes, or with ``--gguf-depth D`` after D tokens (``-d D``, an untimed
@@ -231,8 +232,8 @@ def main() -> None:
     parser.add_argument("--kv-caches", default="fp32", help="KV caches of the bitconvert engines, comma-separated "
                         "(default fp32; fp16 halves the cache bytes, as llama.cpp's default f16 cache)")
     parser.add_argument("--pages", default="huge", help="memory of the bitconvert engines' weights, comma-separated: "
-                        "huge (the default: transparent huge pages where Linux offers them, bitconvert.kernels.pages) "
-                        "and/or 4k (BITCONVERT_HUGE_PAGES=0 while loading)")
+                        "huge (the default: transparent huge pages where Linux offers them, bitconvert.kernels.pages; "
+                        "in ORT, TernaryMatMul's repacked weights) and/or 4k (BITCONVERT_HUGE_PAGES=0 while loading)")
     parser.add_argument("--onnx", type=Path, action="append", default=[],
                         help="an export of the same folder, for an ONNX Runtime engine (repeatable: e.g. one with "
                         "--lm-head int8 and one with int6)")
@@ -305,15 +306,18 @@ def main() -> None:
                     engines[name] = LeanEngine(args.converted, layout, head, cache, prompt, args.max_position,
                                                huge_pages=kind == "huge")
     for path in args.onnx:
-        print(f"loading ONNX Runtime ({path})", flush=True)
-        engine = OrtEngine(path, args.threads, prompt, args.max_position, config)
-        metadata = engine.decoder.session.get_modelmeta().custom_metadata_map
-        head, cache = metadata.get("bitconvert.lm_head", "exact"), metadata.get("bitconvert.kv_cache", "fp32")
-        name = "ort" + ("" if head == "int8" else f" {head}") + ("" if cache == "fp32" else f" {cache}-kv")
-        if name in engines:
-            raise SystemExit(f"error: two --onnx files with the {head} lm_head and {cache} KV cache; give one export "
-                             "per kind")
-        engines[name] = engine
+        for kind in page_kinds:
+            print(f"loading ONNX Runtime ({path}{'' if kind == 'huge' else ', 4k pages'})", flush=True)
+            with environment(pages.ENV_VARIABLE, None if kind == "huge" else "0"):  # read as the session starts
+                engine = OrtEngine(path, args.threads, prompt, args.max_position, config)
+            metadata = engine.decoder.session.get_modelmeta().custom_metadata_map
+            head, cache = metadata.get("bitconvert.lm_head", "exact"), metadata.get("bitconvert.kv_cache", "fp32")
+            name = "ort" + ("" if head == "int8" else f" {head}") + ("" if cache == "fp32" else f" {cache}-kv") + (
+                "" if kind == "huge" else " 4k-pages")
+            if name in engines:
+                raise SystemExit(f"error: two --onnx files with the {head} lm_head and {cache} KV cache; give one "
+                                 "export per kind")
+            engines[name] = engine
     if args.gguf:
         engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config, args.gguf_depth)
 

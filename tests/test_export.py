@@ -118,6 +118,22 @@ def test_op_bit_exact(tmp_path, monkeypatch, isa, layout, constant_weight, threa
             np.testing.assert_array_equal(run_single(tmp_path, model, feed, threads), expected)
 
 
+@pytest.mark.parametrize("huge_pages", ["1", "0"])
+def test_op_bit_exact_with_a_weight_past_two_mib(tmp_path, monkeypatch, huge_pages):
+    """A constant W whose repacked copy passes 2 MiB, the size from which the kernel keeps it on transparent huge
+    pages (BITCONVERT_HUGE_PAGES=0: ordinary memory): the same products either way."""
+    monkeypatch.setenv("BITCONVERT_HUGE_PAGES", huge_pages)
+    generator = torch.Generator().manual_seed(5)
+    out_features, in_features = 4096, 4104  # base3 3.4 MB, 2bit 4.2 MB
+    ternary = torch.randint(-1, 2, (out_features, in_features), generator=generator, dtype=torch.int8)
+    packed = pack_ternary(ternary)
+    scale = torch.tensor([1 / 0.02])
+    model = single_node_model(out_features, in_features, packed.numpy(), scale.item())
+    x = torch.randn(1, 2, in_features, generator=generator)
+    np.testing.assert_array_equal(run_single(tmp_path, model, {"X": x.numpy()}, 2),
+                                  ternary_matmul(x, packed, scale, out_features).numpy())
+
+
 def test_op_refuses_a_layout_its_path_lacks(tmp_path, monkeypatch):
     """BITCONVERT_LAYOUT reaches the op: base3 on the AVX-512 path of a CPU without VBMI is refused when the kernel
     is created (every other path computes on base3)."""

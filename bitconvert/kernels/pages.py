@@ -28,7 +28,7 @@ ENV_VARIABLE = "BITCONVERT_HUGE_PAGES"
 def huge_pages_requested() -> bool:
     """Whether this platform can advise huge pages and ``BITCONVERT_HUGE_PAGES`` does not say ``0``."""
     return (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
-            and os.environ.get(ENV_VARIABLE, "1").strip() != "0")
+            and os.environ.get(ENV_VARIABLE) != "0")
 
 
 def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor | None:

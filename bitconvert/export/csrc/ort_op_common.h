@@ -6,9 +6,17 @@
 #define BITCONVERT_ORT_OP_COMMON_H
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <new>
 #include <string>
+#include <utility>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 struct OrtCustomOp;
 
@@ -55,6 +63,44 @@ struct OpBase : Ort::CustomOpBase<Op, Kernel, true> {
     }
     size_t GetOutputTypeCount() const { return 1; }
     ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// `size` zeroed bytes that a kernel keeps for the session (a repacked weight, read once per decoded token): from 2 MiB
+// on, on transparent huge pages where Linux offers them (2 MiB aligned, madvise(MADV_HUGEPAGE) before the first
+// touch), as bitconvert.kernels.pages does for the PyTorch path: a streamed weight on 4 KiB pages costs a TLB miss
+// and a prefetcher stop every 4 KiB. BITCONVERT_HUGE_PAGES=0 keeps ordinary memory.
+class HugePageBytes {
+public:
+    static constexpr size_t kHugePage = size_t(2) << 20;
+
+    HugePageBytes() = default;
+    explicit HugePageBytes(size_t size) : size_(size) {
+        const char *setting = std::getenv("BITCONVERT_HUGE_PAGES");
+        const bool huge = size >= kHugePage && !(setting != nullptr && std::strcmp(setting, "0") == 0);
+        const size_t reserved = huge ? (size + kHugePage - 1) / kHugePage * kHugePage : size;
+        data_ = static_cast<uint8_t *>(huge ? std::aligned_alloc(kHugePage, reserved)
+                                            : std::malloc(reserved ? reserved : 1));
+        if (data_ == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        if (huge) madvise(data_, reserved, MADV_HUGEPAGE);  // advice: a kernel without THP keeps 4 KiB pages
+#endif
+        std::memset(data_, 0, size);
+    }
+    HugePageBytes(const HugePageBytes &) = delete;
+    HugePageBytes &operator=(const HugePageBytes &) = delete;
+    HugePageBytes &operator=(HugePageBytes &&other) noexcept {
+        std::swap(data_, other.data_);
+        std::swap(size_, other.size_);
+        return *this;
+    }
+    ~HugePageBytes() { std::free(data_); }
+
+    uint8_t *data() const { return data_; }
+    bool empty() const { return size_ == 0; }
+
+private:
+    uint8_t *data_ = nullptr;
+    size_t size_ = 0;
 };
 
 // com.bitconvert::Int6MatMul (int6_ort_op.cpp): one instance for the whole process.

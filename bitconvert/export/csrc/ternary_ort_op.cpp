@@ -140,7 +140,7 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
     bool swiglu = false;  // activation = "swiglu"
     std::vector<int64_t> segment_ends;  // exclusive end row of each segment; {out_features} without `segments`
     int isa = BC_ISA_SCALAR, layout = BC_LAYOUT_2BIT;
-    std::vector<uint8_t> repacked;  // empty unless W was a constant initializer
+    bitconvert_ort::HugePageBytes repacked;  // empty unless W was a constant initializer
     int64_t repacked_in = 0;
 
     explicit TernaryMatMulKernel(const OrtKernelInfo *info) {
@@ -163,7 +163,7 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
             std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
             check_weight_shape(shape, out_features);
             repacked_in = shape[1];
-            repacked.resize(bc_repacked_bytes(out_features, repacked_in, layout));
+            repacked = bitconvert_ort::HugePageBytes(bc_repacked_bytes(out_features, repacked_in, layout));
             bc_repack(weight.GetTensorData<uint8_t>(), out_features, repacked_in, layout, repacked.data());
         }
     }
