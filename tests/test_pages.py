@@ -57,6 +57,18 @@ def test_cat_on_huge_pages_equals_torch_cat(monkeypatch, opt_out):
 
 
 @needs_huge_pages
+def test_zeros_on_huge_pages_for_a_kv_cache():
+    cache = pages.zeros_on_huge_pages((2, 8, 1024, 64), torch.float16)  # exactly 2 MiB
+    assert on_huge_page_boundary(cache)
+    assert cache.shape == (2, 8, 1024, 64) and cache.dtype == torch.float16
+    assert not cache.any()
+    cache[1, 7, 1023] = 1.5
+    assert cache.sum().item() == 1.5 * 64
+    small = pages.zeros_on_huge_pages((3, 5), torch.float32)
+    assert torch.equal(small, torch.zeros(3, 5))
+
+
+@needs_huge_pages
 def test_a_refused_madvise_still_gives_valid_memory(monkeypatch):
     monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 12345)  # no such advice: madvise fails with EINVAL
     tensor = torch.arange(BIG, dtype=torch.uint8)

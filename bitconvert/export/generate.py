@@ -25,9 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from onnxruntime import OrtValue
 
 from ..errors import BitconvertError
+from ..kernels.pages import zeros_on_huge_pages
 
 REQUIRED_INPUTS = ("input_ids", "attention_mask", "position_ids", "past_key_values.0.key")
 
@@ -102,7 +104,8 @@ class OnnxDecoder:
         context above batch 1.)"""
         capacity = capacity if self.shares_cache and batch == 1 else 0
         shape = (batch, self.kv_heads, capacity, self.head_dim)
-        return Cache({name: OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.cache_dtype))
+        dtype = torch.from_numpy(np.empty(0, self.cache_dtype)).dtype
+        return Cache({name: OrtValue.ortvalue_from_numpy(zeros_on_huge_pages(shape, dtype).numpy())
                       for name in self.past_names}, 0, capacity)
 
     def step(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:

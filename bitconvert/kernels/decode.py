@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..bitlinear import PackedBitLinear
 from ..packing import pack_ternary
 from . import LAYOUTS, ROW_BLOCKS, layout_index, load_library, repack
-from .pages import cat_on_huge_pages, on_huge_pages
+from .pages import cat_on_huge_pages, on_huge_pages, zeros_on_huge_pages
 
 
 KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -157,8 +157,8 @@ class Decoder:
         cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(max_len)[None])
         self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()  # (max_len, head_dim)
         shape = (len(self.layers), self.kv_heads, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=KV_CACHE_DTYPES[kv_cache])
-        self.values = torch.zeros(shape, dtype=KV_CACHE_DTYPES[kv_cache])
+        self.keys = zeros_on_huge_pages(shape, KV_CACHE_DTYPES[kv_cache])
+        self.values = zeros_on_huge_pages(shape, KV_CACHE_DTYPES[kv_cache])
         self.layer_keys, self.layer_values = list(self.keys.unbind(0)), list(self.values.unbind(0))  # views
         self.fused_step = fused_step
         # decode_layer's arguments after x, per layer, built once (the step then adds position, heads, eps, layout)

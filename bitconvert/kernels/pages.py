@@ -1,11 +1,12 @@
-"""Weights on transparent huge pages, for the tensors a decoded token streams from memory.
+"""Transparent huge pages for the tensors a decoded token streams from memory: the weights and the KV cache.
 
 One decoded token reads every repacked ternary weight and the quantized lm_head once, in order. On 4 KiB pages each
 page is a TLB miss and the hardware prefetchers stop at every page boundary; on 2 MiB pages neither happens 512
 times as often. Linux backs an anonymous private mapping with huge pages when it is advised ``MADV_HUGEPAGE`` and
 ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise`` (the common default, under which torch's
 own allocations stay on 4 KiB pages). Measured on a 2-core AMD EPYC (Zen 4) VM, 2 threads, the 4-layer
-Llama-2-7B-shaped model (docs/kernels.md, "Huge pages"): a token 6% faster, its 201 MB int8 lm_head 10% faster.
+Llama-2-7B-shaped model (docs/kernels.md, "Huge pages"): a token 1-7% faster in paired runs (median 3%), its 201 MB
+int8 lm_head 12% faster.
 
 ``BITCONVERT_HUGE_PAGES=0`` keeps ordinary allocations; elsewhere than Linux, or for tensors under 2 MiB, nothing
 changes either.
@@ -54,6 +55,13 @@ def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     if memory is None:
         return tensor
     return memory.view(tensor.shape).copy_(tensor)
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.zeros(shape, dtype=dtype)`` in :func:`huge_page_empty` memory where it gives some (a fresh anonymous
+    mapping reads as zeros): a KV cache, whose rows every decoded token reads."""
+    memory = huge_page_empty(math.prod(shape), dtype)
+    return torch.zeros(shape, dtype=dtype) if memory is None else memory.view(shape)
 
 
 def cat_on_huge_pages(parts: list[torch.Tensor]) -> torch.Tensor:
