@@ -10,12 +10,12 @@ Engines (all loaded before the first round):
 - ``bitconvert LAYOUT [HEAD] [fp16-kv] [4k-pages]``, one per ``--layouts``, ``--lm-heads``, ``--kv-caches`` and
   ``--pages`` entry (defaults int8, fp32 and huge, left out of the name): ``bitconvert.load(CONVERTED,
   lm_head=HEAD)`` with the kernels repacking into that layout, run by the lean
-  :class:`~bitconvert.kernels.decode.Decoder` (its KV cache in that type; its weights on transparent huge pages, or
-  with ``4k-pages`` on ordinary ones);
+  :class:`~bitconvert.kernels.decode.Decoder` (its KV cache in that type; its weights and cache on transparent huge
+  pages, or with ``4k-pages`` on ordinary ones);
 - ``ort [HEAD] [fp16-kv] [4k-pages]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by
   their lm_head when it is not int8 and their KV cache when it is fp16; one per ``--pages`` entry): ONNX Runtime with
-  TernaryMatMul (its repacked weights on huge pages, or not), the cache kept in ORT, spinning intra-op threads (its
-  default);
+  TernaryMatMul (its repacked weights and the cache buffers on huge pages, or not), the cache kept in ORT, spinning
+  intra-op threads (its default);
 - ``llama.cpp`` (``--gguf``, needs ``LLAMA_CPP_DIR``): one ``llama-bench -p 0 -n GGUF_TOKENS -r 1`` process per
   block (the GGUF stays in the page cache; llama-bench's warm-up run is not timed). It decodes from an empty context,
   so its KV cache adds almost nothing to its bytes, or with ``--gguf-depth D`` after D tokens (``-d D``, an untimed
@@ -134,14 +134,18 @@ class LeanEngine(InProcessEngine):
 class OrtEngine(InProcessEngine):
     """An exported decoder in ONNX Runtime, its cache preallocated for ``max_position`` positions."""
 
-    def __init__(self, path: Path, threads: int, prompt: list[int], max_position: int, config):
+    def __init__(self, path: Path, threads: int, prompt: list[int], max_position: int, config,
+                 huge_pages: bool = True):
         super().__init__(prompt, max_position)
-        self.decoder = onnx_decode.decoder_for(path, threads, spinning=True)
+        self.pages = None if huge_pages else "0"  # BITCONVERT_HUGE_PAGES as the session starts and caches are made
+        with environment(pages.ENV_VARIABLE, self.pages):
+            self.decoder = onnx_decode.decoder_for(path, threads, spinning=True)
         self.config, self.weight_bytes = config, headtohead.onnx_bytes_per_token(path)
 
     def restart(self) -> np.ndarray:
-        logits, self.cache = self.decoder.step(np.array([self.prompt]),
-                                               self.decoder.empty_cache(capacity=self.max_position + 1))
+        with environment(pages.ENV_VARIABLE, self.pages):
+            cache = self.decoder.empty_cache(capacity=self.max_position + 1)
+        logits, self.cache = self.decoder.step(np.array([self.prompt]), cache)
         return logits
 
     def step(self, logits: np.ndarray) -> np.ndarray:
@@ -231,9 +235,10 @@ def main() -> None:
                         "(default int8; int6 is the ~6-bit head, as llama.cpp's Q6_K output)")
     parser.add_argument("--kv-caches", default="fp32", help="KV caches of the bitconvert engines, comma-separated "
                         "(default fp32; fp16 halves the cache bytes, as llama.cpp's default f16 cache)")
-    parser.add_argument("--pages", default="huge", help="memory of the bitconvert engines' weights, comma-separated: "
-                        "huge (the default: transparent huge pages where Linux offers them, bitconvert.kernels.pages; "
-                        "in ORT, TernaryMatMul's repacked weights) and/or 4k (BITCONVERT_HUGE_PAGES=0 while loading)")
+    parser.add_argument("--pages", default="huge", help="memory of the in-process engines' weights and KV caches, "
+                        "comma-separated: huge (the default: transparent huge pages where Linux offers them, "
+                        "bitconvert.kernels.pages; in ORT, TernaryMatMul's repacked weights) and/or 4k "
+                        "(BITCONVERT_HUGE_PAGES=0 while loading)")
     parser.add_argument("--onnx", type=Path, action="append", default=[],
                         help="an export of the same folder, for an ONNX Runtime engine (repeatable: e.g. one with "
                         "--lm-head int8 and one with int6)")
@@ -308,8 +313,7 @@ def main() -> None:
     for path in args.onnx:
         for kind in page_kinds:
             print(f"loading ONNX Runtime ({path}{'' if kind == 'huge' else ', 4k pages'})", flush=True)
-            with environment(pages.ENV_VARIABLE, None if kind == "huge" else "0"):  # read as the session starts
-                engine = OrtEngine(path, args.threads, prompt, args.max_position, config)
+            engine = OrtEngine(path, args.threads, prompt, args.max_position, config, huge_pages=kind == "huge")
             metadata = engine.decoder.session.get_modelmeta().custom_metadata_map
             head, cache = metadata.get("bitconvert.lm_head", "exact"), metadata.get("bitconvert.kv_cache", "fp32")
             name = "ort" + ("" if head == "int8" else f" {head}") + ("" if cache == "fp32" else f" {cache}-kv") + (

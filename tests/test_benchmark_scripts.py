@@ -59,8 +59,8 @@ def test_paired_decode_alternates_blocks_and_reports_each(tiny_ternary, tmp_path
 
 
 def test_paired_decode_pages_engines(tiny_ternary, tmp_path, monkeypatch):
-    """--pages 4k,huge gives one engine per kind (4k named), built with BITCONVERT_HUGE_PAGES=0 only while the 4k one
-    loads; a kind that is not huge or 4k is refused."""
+    """--pages 4k,huge gives one lean and one ORT engine per kind (4k named), built with BITCONVERT_HUGE_PAGES=0 only
+    while the 4k one loads or makes its cache; a kind that is not huge or 4k is refused."""
     import json
     import subprocess
 
@@ -78,10 +78,15 @@ def test_paired_decode_pages_engines(tiny_ternary, tmp_path, monkeypatch):
     out = tmp_path / "paired.json"
     base = [sys.executable, str(BENCHMARKS / "paired_decode.py"), str(tiny_ternary), "--layouts", "2bit",
             "--rounds", "1", "--block", "2", "--prompt-tokens", "4", "--max-position", "9", "--threads", "1"]
-    result = subprocess.run([*base, "--pages", "4k,huge", "--json", str(out)], capture_output=True, text=True,
-                            timeout=600)
+    from bitconvert.export import export_onnx
+
+    onnx_path = export_onnx(tiny_ternary, tmp_path / "onnx" / "model.onnx", graph="fused", lm_head="int8",
+                            logits="last")
+    result = subprocess.run([*base, "--pages", "4k,huge", "--onnx", str(onnx_path), "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert list(json.loads(out.read_text())["blocks"]) == ["bitconvert 2bit 4k-pages", "bitconvert 2bit"]
+    assert list(json.loads(out.read_text())["blocks"]) == ["bitconvert 2bit 4k-pages", "bitconvert 2bit",
+                                                           "ort 4k-pages", "ort"]
     refused = subprocess.run([*base, "--pages", "huge,2m"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
     assert refused.stderr.strip().splitlines()[-1] == "error: --pages huge,2m: list huge and/or 4k, each once"
