@@ -153,12 +153,17 @@ void attend_heads(const float *q, const Cache *keys, const Cache *values, int64_
     const int64_t group = heads / kv_heads;
     const float scale = float(1.0 / std::sqrt(double(dim)));
     const int team = bc_thread_count(threads, heads, 2 * heads * length * dim * kAttentionCost);
-#pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
-    for (int64_t h = 0; h < heads; ++h) {
+    auto attend_head = [&](int64_t h) {
         const int64_t cache = (h / group) * max_len * dim;
         attend(q + h * dim, keys + cache, values + cache, length, dim, scale, scores + h * length, out + h * dim,
                avx2);
+    };
+    if (team == 1) {  // no parallel region: even one that runs on one thread costs ~0.5 us
+        for (int64_t h = 0; h < heads; ++h) attend_head(h);
+        return;
     }
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t h = 0; h < heads; ++h) attend_head(h);
 }
 
 // y (out) = the ternary product of one token x (in_features): bc_linear_rows with weight's per-row scales.
