@@ -11,6 +11,8 @@
 //     gate, up = gate_up(b);   x += down(silu(gate) * up)
 // keys, values: (G, max_len, D), fp32 or fp16 (read back to fp32 exactly; F16C converts 8 at a time where the CPU
 // has it); cos, sin: (>= p + 1, D); everything else fp32.
+// Threads: one OpenMP team for the whole layer (torch's thread count): the products' tiles (bc_linear_rows_in_team)
+// and attention's heads are split over it, the steps between them run on one of its threads.
 //
 // Exactness against the per-op path (F.rms_norm, ternary_linear, rope_cache_write, SDPA, F.silu): the ternary
 // products quantize their input per token exactly as ternary_linear does, so equal inputs give bit-identical outputs,
@@ -49,10 +51,6 @@ void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *
 }
 
 constexpr int kLanes = 8;
-// An fp32 multiply-add of attention (8 per AVX2 instruction, with an exp per score) against the int8 ones
-// bc_thread_count weighs (64 per vpdpbusd): 16 puts SmolLM2's 9 heads on two threads from position ~30 (measured at
-// position 160 on a 2-core Zen 4: 16 instead of 23 us per layer; 192M model 23 instead of 39).
-constexpr int64_t kAttentionCost = 16;
 
 // sum_d a[d] * b[d] (n values) in fp32 as kLanes partial sums (lane l takes d = l mod kLanes) added in lane order at
 // the end: an order the compiler vectorizes without reassociating. b: fp32, or fp16 taken exactly to fp32.
@@ -142,38 +140,6 @@ void attend(const float *q, const Cache *keys, const Cache *values, int64_t leng
     for (int64_t d = 0; d < dim; ++d) out[d] /= total;
 }
 
-// out (heads, dim): attend() of query head h over KV head g = h / (heads / kv_heads), positions 0 .. length - 1 of
-// keys, values (kv_heads, max_len, dim), scale dim^-0.5. scores: heads * length floats of scratch. Threads over heads
-// only where bc_thread_count finds the 2 * heads * length * dim multiply-adds worth a fork/join, each weighted as
-// kAttentionCost of the int8 multiply-adds it counts (see there).
-template <typename Cache>
-void attend_heads(const float *q, const Cache *keys, const Cache *values, int64_t heads, int64_t kv_heads,
-                  int64_t max_len, int64_t length, int64_t dim, float *scores, float *out, int threads) {
-    const bool avx2 = use_avx2();
-    const int64_t group = heads / kv_heads;
-    const float scale = float(1.0 / std::sqrt(double(dim)));
-    const int team = bc_thread_count(threads, heads, 2 * heads * length * dim * kAttentionCost);
-    auto attend_head = [&](int64_t h) {
-        const int64_t cache = (h / group) * max_len * dim;
-        attend(q + h * dim, keys + cache, values + cache, length, dim, scale, scores + h * length, out + h * dim,
-               avx2);
-    };
-    if (team == 1) {  // no parallel region: even one that runs on one thread costs ~0.5 us
-        for (int64_t h = 0; h < heads; ++h) attend_head(h);
-        return;
-    }
-#pragma omp parallel for num_threads(team) schedule(static)
-    for (int64_t h = 0; h < heads; ++h) attend_head(h);
-}
-
-// y (out) = the ternary product of one token x (in_features): bc_linear_rows with weight's per-row scales.
-void product(const float *x, int64_t in_features, const at::Tensor &weight, int layout, const at::Tensor &scales,
-             float *y, int threads) {
-    bitconvert::check_result(bc_linear_rows(x, 1, weight.data_ptr<uint8_t>(), layout, scales.numel(), in_features,
-                                            scales.data_ptr<float>(), y, BC_ISA_AUTO, threads),
-                             BC_ISA_AUTO);
-}
-
 // x (n) += delta (n).
 void add(float *x, const float *delta, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += delta[i];
@@ -199,6 +165,13 @@ int64_t check_product(const char *name, const at::Tensor &weight, int64_t layout
 float *workspace(int64_t floats) {
     thread_local std::vector<float> buffer;
     if (buffer.size() < size_t(floats)) buffer.resize(size_t(floats));
+    return buffer.data();
+}
+
+// The same for a product's quantized input row (bc_quantize_padded's x_q).
+int8_t *codes_workspace(int64_t bytes) {
+    thread_local std::vector<int8_t> buffer;
+    if (buffer.size() < size_t(bytes)) buffer.resize(size_t(bytes));
     return buffer.data();
 }
 
@@ -230,26 +203,71 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
     float *delta = normed + hidden, *qkv = delta + hidden, *q = qkv + width, *attention = q + heads * dim;
     float *gates = attention + heads * dim, *activation = gates + gate_up, *scores = activation + intermediate;
     float *state = x.data_ptr<float>();
+    const int lay = int(layout);
+    int8_t *x_q = codes_workspace(std::max({bc_padded_in(hidden, lay), bc_padded_in(heads * dim, lay),
+                                            bc_padded_in(intermediate, lay)}));
+    const bool avx2 = use_avx2();
+    const float *cos_row = cos.data_ptr<float>() + position * dim, *sin_row = sin.data_ptr<float>() + position * dim;
+    const int64_t group = heads / kv_heads;
+    const float scale = float(1.0 / std::sqrt(double(dim)));
 
-    rms_norm(state, input_norm.data_ptr<float>(), hidden, float(eps), normed);
-    product(normed, hidden, qkv_weight, int(layout), qkv_scales, qkv, threads);
+    // One team for the whole layer: each product's tiles and attention's heads are split over it (worksharing
+    // loops, a barrier after each), the steps between them run on one thread (`single`, a barrier after each).
+    // Opening a parallel region per product instead cost ~1 us each (docs/kernels.md, "One-token fixed costs").
+    int32_t sum = 0;  // the quantized row of the product's input, shared by the team
+    float s = 0.0f;
+    int error = BC_OK;
     auto attend_cache = [&](auto *key_cache, auto *value_cache) {
-        bitconvert::rope_cache_write_token(qkv, cos.data_ptr<float>() + position * dim,
-                                           sin.data_ptr<float>() + position * dim, heads, kv_heads, dim, q, dim,
+#pragma omp single
+        bitconvert::rope_cache_write_token(qkv, cos_row, sin_row, heads, kv_heads, dim, q, dim,
                                            key_cache + position * dim, value_cache + position * dim, max_len * dim);
-        attend_heads(q, key_cache, value_cache, heads, kv_heads, max_len, length, dim, scores, attention, threads);
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t cache = (h / group) * max_len * dim;
+            attend(q + h * dim, key_cache + cache, value_cache + cache, length, dim, scale, scores + h * length,
+                   attention + h * dim, avx2);
+        }
     };
-    if (keys.dtype() == at::kHalf)
-        attend_cache(keys.data_ptr<at::Half>(), values.data_ptr<at::Half>());
-    else
-        attend_cache(keys.data_ptr<float>(), values.data_ptr<float>());
-    product(attention, heads * dim, o_weight, int(layout), o_scales, delta, threads);
-    add(state, delta, hidden);
-    rms_norm(state, post_norm.data_ptr<float>(), hidden, float(eps), normed);
-    product(normed, hidden, gate_up_weight, int(layout), gate_up_scales, gates, threads);
-    bitconvert::fast_exp::swiglu(gates, intermediate, activation, use_avx2());  // silu(gate) * up
-    product(activation, intermediate, down_weight, int(layout), down_scales, delta, threads);
-    add(state, delta, hidden);
+    auto product = [&](const at::Tensor &weight, const at::Tensor &scales, int64_t in_features, float *y) {
+        const int code = bc_linear_rows_in_team(x_q, sum, s, weight.data_ptr<uint8_t>(), lay, scales.numel(),
+                                                in_features, scales.data_ptr<float>(), y, BC_ISA_AUTO);
+        if (code != BC_OK) {
+#pragma omp atomic write
+            error = code;
+        }
+    };
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        {
+            rms_norm(state, input_norm.data_ptr<float>(), hidden, float(eps), normed);
+            bc_quantize_padded(normed, 1, hidden, lay, x_q, &sum, &s);
+        }
+        product(qkv_weight, qkv_scales, hidden, qkv);
+        if (keys.dtype() == at::kHalf)
+            attend_cache(keys.data_ptr<at::Half>(), values.data_ptr<at::Half>());
+        else
+            attend_cache(keys.data_ptr<float>(), values.data_ptr<float>());
+#pragma omp single
+        bc_quantize_padded(attention, 1, heads * dim, lay, x_q, &sum, &s);
+        product(o_weight, o_scales, heads * dim, delta);
+#pragma omp single
+        {
+            add(state, delta, hidden);
+            rms_norm(state, post_norm.data_ptr<float>(), hidden, float(eps), normed);
+            bc_quantize_padded(normed, 1, hidden, lay, x_q, &sum, &s);
+        }
+        product(gate_up_weight, gate_up_scales, hidden, gates);
+#pragma omp single
+        {
+            bitconvert::fast_exp::swiglu(gates, intermediate, activation, avx2);  // silu(gate) * up
+            bc_quantize_padded(activation, 1, intermediate, lay, x_q, &sum, &s);
+        }
+        product(down_weight, down_scales, intermediate, delta);
+#pragma omp single
+        add(state, delta, hidden);
+    }
+    bitconvert::check_result(error, BC_ISA_AUTO);
 }
 
 // exp of every value of x (contiguous fp32) by fast_exp.h, the AVX2 loop where use_avx2() and simd allow: what the

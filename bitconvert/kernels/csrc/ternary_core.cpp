@@ -690,15 +690,21 @@ void write_tile(const Output &out, const int32_t *raw, const int32_t *x_sum, int
     }
 }
 
-// One token: tasks of kernels.band_tiles tiles each, aligned to the band, writing the tiles in range.
-void run_band(const Kernels &kernels, const int8_t *x_q, const int32_t *x_sum, const uint8_t *weight, int layout,
-              int64_t first_tile, int64_t out_features, int64_t in_features, const Output &out, int threads) {
-    if (out_features == 0) return;
-    const int64_t units = units_of(in_features, layout), band = kernels.band_tiles;
-    const int64_t end_tile = first_tile + ceil_div(out_features, BC_TILE_ROWS), begin = first_tile / band * band;
-    const int64_t tasks = ceil_div(end_tile - begin, band);
-    const int nthreads = bc_thread_count(threads, tasks, tasks * band * BC_TILE_ROWS * padded_cols(in_features, layout));
-    auto run_task = [&](const int8_t *x, int64_t task) {
+// One token's product as tasks of kernels.band_tiles tiles each, aligned to the band: run(x, task) computes and
+// writes the tiles of a task in range from activations x (x_q, or a helper thread's own lut tables: own_x).
+struct BandTasks {
+    const Kernels &kernels;
+    const int8_t *x_q;
+    const int32_t *x_sum;
+    const uint8_t *weight;
+    int layout;
+    int64_t first_tile, out_features, in_features;
+    const Output &out;
+    int64_t units = units_of(in_features, layout), band = kernels.band_tiles;
+    int64_t end_tile = first_tile + ceil_div(out_features, BC_TILE_ROWS), begin = first_tile / band * band;
+    int64_t count = out_features == 0 ? 0 : ceil_div(end_tile - begin, band);
+
+    void run(const int8_t *x, int64_t task) const {
         const int64_t tile0 = begin + task * band;
         int32_t raw[kBandTiles * BC_TILE_ROWS];
         kernels.band(tile_at(weight, tile0, in_features, layout), units, x, raw);
@@ -707,25 +713,44 @@ void run_band(const Kernels &kernels, const int8_t *x_q, const int32_t *x_sum, c
             write_tile(out, raw + (tile - tile0) * BC_TILE_ROWS, x_sum, 0, 1, row0,
                        int(std::min<int64_t>(BC_TILE_ROWS, out_features - row0)), out_features);
         }
-    };
-    if (nthreads == 1) {  // no parallel region: even one that runs on one thread costs ~0.5 us (measured)
-        for (int64_t task = 0; task < tasks; ++task) run_task(x_q, task);
-        return;
     }
-#pragma omp parallel num_threads(nthreads)
-    {
-        const int8_t *x = x_q;
+
+    // The activations this thread of the enclosing team reads: x_q, or for a lut band on a helper thread its own
+    // tables (reading the copy the first thread wrote pulls it line by line from that core's cache).
+    const int8_t *own_x() const {
 #ifdef _OPENMP
-        if (kernels.tables != nullptr && omp_get_thread_num() > 0) {  // a helper thread: its own tables
+        if (kernels.tables != nullptr && omp_get_thread_num() > 0) {
             thread_local std::vector<int8_t> own;
             own.resize(size_t(units * kLutTableBytes));
             kernels.tables(x_q + units * kLutTableBytes, units, own.data());
-            x = own.data();
+            return own.data();
         }
 #endif
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; ++task) run_task(x, task);
+        return x_q;
     }
+
+    // Every thread of the enclosing team (or a lone caller) calls this: the tasks split statically over the team,
+    // with the worksharing loop's barrier at the end.
+    void run_in_team() const {
+        const int8_t *x = own_x();
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < count; ++task) run(x, task);
+    }
+};
+
+// One token: BandTasks on bc_thread_count threads, in a parallel region of its own.
+void run_band(const Kernels &kernels, const int8_t *x_q, const int32_t *x_sum, const uint8_t *weight, int layout,
+              int64_t first_tile, int64_t out_features, int64_t in_features, const Output &out, int threads) {
+    const BandTasks tasks{kernels, x_q, x_sum, weight, layout, first_tile, out_features, in_features, out};
+    if (tasks.count == 0) return;
+    const int nthreads = bc_thread_count(threads, tasks.count,
+                                         tasks.count * tasks.band * BC_TILE_ROWS * padded_cols(in_features, layout));
+    if (nthreads == 1) {  // no parallel region: even one that runs on one thread costs ~0.5 us (measured)
+        for (int64_t task = 0; task < tasks.count; ++task) tasks.run(x_q, task);
+        return;
+    }
+#pragma omp parallel num_threads(nthreads)
+    tasks.run_in_team();
 }
 
 // x_q: n rows of ldx = bc_padded_in(in_features, layout) bytes, the activations as the layout reads them
@@ -1172,6 +1197,14 @@ void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layo
                         float *s) {
     const int isa = bc_default_isa();
     quantize_tokens(isa >= 0 ? isa : BC_ISA_SCALAR, x, n, in_features, layout, x_q, sums, s, 1);
+}
+
+int bc_linear_rows_in_team(const int8_t *x_q, int32_t sum, float s, const uint8_t *weight, int layout,
+                           int64_t out_features, int64_t in_features, const float *weight_scales, float *y, int isa) {
+    if (const int err = check(isa, layout, 1, out_features, in_features)) return err;
+    const Output out{nullptr, y, out_features, &s, 0.0f, weight_scales};
+    BandTasks{kKernels[layout][isa], x_q, &sum, weight, layout, 0, out_features, in_features, out}.run_in_team();
+    return BC_OK;
 }
 
 int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,

@@ -141,6 +141,12 @@ int bc_linear_rows(const float *x, int64_t n, const uint8_t *weight, int layout,
  *     rows row0 .. row0 + out_features - 1 (row0 a multiple of 16) of the repacked matrix `weight`; bit for bit
  *     bc_linear's output. */
 int64_t bc_padded_in(int64_t in_features, int layout);
+/* bc_linear_rows' product of one token from its quantized row (x_q, sum, s of bc_quantize_padded), shared by the
+ * threads of the enclosing OpenMP team: every thread of the team calls it with the same arguments, and the tiles are
+ * split statically over them, with a barrier at the end (called outside a parallel region it runs them all). For
+ * a decoder step that keeps one team for a whole layer instead of one parallel region per product. */
+int bc_linear_rows_in_team(const int8_t *x_q, int32_t sum, float s, const uint8_t *weight, int layout,
+                           int64_t out_features, int64_t in_features, const float *weight_scales, float *y, int isa);
 void bc_quantize_padded(const float *x, int64_t n, int64_t in_features, int layout, int8_t *x_q, int32_t *sums,
                         float *s);
 int bc_linear_quantized(const int8_t *x_q, const int32_t *sums, const float *s, int64_t n, const uint8_t *weight,
