@@ -13,7 +13,7 @@ from bitconvert.kernels.decode import fuse_projections
 from bitconvert.kernels.lm_head import Int8LmHead
 
 needs_huge_pages = pytest.mark.skipif(not pages.huge_pages_requested(),
-                                      reason="madvise(MADV_HUGEPAGE) exists on Linux only")
+                                      reason="no huge pages to ask for: not Linux, or BITCONVERT_HUGE_PAGES=0")
 BIG = 3 * pages.HUGE_PAGE_BYTES // 2  # bytes: over the 2 MiB threshold
 
 
