@@ -36,7 +36,7 @@ def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor | None:
     """A 1-D tensor of ``numel`` zeros of ``dtype`` starting on a 2 MiB boundary of an anonymous private mapping
     advised ``MADV_HUGEPAGE`` (the tensor keeps the mapping alive); None where :func:`huge_pages_requested` is
     False or the tensor would be under 2 MiB."""
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes < HUGE_PAGE_BYTES or not huge_pages_requested():
         return None
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

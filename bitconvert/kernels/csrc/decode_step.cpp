@@ -161,17 +161,12 @@ int64_t check_product(const char *name, const at::Tensor &weight, int64_t layout
     return out_features;
 }
 
-// Per-token work space of the calling thread, grown to the largest layer seen and then reused (no allocation).
-float *workspace(int64_t floats) {
-    thread_local std::vector<float> buffer;
-    if (buffer.size() < size_t(floats)) buffer.resize(size_t(floats));
-    return buffer.data();
-}
-
-// The same for a product's quantized input row (bc_quantize_padded's x_q).
-int8_t *codes_workspace(int64_t bytes) {
-    thread_local std::vector<int8_t> buffer;
-    if (buffer.size() < size_t(bytes)) buffer.resize(size_t(bytes));
+// Per-token work space of the calling thread, one buffer per element type (the floats of a layer; the int8 row of a
+// product's quantized input), grown to the largest layer seen and then reused (no allocation).
+template <typename T>
+T *workspace(int64_t count) {
+    thread_local std::vector<T> buffer;
+    if (buffer.size() < size_t(count)) buffer.resize(size_t(count));
     return buffer.data();
 }
 
@@ -199,12 +194,12 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
                 "bitconvert: decode_layer: down has ", down_scales.numel(), " rows, expected hidden size ", hidden);
 
     const int threads = bitconvert::resolve_threads(0);
-    float *normed = workspace(2 * hidden + width + 2 * heads * dim + gate_up + intermediate + heads * length);
+    float *normed = workspace<float>(2 * hidden + width + 2 * heads * dim + gate_up + intermediate + heads * length);
     float *delta = normed + hidden, *qkv = delta + hidden, *q = qkv + width, *attention = q + heads * dim;
     float *gates = attention + heads * dim, *activation = gates + gate_up, *scores = activation + intermediate;
     float *state = x.data_ptr<float>();
     const int lay = int(layout);
-    int8_t *x_q = codes_workspace(std::max({bc_padded_in(hidden, lay), bc_padded_in(heads * dim, lay),
+    int8_t *x_q = workspace<int8_t>(std::max({bc_padded_in(hidden, lay), bc_padded_in(heads * dim, lay),
                                             bc_padded_in(intermediate, lay)}));
     const bool avx2 = use_avx2();
     const float *cos_row = cos.data_ptr<float>() + position * dim, *sin_row = sin.data_ptr<float>() + position * dim;

@@ -990,20 +990,17 @@ void quantize_tokens(int isa, const float *x, int64_t n, int64_t in_features, in
     const QuantizeRowFn row = kQuantizeRow[isa];
     const int team = bc_thread_count(threads, n, n * in_features * kQuantizeCost);
     const size_t aside_bytes = layout == BC_LAYOUT_2BIT ? 0 : size_t(padded_cols(in_features, layout));
-    if (team == 1) {  // no parallel region (one costs ~0.5 us even on one thread); the thread's scratch row is kept
+    auto quantize = [&](int64_t t) {  // the thread's scratch row is kept between calls
         thread_local std::vector<int8_t> aside;
         if (aside.size() < aside_bytes) aside.resize(aside_bytes);
-        for (int64_t t = 0; t < n; ++t)
-            sums[t] = row(x + t * in_features, in_features, layout, x_q + t * ldx, aside.data(), &s[t]);
+        sums[t] = row(x + t * in_features, in_features, layout, x_q + t * ldx, aside.data(), &s[t]);
+    };
+    if (team == 1) {  // no parallel region: even one that runs on one thread costs ~0.5 us
+        for (int64_t t = 0; t < n; ++t) quantize(t);
         return;
     }
-#pragma omp parallel num_threads(team)
-    {
-        std::vector<int8_t> aside(aside_bytes);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n; ++t)
-            sums[t] = row(x + t * in_features, in_features, layout, x_q + t * ldx, aside.data(), &s[t]);
-    }
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t t = 0; t < n; ++t) quantize(t);
 }
 
 // bc_linear / bc_linear_rows: quantize x per token, then the product scaled by one or per-row weight scales.
