@@ -38,19 +38,28 @@
 
 namespace {
 
+constexpr int kLanes = 8;
+
 // out (n) = (x * (1 / sqrt(mean(x^2) + eps))) * weight, LlamaRMSNorm's fp32 steps; the fp32 squares are summed in
-// double and rounded once (torch sums fp32 in its own blocked order, so the sum may differ in the last bit).
+// double, as kLanes partial sums (lane l takes i = l mod kLanes: independent adds the compiler vectorizes) added in lane
+// order, and rounded once (torch sums fp32 in its own blocked order, so the sum may differ in the last bit).
 void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-        const float square = x[i] * x[i];
-        sum += square;
+    double lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+            const float square = x[i + l] * x[i + l];
+            lanes[l] += square;
+        }
+    for (int l = 0; i + l < n; ++l) {
+        const float square = x[i + l] * x[i + l];
+        lanes[l] += square;
     }
+    double sum = 0.0;
+    for (double lane : lanes) sum += lane;
     const float inverse = 1.0f / std::sqrt(float(sum) / float(n) + eps);
     for (int64_t i = 0; i < n; ++i) out[i] = (x[i] * inverse) * weight[i];
 }
-
-constexpr int kLanes = 8;
 
 // sum_d a[d] * b[d] (n values) in fp32 as kLanes partial sums (lane l takes d = l mod kLanes) added in lane order at
 // the end: an order the compiler vectorizes without reassociating. b: fp32, or fp16 taken exactly to fp32.
@@ -78,8 +87,7 @@ void add_scaled_scalar(float weight, const Cache *row, int64_t n, float *out) {
 BC_TARGET_F16C inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
 BC_TARGET_F16C inline __m256 load8(const at::Half *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
-// dot_scalar and add_scaled_scalar on AVX2 (F16C for an fp16 cache): the same lanes, order and roundings (a product,
-// then a sum: no FMA), 8 lanes per instruction where the library's baseline (SSE2) takes two.
+// dot_scalar on AVX2 (F16C for an fp16 cache): the same lanes, order and roundings (a product, then a sum: no FMA).
 template <typename Cache>
 BC_TARGET_F16C float dot_avx2(const float *a, const Cache *b, int64_t n) {
     __m256 sums = _mm256_setzero_ps();
@@ -94,13 +102,82 @@ BC_TARGET_F16C float dot_avx2(const float *a, const Cache *b, int64_t n) {
     return sum;
 }
 
+// rows[i] (8 x 8 fp32) transposed in place: lane r of rows[l] becomes lane l of rows[r].
+BC_TARGET_F16C inline void transpose8(__m256 rows[kLanes]) {
+    __m256 low[4], high[4], quads[kLanes];
+    for (int i = 0; i < 4; ++i) {
+        low[i] = _mm256_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+        high[i] = _mm256_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+        quads[4 * i + 0] = _mm256_shuffle_ps(low[2 * i], low[2 * i + 1], 0x44);
+        quads[4 * i + 1] = _mm256_shuffle_ps(low[2 * i], low[2 * i + 1], 0xEE);
+        quads[4 * i + 2] = _mm256_shuffle_ps(high[2 * i], high[2 * i + 1], 0x44);
+        quads[4 * i + 3] = _mm256_shuffle_ps(high[2 * i], high[2 * i + 1], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        rows[i] = _mm256_permute2f128_ps(quads[i], quads[4 + i], 0x20);
+        rows[4 + i] = _mm256_permute2f128_ps(quads[i], quads[4 + i], 0x31);
+    }
+}
+
+// scores[j] = dot_scalar(q, keys + j * dim, dim) * scale for j < length, bit for bit: 8 rows at a time where dim is
+// a multiple of 8 (8 independent sums instead of one chain of dependent adds; the 8 rows' lanes are then transposed
+// and added lane 0 first, which is dot_scalar's final sum for all 8 rows in one register), the rest by dot_avx2.
 template <typename Cache>
-BC_TARGET_F16C void add_scaled_avx2(float weight, const Cache *row, int64_t n, float *out) {
-    const __m256 factor = _mm256_set1_ps(weight);
+BC_TARGET_F16C void scores_avx2(const float *q, const Cache *keys, int64_t length, int64_t dim, float scale,
+                                float *scores) {
+    int64_t j = 0;
+    if (dim % kLanes == 0) {
+        const __m256 factor = _mm256_set1_ps(scale);
+        for (; j + kLanes <= length; j += kLanes) {
+            __m256 sums[kLanes];
+            for (int r = 0; r < kLanes; ++r) sums[r] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < dim; d += kLanes) {
+                const __m256 a = _mm256_loadu_ps(q + d);
+                for (int r = 0; r < kLanes; ++r)
+                    sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(a, load8(keys + (j + r) * dim + d)));
+            }
+            transpose8(sums);
+            __m256 total = _mm256_setzero_ps();
+            for (int l = 0; l < kLanes; ++l) total = _mm256_add_ps(total, sums[l]);
+            _mm256_storeu_ps(scores + j, _mm256_mul_ps(total, factor));
+        }
+    }
+    for (; j < length; ++j) scores[j] = dot_avx2(q, keys + j * dim, dim) * scale;
+}
+
+// out[d0 + c] = sum_j weights[j] * values[j][d0 + c] for c < 8 * Regs, j ascending from a zero sum (a product, then a
+// sum): add_scaled_scalar's order over the rows, held in Regs registers instead of stored and reloaded per row.
+template <int Regs, typename Cache>
+BC_TARGET_F16C inline void weighted_columns(const float *weights, const Cache *values, int64_t length, int64_t dim,
+                                            int64_t d0, float *out) {
+    __m256 sums[Regs];
+    for (int r = 0; r < Regs; ++r) sums[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < length; ++j) {
+        const __m256 weight = _mm256_set1_ps(weights[j]);
+        const Cache *row = values + j * dim + d0;
+        for (int r = 0; r < Regs; ++r)
+            sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(weight, load8(row + r * kLanes)));
+    }
+    for (int r = 0; r < Regs; ++r) _mm256_storeu_ps(out + d0 + r * kLanes, sums[r]);
+}
+
+// out (dim) = sum_j weights[j] * values[j] over j < length, as zeroing out and add_scaled_scalar row by row computes it
+// (bit for bit): 64, then 32, 16 and 8 columns at a time, then the last dim % 8 alone.
+template <typename Cache>
+BC_TARGET_F16C void weighted_sum_avx2(const float *weights, const Cache *values, int64_t length, int64_t dim,
+                                      float *out) {
     int64_t d = 0;
-    for (; d + kLanes <= n; d += kLanes)
-        _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(factor, load8(row + d))));
-    for (; d < n; ++d) out[d] += weight * float(row[d]);
+    for (; d + 8 * kLanes <= dim; d += 8 * kLanes) weighted_columns<8>(weights, values, length, dim, d, out);
+    if (d + 4 * kLanes <= dim) weighted_columns<4>(weights, values, length, dim, d, out), d += 4 * kLanes;
+    if (d + 2 * kLanes <= dim) weighted_columns<2>(weights, values, length, dim, d, out), d += 2 * kLanes;
+    if (d + kLanes <= dim) weighted_columns<1>(weights, values, length, dim, d, out), d += kLanes;
+    for (; d < dim; ++d) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < length; ++j) sum += weights[j] * float(values[j * dim + d]);
+        out[d] = sum;
+    }
 }
 
 // Whether this call reads the cache with the AVX2 (and, for fp16, F16C) loops: the CPU has both, and BITCONVERT_ISA
@@ -111,32 +188,28 @@ bool use_avx2() {
     return supported && bc_default_isa() > BC_ISA_SCALAR;
 }
 
-// dot() and add_scaled() of a cache row; avx2: use_avx2() of the call.
-template <typename Cache>
-float dot(const float *a, const Cache *b, int64_t n, bool avx2) {
-    return avx2 ? dot_avx2(a, b, n) : dot_scalar(a, b, n);
-}
-template <typename Cache>
-void add_scaled(float weight, const Cache *row, int64_t n, float *out, bool avx2) {
-    avx2 ? add_scaled_avx2(weight, row, n, out) : add_scaled_scalar(weight, row, n, out);
-}
-
 // out (dim) = sum_j w_j values[j] / sum_j w_j with w_j = exp(s_j - max_i s_i), s_j = scale * (q . keys[j]), over the
 // rows j < length of keys, values (length, dim): the softmax-weighted mean, stable for any score range.
-// scores: length floats of scratch.
+// scores: length floats of scratch. avx2: the AVX2 loops (use_avx2() of the call), else the scalar reference.
 template <typename Cache>
 void attend(const float *q, const Cache *keys, const Cache *values, int64_t length, int64_t dim, float scale,
             float *scores, float *out, bool avx2) {
-    float largest = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < length; ++j) {
-        scores[j] = dot(q, keys + j * dim, dim, avx2) * scale;
-        largest = std::max(largest, scores[j]);
+    if (avx2) {
+        scores_avx2(q, keys, length, dim, scale, scores);
+    } else {
+        for (int64_t j = 0; j < length; ++j) scores[j] = dot_scalar(q, keys + j * dim, dim) * scale;
     }
+    float largest = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < length; ++j) largest = std::max(largest, scores[j]);
     bitconvert::fast_exp::exp_shifted(scores, length, largest, avx2);
     float total = 0.0f;
     for (int64_t j = 0; j < length; ++j) total += scores[j];
-    std::fill(out, out + dim, 0.0f);
-    for (int64_t j = 0; j < length; ++j) add_scaled(scores[j], values + j * dim, dim, out, avx2);
+    if (avx2) {
+        weighted_sum_avx2(scores, values, length, dim, out);
+    } else {
+        std::fill(out, out + dim, 0.0f);
+        for (int64_t j = 0; j < length; ++j) add_scaled_scalar(scores[j], values + j * dim, dim, out);
+    }
     for (int64_t d = 0; d < dim; ++d) out[d] /= total;
 }
 
