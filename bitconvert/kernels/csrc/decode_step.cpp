@@ -12,7 +12,7 @@
 // keys, values: (G, max_len, D), fp32 or fp16 (read back to fp32 exactly; F16C converts 8 at a time where the CPU
 // has it); cos, sin: (>= p + 1, D); everything else fp32.
 // Threads: one OpenMP team for the whole layer (torch's thread count): the products' tiles (bc_linear_rows_in_team)
-// and attention's heads are split over it, the steps between them run on one of its threads.
+// and attention's heads are split over it, and every thread computes the steps between them itself (no barrier).
 //
 // Exactness against the per-op path (F.rms_norm, ternary_linear, rope_cache_write, SDPA, F.silu): the ternary
 // products quantize their input per token exactly as ternary_linear does, so equal inputs give bit-identical outputs,
@@ -234,9 +234,10 @@ int64_t check_product(const char *name, const at::Tensor &weight, int64_t layout
     return out_features;
 }
 
-// Per-token work space of the calling thread, one buffer per element type (the floats of a layer; the int8 row of a
-// product's quantized input), grown to the largest layer seen and then reused (no allocation).
-template <typename T>
+// Per-token work space of the calling thread, one buffer per element type and slot (kShared: what the team shares;
+// kOwn: a thread's own), grown to the largest layer seen and then reused (no allocation).
+enum { kShared, kOwn };
+template <typename T, int Slot>
 T *workspace(int64_t count) {
     thread_local std::vector<T> buffer;
     if (buffer.size() < size_t(count)) buffer.resize(size_t(count));
@@ -267,23 +268,24 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
                 "bitconvert: decode_layer: down has ", down_scales.numel(), " rows, expected hidden size ", hidden);
 
     const int threads = bitconvert::resolve_threads(0);
-    float *normed = workspace<float>(2 * hidden + width + 2 * heads * dim + gate_up + intermediate + heads * length);
-    float *delta = normed + hidden, *qkv = delta + hidden, *q = qkv + width, *attention = q + heads * dim;
-    float *gates = attention + heads * dim, *activation = gates + gate_up, *scores = activation + intermediate;
+    float *delta = workspace<float, kShared>(hidden + width + 2 * heads * dim + gate_up + heads * length);
+    float *qkv = delta + hidden, *q = qkv + width, *attention = q + heads * dim, *gates = attention + heads * dim;
+    float *scores = gates + gate_up;
     float *state = x.data_ptr<float>();
     const int lay = int(layout);
-    int8_t *x_q = workspace<int8_t>(std::max({bc_padded_in(hidden, lay), bc_padded_in(heads * dim, lay),
-                                            bc_padded_in(intermediate, lay)}));
+    const int64_t padded_in = std::max({bc_padded_in(hidden, lay), bc_padded_in(heads * dim, lay),
+                                        bc_padded_in(intermediate, lay)});
     const bool avx2 = use_avx2();
     const float *cos_row = cos.data_ptr<float>() + position * dim, *sin_row = sin.data_ptr<float>() + position * dim;
     const int64_t group = heads / kv_heads;
     const float scale = float(1.0 / std::sqrt(double(dim)));
 
     // One team for the whole layer: each product's tiles and attention's heads are split over it (worksharing
-    // loops, a barrier after each), the steps between them run on one thread (`single`, a barrier after each).
-    // Opening a parallel region per product instead cost ~1 us each (docs/kernels.md, "One-token fixed costs").
-    int32_t sum = 0;  // the quantized row of the product's input, shared by the team
-    float s = 0.0f;
+    // loops, a barrier after each). Opening a parallel region per product instead cost ~1 us each (docs/kernels.md,
+    // "One-token fixed costs"). The steps between the products (norms, residual adds, SwiGLU, the products' input
+    // quantization) are a few microseconds of serial work: every thread computes them itself, on its own copy of the
+    // residual stream and its own quantized row (equal values on every thread), so that no barrier follows them; the
+    // rotary/cache write runs once (`single`), and the first thread writes the layer's output.
     int error = BC_OK;
     auto attend_cache = [&](auto *key_cache, auto *value_cache) {
 #pragma omp single
@@ -296,44 +298,41 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
                    attention + h * dim, avx2);
         }
     };
-    auto product = [&](const at::Tensor &weight, const at::Tensor &scales, int64_t in_features, float *y) {
-        const int code = bc_linear_rows_in_team(x_q, sum, s, weight.data_ptr<uint8_t>(), lay, scales.numel(),
-                                                in_features, scales.data_ptr<float>(), y, BC_ISA_AUTO);
-        if (code != BC_OK) {
-#pragma omp atomic write
-            error = code;
-        }
-    };
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        {
-            rms_norm(state, input_norm.data_ptr<float>(), hidden, float(eps), normed);
-            bc_quantize_padded(normed, 1, hidden, lay, x_q, &sum, &s);
-        }
-        product(qkv_weight, qkv_scales, hidden, qkv);
+        float *residual = workspace<float, kOwn>(2 * hidden + intermediate);
+        float *normed = residual + hidden, *activation = normed + hidden;
+        int8_t *x_q = workspace<int8_t, kOwn>(padded_in);
+        int32_t sum = 0;  // x_q's per-token sum and scale (bc_quantize_padded)
+        float s = 0.0f;
+        auto product = [&](const float *input, int64_t in_features, const at::Tensor &weight,
+                           const at::Tensor &scales, float *y) {
+            bc_quantize_padded(input, 1, in_features, lay, x_q, &sum, &s);
+            const int code = bc_linear_rows_in_team(x_q, sum, s, weight.data_ptr<uint8_t>(), lay, scales.numel(),
+                                                    in_features, scales.data_ptr<float>(), y, BC_ISA_AUTO);
+            if (code != BC_OK) {
+#pragma omp atomic write
+                error = code;
+            }
+        };
+        std::copy(state, state + hidden, residual);
+        rms_norm(residual, input_norm.data_ptr<float>(), hidden, float(eps), normed);
+        product(normed, hidden, qkv_weight, qkv_scales, qkv);
         if (keys.dtype() == at::kHalf)
             attend_cache(keys.data_ptr<at::Half>(), values.data_ptr<at::Half>());
         else
             attend_cache(keys.data_ptr<float>(), values.data_ptr<float>());
-#pragma omp single
-        bc_quantize_padded(attention, 1, heads * dim, lay, x_q, &sum, &s);
-        product(o_weight, o_scales, heads * dim, delta);
-#pragma omp single
+        product(attention, heads * dim, o_weight, o_scales, delta);
+        add(residual, delta, hidden);
+        rms_norm(residual, post_norm.data_ptr<float>(), hidden, float(eps), normed);
+        product(normed, hidden, gate_up_weight, gate_up_scales, gates);
+        bitconvert::fast_exp::swiglu(gates, intermediate, activation, avx2);  // silu(gate) * up
+        product(activation, intermediate, down_weight, down_scales, delta);
+#pragma omp masked
         {
-            add(state, delta, hidden);
-            rms_norm(state, post_norm.data_ptr<float>(), hidden, float(eps), normed);
-            bc_quantize_padded(normed, 1, hidden, lay, x_q, &sum, &s);
+            add(residual, delta, hidden);
+            std::copy(residual, residual + hidden, state);
         }
-        product(gate_up_weight, gate_up_scales, hidden, gates);
-#pragma omp single
-        {
-            bitconvert::fast_exp::swiglu(gates, intermediate, activation, avx2);  // silu(gate) * up
-            bc_quantize_padded(activation, 1, intermediate, lay, x_q, &sum, &s);
-        }
-        product(down_weight, down_scales, intermediate, delta);
-#pragma omp single
-        add(state, delta, hidden);
     }
     bitconvert::check_result(error, BC_ISA_AUTO);
 }
