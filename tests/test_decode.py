@@ -291,14 +291,15 @@ def test_fused_step_matches_per_op_path(step_model, layout, kv_cache, monkeypatc
 
 @pytest.mark.parametrize("kv_cache", ["fp32", "fp16"])
 def test_fused_step_attention_threads(tmp_path, kv_cache):
-    """Attention long enough to run its heads on two threads (2 * heads * length * dim, weighted x16, >= 2 x 2^18):
-    equal to one thread bit for bit (each head is computed alone; the products are exact), and close to the per-op
-    path (one step: FLIP_TOLERANCE, see above). The steps run without the float lm_head, which is applied after, at one
-    thread count: torch's BLAS sums it in an order that depends on the thread count on some CPUs (MKL on an
+    """Attention over 600 positions with 9 query heads on 3 KV heads, so that two threads split a KV head's group
+    (heads 0-4 and 5-8: both compute group 1's current key and value, the thread of its first head writes them to the
+    cache): equal to one thread bit for bit (each head is computed alone; the products are exact), and close to the
+    per-op path (one step: FLIP_TOLERANCE, see above), and so are the cache rows written. The steps run without the
+    float lm_head, which is applied after, at one thread count: torch's BLAS sums it in an order that depends on the thread count on some CPUs (MKL on an
     AVX-512/AMX Xeon: logits 9e-8 apart from the same hidden state)."""
     from bitconvert.convert import convert
 
-    convert(make_tiny_llama(tmp_path / "src", hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
+    convert(make_tiny_llama(tmp_path / "src", hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                             intermediate_size=64, num_hidden_layers=1, max_position_embeddings=1024),
             tmp_path / "out", progress=False)
     model = bitconvert.load(tmp_path / "out")
@@ -316,6 +317,14 @@ def test_fused_step_attention_threads(tmp_path, kv_cache):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(hidden[0], hidden[1])
+    # every KV head's new position written once, by whichever thread: equal on 1 and 2 threads, and the per-op path's
+    # up to the fp32 rounding of the norm before it (the cache test's tolerance, FUSED_TOLERANCE and one fp16 step)
+    assert torch.equal(decoders[0].keys, decoders[1].keys) and torch.equal(decoders[0].values, decoders[1].values)
+    cache_tolerance = FUSED_TOLERANCE if kv_cache == "fp32" else FUSED_TOLERANCE + 2**-11 * 8
+    for cache in ("keys", "values"):
+        fused, per_op = getattr(decoders[1], cache)[:, :, 600], getattr(decoders[2], cache)[:, :, 600]
+        assert fused.abs().sum() > 0
+        torch.testing.assert_close(fused.float(), per_op.float(), rtol=0, atol=cache_tolerance)
     with torch.inference_mode():
         logits = [model.lm_head(state) for state in hidden]
     torch.testing.assert_close(logits[0], logits[2], rtol=0, atol=FLIP_TOLERANCE)

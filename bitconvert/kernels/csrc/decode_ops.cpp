@@ -18,41 +18,46 @@
 
 #include "decode_ops.h"
 
-namespace {
+namespace bitconvert {
 
-void rotate(const float *x, const float *cos, const float *sin, int64_t dim, float *out) {
+void rope_head(const float *x, const float *cos, const float *sin, int64_t dim, float *out) {
     const int64_t half = dim / 2;
     for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
     for (int64_t i = half; i < dim; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-}  // namespace
-
-namespace bitconvert {
+template <typename Cache>
+void rope_key_value(const float *row, const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
+                    int64_t dim, int64_t group, Cache *key, Cache *value) {
+    const float *key_in = row + (heads + group) * dim, *value_in = row + (heads + kv_heads + group) * dim;
+    if constexpr (std::is_same_v<Cache, float>) {
+        rope_head(key_in, cos, sin, dim, key);
+        std::memcpy(value, value_in, size_t(dim) * sizeof(float));
+    } else {
+        thread_local std::vector<float> rotated;
+        rotated.resize(size_t(dim));
+        rope_head(key_in, cos, sin, dim, rotated.data());
+        for (int64_t d = 0; d < dim; ++d) {
+            key[d] = Cache(rotated[d]);
+            value[d] = Cache(value_in[d]);
+        }
+    }
+}
 
 template <typename Cache>
 void rope_cache_write_token(const float *row, const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
                             int64_t dim, float *q, int64_t q_head_stride, Cache *keys, Cache *values,
                             int64_t cache_head_stride) {
-    for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, cos, sin, dim, q + h * q_head_stride);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-        Cache *key = keys + g * cache_head_stride, *value = values + g * cache_head_stride;
-        const float *value_in = row + (heads + kv_heads + g) * dim;
-        if constexpr (std::is_same_v<Cache, float>) {
-            rotate(row + (heads + g) * dim, cos, sin, dim, key);
-            std::memcpy(value, value_in, size_t(dim) * sizeof(float));
-        } else {
-            thread_local std::vector<float> rotated;
-            rotated.resize(size_t(dim));
-            rotate(row + (heads + g) * dim, cos, sin, dim, rotated.data());
-            for (int64_t d = 0; d < dim; ++d) {
-                key[d] = Cache(rotated[d]);
-                value[d] = Cache(value_in[d]);
-            }
-        }
-    }
+    for (int64_t h = 0; h < heads; ++h) rope_head(row + h * dim, cos, sin, dim, q + h * q_head_stride);
+    for (int64_t g = 0; g < kv_heads; ++g)
+        rope_key_value(row, cos, sin, heads, kv_heads, dim, g, keys + g * cache_head_stride,
+                       values + g * cache_head_stride);
 }
 
+template void rope_key_value<float>(const float *, const float *, const float *, int64_t, int64_t, int64_t, int64_t,
+                                    float *, float *);
+template void rope_key_value<at::Half>(const float *, const float *, const float *, int64_t, int64_t, int64_t,
+                                       int64_t, at::Half *, at::Half *);
 template void rope_cache_write_token<float>(const float *, const float *, const float *, int64_t, int64_t, int64_t,
                                             float *, int64_t, float *, float *, int64_t);
 template void rope_cache_write_token<at::Half>(const float *, const float *, const float *, int64_t, int64_t, int64_t,

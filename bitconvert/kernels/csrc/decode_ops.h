@@ -9,6 +9,15 @@
 
 namespace bitconvert {
 
+// out (dim) = x (one head of dim values) rotated by the tables cos, sin (dim) of its position.
+void rope_head(const float *x, const float *cos, const float *sin, int64_t dim, float *out);
+
+// KV head `group` of one token as the cache holds it: key (dim) = its key head rotated, value (dim) = its value head
+// (row, cos, sin as below; Cache as below).
+template <typename Cache>
+void rope_key_value(const float *row, const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
+                    int64_t dim, int64_t group, Cache *key, Cache *value);
+
 // One token: row ((heads + 2 kv_heads) * dim) holds its q, k and v heads; cos, sin (dim) the rotary tables at its
 // position. Writes q head h to q + h * q_head_stride, the rotated key head g to keys + g * cache_head_stride and value
 // head g to values + g * cache_head_stride (keys and values point at the token's slot of KV head 0). Cache: float,

@@ -12,7 +12,8 @@
 // keys, values: (G, max_len, D), fp32 or fp16 (read back to fp32 exactly; F16C converts 8 at a time where the CPU
 // has it); cos, sin: (>= p + 1, D); everything else fp32.
 // Threads: one OpenMP team for the whole layer (torch's thread count): the products' tiles (bc_linear_rows_in_team)
-// and attention's heads are split over it, and every thread computes the steps between them itself (no barrier).
+// and attention's heads (with their rotary step) are split over it, and every thread computes the steps between
+// them itself (no barrier).
 //
 // Exactness against the per-op path (F.rms_norm, ternary_linear, rope_cache_write, SDPA, F.silu): the ternary
 // products quantize their input per token exactly as ternary_linear does, so equal inputs give bit-identical outputs,
@@ -29,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "decode_ops.h"
@@ -147,36 +149,38 @@ BC_TARGET_F16C void scores_avx2(const float *q, const Cache *keys, int64_t lengt
     for (; j < length; ++j) scores[j] = dot_avx2(q, keys + j * dim, dim) * scale;
 }
 
-// out[d0 + c] = sum_j weights[j] * values[j][d0 + c] for c < 8 * Regs, j ascending from a zero sum (a product, then a
-// sum): add_scaled_scalar's order over the rows, held in Regs registers instead of stored and reloaded per row.
+// out[d0 + c] = sum_j weights[j] * row_j[d0 + c] for c < 8 * Regs over the rows j <= cached (row_j = values + j * dim
+// below `cached`, then `current`), j ascending from a zero sum (a product, then a sum): add_scaled_scalar's order over
+// the rows, held in Regs registers instead of stored and reloaded per row.
 template <int Regs, typename Cache>
-BC_TARGET_F16C inline void weighted_columns(const float *weights, const Cache *values, int64_t length, int64_t dim,
-                                            int64_t d0, float *out) {
+BC_TARGET_F16C inline void weighted_columns(const float *weights, const Cache *values, int64_t cached,
+                                            const Cache *current, int64_t dim, int64_t d0, float *out) {
     __m256 sums[Regs];
     for (int r = 0; r < Regs; ++r) sums[r] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < length; ++j) {
+    for (int64_t j = 0; j <= cached; ++j) {
         const __m256 weight = _mm256_set1_ps(weights[j]);
-        const Cache *row = values + j * dim + d0;
+        const Cache *row = (j < cached ? values + j * dim : current) + d0;
         for (int r = 0; r < Regs; ++r)
             sums[r] = _mm256_add_ps(sums[r], _mm256_mul_ps(weight, load8(row + r * kLanes)));
     }
     for (int r = 0; r < Regs; ++r) _mm256_storeu_ps(out + d0 + r * kLanes, sums[r]);
 }
 
-// out (dim) = sum_j weights[j] * values[j] over j < length, as zeroing out and add_scaled_scalar row by row computes it
-// (bit for bit): 64, then 32, 16 and 8 columns at a time, then the last dim % 8 alone.
+// out (dim) = sum_j weights[j] * row_j over the cached rows of values and then current (weighted_columns' rows), as
+// zeroing out and add_scaled_scalar row by row computes it (bit for bit): 64, then 32, 16 and 8 columns at a time,
+// then the last dim % 8 alone.
 template <typename Cache>
-BC_TARGET_F16C void weighted_sum_avx2(const float *weights, const Cache *values, int64_t length, int64_t dim,
-                                      float *out) {
+BC_TARGET_F16C void weighted_sum_avx2(const float *weights, const Cache *values, int64_t cached, const Cache *current,
+                                      int64_t dim, float *out) {
     int64_t d = 0;
-    for (; d + 8 * kLanes <= dim; d += 8 * kLanes) weighted_columns<8>(weights, values, length, dim, d, out);
-    if (d + 4 * kLanes <= dim) weighted_columns<4>(weights, values, length, dim, d, out), d += 4 * kLanes;
-    if (d + 2 * kLanes <= dim) weighted_columns<2>(weights, values, length, dim, d, out), d += 2 * kLanes;
-    if (d + kLanes <= dim) weighted_columns<1>(weights, values, length, dim, d, out), d += kLanes;
+    for (; d + 8 * kLanes <= dim; d += 8 * kLanes) weighted_columns<8>(weights, values, cached, current, dim, d, out);
+    if (d + 4 * kLanes <= dim) weighted_columns<4>(weights, values, cached, current, dim, d, out), d += 4 * kLanes;
+    if (d + 2 * kLanes <= dim) weighted_columns<2>(weights, values, cached, current, dim, d, out), d += 2 * kLanes;
+    if (d + kLanes <= dim) weighted_columns<1>(weights, values, cached, current, dim, d, out), d += kLanes;
     for (; d < dim; ++d) {
         float sum = 0.0f;
-        for (int64_t j = 0; j < length; ++j) sum += weights[j] * float(values[j * dim + d]);
-        out[d] = sum;
+        for (int64_t j = 0; j < cached; ++j) sum += weights[j] * float(values[j * dim + d]);
+        out[d] = sum + weights[cached] * float(current[d]);
     }
 }
 
@@ -188,16 +192,20 @@ bool use_avx2() {
     return supported && bc_default_isa() > BC_ISA_SCALAR;
 }
 
-// out (dim) = sum_j w_j values[j] / sum_j w_j with w_j = exp(s_j - max_i s_i), s_j = scale * (q . keys[j]), over the
-// rows j < length of keys, values (length, dim): the softmax-weighted mean, stable for any score range.
-// scores: length floats of scratch. avx2: the AVX2 loops (use_avx2() of the call), else the scalar reference.
+// out (dim) = sum_j w_j v_j / sum_j w_j with w_j = exp(s_j - max_i s_i), s_j = scale * (q . k_j), over the rows
+// j < cached of keys, values (cached, dim) and then the current token's key, value (dim; j = cached, what the cache
+// holds at that position): the softmax-weighted mean, stable for any score range. scores: cached + 1 floats of
+// scratch. avx2: the AVX2 loops (use_avx2() of the call), else the scalar reference.
 template <typename Cache>
-void attend(const float *q, const Cache *keys, const Cache *values, int64_t length, int64_t dim, float scale,
-            float *scores, float *out, bool avx2) {
+void attend(const float *q, const Cache *keys, const Cache *values, int64_t cached, const Cache *key, const Cache *value,
+            int64_t dim, float scale, float *scores, float *out, bool avx2) {
+    const int64_t length = cached + 1;
     if (avx2) {
-        scores_avx2(q, keys, length, dim, scale, scores);
+        scores_avx2(q, keys, cached, dim, scale, scores);
+        scores[cached] = dot_avx2(q, key, dim) * scale;
     } else {
-        for (int64_t j = 0; j < length; ++j) scores[j] = dot_scalar(q, keys + j * dim, dim) * scale;
+        for (int64_t j = 0; j < cached; ++j) scores[j] = dot_scalar(q, keys + j * dim, dim) * scale;
+        scores[cached] = dot_scalar(q, key, dim) * scale;
     }
     float largest = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < length; ++j) largest = std::max(largest, scores[j]);
@@ -205,10 +213,11 @@ void attend(const float *q, const Cache *keys, const Cache *values, int64_t leng
     float total = 0.0f;
     for (int64_t j = 0; j < length; ++j) total += scores[j];
     if (avx2) {
-        weighted_sum_avx2(scores, values, length, dim, out);
+        weighted_sum_avx2(scores, values, cached, value, dim, out);
     } else {
         std::fill(out, out + dim, 0.0f);
-        for (int64_t j = 0; j < length; ++j) add_scaled_scalar(scores[j], values + j * dim, dim, out);
+        for (int64_t j = 0; j < cached; ++j) add_scaled_scalar(scores[j], values + j * dim, dim, out);
+        add_scaled_scalar(scores[cached], value, dim, out);
     }
     for (int64_t d = 0; d < dim; ++d) out[d] /= total;
 }
@@ -235,8 +244,8 @@ int64_t check_product(const char *name, const at::Tensor &weight, int64_t layout
 }
 
 // Per-token work space of the calling thread, one buffer per element type and slot (kShared: what the team shares;
-// kOwn: a thread's own), grown to the largest layer seen and then reused (no allocation).
-enum { kShared, kOwn };
+// kOwn, kOwnCache: a thread's own), grown to the largest layer seen and then reused (no allocation).
+enum { kShared, kOwn, kOwnCache };
 template <typename T, int Slot>
 T *workspace(int64_t count) {
     thread_local std::vector<T> buffer;
@@ -268,8 +277,8 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
                 "bitconvert: decode_layer: down has ", down_scales.numel(), " rows, expected hidden size ", hidden);
 
     const int threads = bitconvert::resolve_threads(0);
-    float *delta = workspace<float, kShared>(hidden + width + 2 * heads * dim + gate_up + heads * length);
-    float *qkv = delta + hidden, *q = qkv + width, *attention = q + heads * dim, *gates = attention + heads * dim;
+    float *delta = workspace<float, kShared>(hidden + width + heads * dim + gate_up + heads * length);
+    float *qkv = delta + hidden, *attention = qkv + width, *gates = attention + heads * dim;
     float *scores = gates + gate_up;
     float *state = x.data_ptr<float>();
     const int lay = int(layout);
@@ -284,24 +293,38 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
     // loops, a barrier after each). Opening a parallel region per product instead cost ~1 us each (docs/kernels.md,
     // "One-token fixed costs"). The steps between the products (norms, residual adds, SwiGLU, the products' input
     // quantization) are a few microseconds of serial work: every thread computes them itself, on its own copy of the
-    // residual stream and its own quantized row (equal values on every thread), so that no barrier follows them; the
-    // rotary/cache write runs once (`single`), and the first thread writes the layer's output.
+    // residual stream and its own quantized row (equal values on every thread), so that no barrier follows them, and
+    // the first thread writes the layer's output. So a barrier follows each product (its output is shared) and
+    // attention, five per layer; the rotary step runs inside attention's loop (below).
     int error = BC_OK;
-    auto attend_cache = [&](auto *key_cache, auto *value_cache) {
-#pragma omp single
-        bitconvert::rope_cache_write_token(qkv, cos_row, sin_row, heads, kv_heads, dim, q, dim,
-                                           key_cache + position * dim, value_cache + position * dim, max_len * dim);
+    // Attention's heads over the team, each thread rotating its own query heads; the current token's key and value
+    // of a KV head are computed by every thread that attends to that head's group, and written to the cache by the
+    // thread of the group's first query head (one writer; the others read the position from their own copy, the same
+    // values), so that no barrier separates the rotary step from attention.
+    auto attend_cache = [&](auto *key_cache, auto *value_cache, float *query) {
+        using Cache = std::remove_pointer_t<decltype(key_cache)>;
+        Cache *key = workspace<Cache, kOwnCache>(2 * dim), *value = key + dim;
+        int64_t current_group = -1;
 #pragma omp for schedule(static)
         for (int64_t h = 0; h < heads; ++h) {
-            const int64_t cache = (h / group) * max_len * dim;
-            attend(q + h * dim, key_cache + cache, value_cache + cache, length, dim, scale, scores + h * length,
-                   attention + h * dim, avx2);
+            const int64_t g = h / group, cache = g * max_len * dim;
+            if (g != current_group) {
+                bitconvert::rope_key_value(qkv, cos_row, sin_row, heads, kv_heads, dim, g, key, value);
+                current_group = g;
+                if (h % group == 0) {
+                    std::copy(key, key + dim, key_cache + cache + position * dim);
+                    std::copy(value, value + dim, value_cache + cache + position * dim);
+                }
+            }
+            bitconvert::rope_head(qkv + h * dim, cos_row, sin_row, dim, query);
+            attend(query, key_cache + cache, value_cache + cache, position, key, value, dim, scale,
+                   scores + h * length, attention + h * dim, avx2);
         }
     };
 #pragma omp parallel num_threads(threads)
     {
-        float *residual = workspace<float, kOwn>(2 * hidden + intermediate);
-        float *normed = residual + hidden, *activation = normed + hidden;
+        float *residual = workspace<float, kOwn>(2 * hidden + intermediate + dim);
+        float *normed = residual + hidden, *activation = normed + hidden, *query = activation + intermediate;
         int8_t *x_q = workspace<int8_t, kOwn>(padded_in);
         int32_t sum = 0;  // x_q's per-token sum and scale (bc_quantize_padded)
         float s = 0.0f;
@@ -319,9 +342,9 @@ void decode_layer(at::Tensor x, const at::Tensor &input_norm, const at::Tensor &
         rms_norm(residual, input_norm.data_ptr<float>(), hidden, float(eps), normed);
         product(normed, hidden, qkv_weight, qkv_scales, qkv);
         if (keys.dtype() == at::kHalf)
-            attend_cache(keys.data_ptr<at::Half>(), values.data_ptr<at::Half>());
+            attend_cache(keys.data_ptr<at::Half>(), values.data_ptr<at::Half>(), query);
         else
-            attend_cache(keys.data_ptr<float>(), values.data_ptr<float>());
+            attend_cache(keys.data_ptr<float>(), values.data_ptr<float>(), query);
         product(attention, heads * dim, o_weight, o_scales, delta);
         add(residual, delta, hidden);
         rms_norm(residual, post_norm.data_ptr<float>(), hidden, float(eps), normed);
