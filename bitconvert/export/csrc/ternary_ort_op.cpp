@@ -18,9 +18,9 @@
 // initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
 // has, the layout BITCONVERT_LAYOUT or the best that path computes on (bc_default_layout). Threads: ONNX Runtime's
 // intra-op pool (SessionOptions.intra_op_num_threads), not OpenMP, so the op never competes with the session's own
-// threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds (kMaxParts at most), by rows for one
-// token (whole 16-row tiles, lut: 128-row groups; each part a run of rows of y, bc_linear_quantized's row0) and by
-// groups of 8 tokens otherwise,
+// threads: the work is cut into parts of at least kMinWorkPerPart multiply-adds (one token: kMinWorkPerTokenPart;
+// kMaxParts at most), by rows for one token (whole 16-row tiles, lut: 128-row groups; each part a run of rows of y,
+// bc_linear_quantized's row0) and by groups of 8 tokens otherwise,
 // and each part runs the core single-threaded. The activations are quantized once per call (bc_quantize_padded, by
 // token groups in the same pool) and every part reads them: at 7B shapes a decode step had about 800 parts before the
 // cap, and quantizing the 4,096-11,008 inputs in each of them cost more than the products.
@@ -48,6 +48,10 @@ using bitconvert_ort::shape_string;
 
 constexpr const char *kDomain = "com.bitconvert";
 constexpr int64_t kMinWorkPerPart = int64_t(1) << 18;  // below this, handing work to another thread costs more
+// One token's parts are finer: the pool hands parts out one at a time, so with p parts on T threads the busiest
+// thread does up to ceil(p / T) / p of the work (3 parts on 2 threads: 2/3), and SmolLM2's products cut at 2^18 made
+// 1-6 parts each (its 576 x 576 o_proj ran on one thread).
+constexpr int64_t kMinWorkPerTokenPart = int64_t(1) << 16;
 // At most this many parts per call: each part is a separate call into the core and a task of ORT's pool, and a 7B
 // decode step cut by kMinWorkPerPart alone made ~170 parts per product; capped, 7B-4l decoded 10-15% faster (2-core
 // Zen 4, docs/export.md), while 32 parts still balance a pool of up to 8 threads or so.
@@ -233,7 +237,8 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
         const int64_t work = tiles * BC_TILE_ROWS * n * in_features;
         const int64_t pieces = n == 1 ? ceil_div(out_features, row_block(layout)) : ceil_div(n, kTokensPerGroup);
-        const int64_t parts = std::max<int64_t>(1, std::min({work / kMinWorkPerPart, pieces, kMaxParts}));
+        const int64_t parts = std::max<int64_t>(
+            1, std::min({work / (n == 1 ? kMinWorkPerTokenPart : kMinWorkPerPart), pieces, kMaxParts}));
         const int64_t ldx = bc_padded_in(in_features, layout);
         std::vector<int8_t> x_q(size_t(n * ldx));
         std::vector<int32_t> x_sums(static_cast<size_t>(n));
