@@ -295,8 +295,8 @@ def test_fused_step_attention_threads(tmp_path, kv_cache):
     (heads 0-4 and 5-8: both compute group 1's current key and value, the thread of its first head writes them to the
     cache): equal to one thread bit for bit (each head is computed alone; the products are exact), and close to the
     per-op path (one step: FLIP_TOLERANCE, see above), and so are the cache rows written. The steps run without the
-    float lm_head, which is applied after, at one thread count: torch's BLAS sums it in an order that depends on the thread count on some CPUs (MKL on an
-    AVX-512/AMX Xeon: logits 9e-8 apart from the same hidden state)."""
+    float lm_head, which is applied after, at one thread count: torch's BLAS sums it in an order that depends on the
+    thread count on some CPUs (MKL on an AVX-512/AMX Xeon: logits 9e-8 apart from the same hidden state)."""
     from bitconvert.convert import convert
 
     convert(make_tiny_llama(tmp_path / "src", hidden_size=576, num_attention_heads=9, num_key_value_heads=3,

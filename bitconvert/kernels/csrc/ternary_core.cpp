@@ -669,7 +669,8 @@ struct Output {
 
 // y[r] = float(raw[r] - sum) / row_scales[r] / s for a whole tile's 16 rows (row_scales null: / weight_scale), 8 at a
 // time: the same divisions as write_tile's loops (IEEE division rounds alike at every width), which the library's SSE2
-// baseline runs 4 at a time (~4% of a hot SmolLM2 layer went to them, measured).
+// baseline runs 4 at a time (they were most of the 9% of a one-thread hot SmolLM2 layer that perf put in this
+// epilogue; docs/kernels.md, "The layer's serial steps").
 BC_TARGET_AVX2 void scale_tile_avx2(const int32_t *raw, int32_t sum, const float *row_scales, float weight_scale,
                                     float s, float *y) {
     const __m256i bias = _mm256_set1_epi32(sum);
