@@ -139,6 +139,33 @@ void swiglu_token(void *data, size_t index) {
                                  job.out + int64_t(index) * job.half, job.avx2);
 }
 
+// fn(data, i) for i < count on ORT's intra-op pool; a single item runs on the calling thread, without a hand-off.
+void parallel_for(Ort::KernelContext &ctx, void (*fn)(void *, size_t), size_t count, void *data) {
+    if (count == 1)
+        fn(data, 0);
+    else
+        ctx.ParallelFor(fn, count, 0, data);
+}
+
+// A call's scratch of `count` values (Slot tells a call's buffers of one type apart). With `keep` (a decoding step's
+// few tokens) it is kept per calling thread between calls instead of allocated on each; otherwise (a prompt) it is
+// the call's own and freed after it, so no thread holds a prompt-sized buffer.
+template <typename T, int Slot>
+class Scratch {
+  public:
+    Scratch(size_t count, bool keep) {
+        thread_local std::vector<T> kept;
+        std::vector<T> &buffer = keep ? kept : own_;
+        if (buffer.size() < count) buffer.resize(count);
+        data_ = buffer.data();
+    }
+    T *data() const { return data_; }
+
+  private:
+    std::vector<T> own_;
+    T *data_;
+};
+
 struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
     int64_t out_features = 0;
     bool swiglu = false;  // activation = "swiglu"
@@ -225,7 +252,8 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         y_shape.back() = swiglu ? out_features / 2 : out_features;
         Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
         if (n == 0) return;
-        std::vector<float> products(swiglu ? size_t(n * out_features) : 0);  // gate | up, before the activation
+        const bool keep = n <= kTokensPerGroup;
+        const Scratch<float, 0> products(swiglu ? size_t(n * out_features) : 0, keep);  // gate | up, before SwiGLU
         float *out = swiglu ? products.data() : y.GetTensorMutableData<float>();
         std::vector<uint8_t> per_call;
         const uint8_t *weight = repacked.data();
@@ -240,20 +268,20 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         const int64_t parts = std::max<int64_t>(
             1, std::min({work / (n == 1 ? kMinWorkPerTokenPart : kMinWorkPerPart), pieces, kMaxParts}));
         const int64_t ldx = bc_padded_in(in_features, layout);
-        std::vector<int8_t> x_q(size_t(n * ldx));
-        std::vector<int32_t> x_sums(static_cast<size_t>(n));
-        std::vector<float> x_scales(static_cast<size_t>(n));
+        const Scratch<int8_t, 0> x_q(size_t(n * ldx), keep);
+        const Scratch<int32_t, 0> x_sums(size_t(n), keep);
+        const Scratch<float, 1> x_scales(size_t(n), keep);
         Job job{x.GetTensorData<float>(), x_q.data(), x_sums.data(), x_scales.data(), weight,
                 out, scale.GetTensorData<float>(), &segment_ends, n, out_features,
                 in_features, ldx, parts, isa, layout, {BC_OK}};
-        ctx.ParallelFor(quantize_group, size_t(ceil_div(n, kTokensPerGroup)), 0, &job);
-        ctx.ParallelFor(run_part, size_t(parts), 0, &job);
+        parallel_for(ctx, quantize_group, size_t(ceil_div(n, kTokensPerGroup)), &job);
+        parallel_for(ctx, run_part, size_t(parts), &job);
         if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));
         if (swiglu) {  // the AVX2 loop unless the CPU lacks it or BITCONVERT_ISA=scalar (same bits either way)
             static const bool avx2 = bc_isa_supported(BC_ISA_AVX2);
             SwigluJob epilogue{products.data(), y.GetTensorMutableData<float>(), out_features / 2,
                                avx2 && isa > BC_ISA_SCALAR};
-            ctx.ParallelFor(swiglu_token, size_t(n), 0, &epilogue);
+            parallel_for(ctx, swiglu_token, size_t(n), &epilogue);
         }
     }
 };
