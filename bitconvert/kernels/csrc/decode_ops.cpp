@@ -16,14 +16,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_core.h"
 #include "decode_ops.h"
 
 namespace bitconvert {
 
 void rope_head(const float *x, const float *cos, const float *sin, int64_t dim, float *out) {
-    const int64_t half = dim / 2;
-    for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
-    for (int64_t i = half; i < dim; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+    attention::rope_halves(x, cos, sin, cos + dim / 2, sin + dim / 2, dim, out);
 }
 
 template <typename Cache>
