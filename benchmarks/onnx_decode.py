@@ -6,7 +6,8 @@
 MODEL is a converted folder (or an existing .onnx). Each variant is exported once by ``bitconvert export`` into
 DIR/<model name>/<variant>/model.onnx and reused when present:
     before   the plain graph: one TernaryMatMul per projection, attention in standard ops, fp32 lm_head
-    fused    --graph fused: GroupQueryAttention (rotary inside), ORT's RMSNorm ops, q/k/v and gate/up fused
+    fused    --graph fused: CachedAttention or GroupQueryAttention (rotary inside), ORT's RMSNorm ops, q/k/v and
+             gate/up fused
     int8     --lm-head int8 on the plain graph (MatMulNBits bits=8, int8 activations)
     after    --graph fused --lm-head int8
     fast     --graph fused --lm-head int8 --logits last (logits of the last position only: the prompt's lm_head
@@ -51,7 +52,8 @@ PROMPTS = (
 # Profile groups by ONNX op type (the lm_head MatMul, MatMulNBits or Int6MatMul is recognised by its output width =
 # vocabulary size).
 TERNARY_OPS = {"TernaryMatMul"}
-ATTENTION_OPS = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax", "MatMul", "FusedMatMul", "Concat"}
+ATTENTION_OPS = {"CachedAttention", "GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax", "MatMul",
+                 "FusedMatMul", "Concat"}
 ELEMENTWISE_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "Mul", "Add",
                    "Sub", "Div", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Neg", "Sigmoid", "Cos", "Sin", "Where",
                    "Softplus", "QuickGelu", "BiasGelu"}

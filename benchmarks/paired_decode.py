@@ -12,8 +12,10 @@ Engines (all loaded before the first round):
   lm_head=HEAD)`` with the kernels repacking into that layout, run by the lean
   :class:`~bitconvert.kernels.decode.Decoder` (its KV cache in that type; its weights and cache on transparent huge
   pages, or with ``4k-pages`` on ordinary ones);
-- ``ort [HEAD] [fp16-kv] [4k-pages]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder, named by
-  their lm_head when it is not int8 and their KV cache when it is fp16; one per ``--pages`` entry): ONNX Runtime with
+- ``ort [HEAD] [ATTENTION] [fp16-kv] [4k-pages]`` (``--onnx``, repeatable: ``bitconvert export``s of the same folder,
+  named by their lm_head when it is not int8, their attention op when it is not bitconvert's CachedAttention (``gqa``:
+  ORT's GroupQueryAttention, as every fused export before ``--attention``; ``standard``: the plain graph) and their
+  KV cache when it is fp16; one per ``--pages`` entry): ONNX Runtime with
   TernaryMatMul (its repacked weights and the cache buffers on huge pages, or not), the cache kept in ORT, spinning
   intra-op threads (its default);
 - ``llama.cpp`` (``--gguf``, needs ``LLAMA_CPP_DIR``): one ``llama-bench -p 0 -n GGUF_TOKENS -r 1`` process per
@@ -316,11 +318,14 @@ def main() -> None:
             engine = OrtEngine(path, args.threads, prompt, args.max_position, config, huge_pages=kind == "huge")
             metadata = engine.decoder.session.get_modelmeta().custom_metadata_map
             head, cache = metadata.get("bitconvert.lm_head", "exact"), metadata.get("bitconvert.kv_cache", "fp32")
-            name = "ort" + ("" if head == "int8" else f" {head}") + ("" if cache == "fp32" else f" {cache}-kv") + (
-                "" if kind == "huge" else " 4k-pages")
+            attention = metadata.get("bitconvert.attention",
+                                     "gqa" if metadata.get("bitconvert.graph") == "fused" else "standard")
+            name = "ort" + "".join(f" {part}" for part in (
+                "" if head == "int8" else head, "" if attention == "bitconvert" else attention,
+                "" if cache == "fp32" else f"{cache}-kv", "" if kind == "huge" else "4k-pages") if part)
             if name in engines:
-                raise SystemExit(f"error: two --onnx files with the {head} lm_head and {cache} KV cache; give one "
-                                 "export per kind")
+                raise SystemExit(f"error: two --onnx files with the {head} lm_head, {attention} attention and {cache} "
+                                 "KV cache; give one export per kind")
             engines[name] = engine
     if args.gguf:
         engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config, args.gguf_depth)

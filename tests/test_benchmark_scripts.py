@@ -59,8 +59,9 @@ def test_paired_decode_alternates_blocks_and_reports_each(tiny_ternary, tmp_path
 
 
 def test_paired_decode_pages_engines(tiny_ternary, tmp_path, monkeypatch):
-    """--pages 4k,huge gives one lean and one ORT engine per kind (4k named), built with BITCONVERT_HUGE_PAGES=0 only
-    while the 4k one loads or makes its cache; a kind that is not huge or 4k is refused."""
+    """--pages 4k,huge gives one lean and one ORT engine per kind (4k named; an export with ORT's GroupQueryAttention
+    named gqa), built with BITCONVERT_HUGE_PAGES=0 only while the 4k one loads or makes its cache; a kind that is not
+    huge or 4k is refused."""
     import json
     import subprocess
 
@@ -80,13 +81,13 @@ def test_paired_decode_pages_engines(tiny_ternary, tmp_path, monkeypatch):
             "--rounds", "1", "--block", "2", "--prompt-tokens", "4", "--max-position", "9", "--threads", "1"]
     from bitconvert.export import export_onnx
 
-    onnx_path = export_onnx(tiny_ternary, tmp_path / "onnx" / "model.onnx", graph="fused", lm_head="int8",
-                            logits="last")
-    result = subprocess.run([*base, "--pages", "4k,huge", "--onnx", str(onnx_path), "--json", str(out)],
-                            capture_output=True, text=True, timeout=600)
+    onnx_paths = [export_onnx(tiny_ternary, tmp_path / attention / "model.onnx", graph="fused", lm_head="int8",
+                              logits="last", attention=attention) for attention in ("bitconvert", "gqa")]
+    result = subprocess.run([*base, "--pages", "4k,huge", "--onnx", str(onnx_paths[0]), "--onnx", str(onnx_paths[1]),
+                             "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(json.loads(out.read_text())["blocks"]) == ["bitconvert 2bit 4k-pages", "bitconvert 2bit",
-                                                           "ort 4k-pages", "ort"]
+                                                           "ort 4k-pages", "ort", "ort gqa 4k-pages", "ort gqa"]
     refused = subprocess.run([*base, "--pages", "huge,2m"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
     assert refused.stderr.strip().splitlines()[-1] == "error: --pages huge,2m: list huge and/or 4k, each once"
@@ -122,3 +123,24 @@ def test_llama_bench_depth(monkeypatch):
     assert llamacpp.bench_gguf("m.gguf", 2, prompt=0, gen=8)["decode_tok_s"] == 100.0
     assert commands[0][-2:] == ["-d", "128"]
     assert "-d" not in commands[1]
+
+
+def test_attention_nodes_times_both_ops(tmp_path):
+    """benchmarks/attention_nodes.py at tiny shapes: a row per position with both ops' time per node and their ratio."""
+    import json
+    import subprocess
+
+    out = tmp_path / "attention.json"
+    command = [sys.executable, str(BENCHMARKS / "attention_nodes.py"), "--heads", "4", "--kv-heads", "2",
+               "--head-dim", "16", "--layers", "2", "--positions", "3,9", "--capacity", "16", "--rounds", "2",
+               "--steps", "4", "--threads", "1", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["shapes"] == {"heads": 4, "kv_heads": 2, "head_dim": 16, "layers": 2, "threads": 1}
+    assert [row["position"] for row in report["rows"]] == [3, 9]
+    for row in report["rows"]:
+        assert row["gqa_us_per_node"] > 0 and row["bitconvert_us_per_node"] > 0
+        assert abs(row["speedup"] - row["gqa_us_per_node"] / row["bitconvert_us_per_node"]) < 1e-9
+    refused = subprocess.run([*command[:2], "--positions", "20", "--capacity", "16"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--capacity 16 must exceed every position" in refused.stderr

@@ -6,8 +6,9 @@ kernels, so values differ by a few ulps (relative ~1e-7) and, in principle, such
 across a rounding boundary of the int8 quantization. On these fixed-seed inputs the logits differ by ~1e-7 of their
 range; the bound LOGIT_TOLERANCE (1e-5 of the range) leaves 100x margin for the ulp noise while still failing on
 any single flipped activation in the last layers (one int8 step is 1/127 of a token's range, ~1e-2). The same bound
-holds for the fused graph (ORT's GroupQueryAttention and RMSNorm kernels are other float roundings of the same math;
-measured ~3e-7). The int8 lm_head is an approximation with its own bound, INT8_HEAD_TOLERANCE.
+holds for the fused graph (bitconvert's CachedAttention or ORT's GroupQueryAttention, and ORT's RMSNorm kernels, are
+other float roundings of the same math; measured ~3e-7). The int8 lm_head is an approximation with its own bound,
+INT8_HEAD_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bitconvert.bitlinear import PackedBitLinear, quantize_activations
 from bitconvert.cli import main
 from bitconvert.errors import BitconvertError
 from bitconvert.export import custom_op_library, export_onnx, session
+from bitconvert.export.fused_ops import group_query_attention
 from bitconvert.export.generate import OnnxDecoder, Sampling, _pick
 from bitconvert.export.matmulnbits import dequantize, to_matmulnbits, to_matmulnbits_int8
 from bitconvert.export.ops import DOMAIN, ternary_matmul
@@ -56,10 +58,25 @@ def fused_onnx(tiny_ternary, tmp_path_factory):
     return export_onnx(tiny_ternary, tmp_path_factory.mktemp("onnx-fused") / "model.onnx", graph="fused")
 
 
-@pytest.fixture(params=["plain", "fused"])
+@pytest.fixture(scope="session")
+def fused_gqa_onnx(tiny_ternary, tmp_path_factory):
+    return export_onnx(tiny_ternary, tmp_path_factory.mktemp("onnx-fused-gqa") / "model.onnx", graph="fused",
+                       attention="gqa")
+
+
+GRAPH_FIXTURES = {"plain": "ternary_onnx", "fused": "fused_onnx", "fused-gqa": "fused_gqa_onnx"}
+
+
+@pytest.fixture(params=list(GRAPH_FIXTURES))
 def graph_onnx(request):
-    """The plain and the fused export of the tiny model, for tests that hold for both."""
-    return request.getfixturevalue("ternary_onnx" if request.param == "plain" else "fused_onnx")
+    """The plain export of the tiny model and its fused exports (bitconvert's attention, ORT's GroupQueryAttention),
+    for tests that hold for all three."""
+    return request.getfixturevalue(GRAPH_FIXTURES[request.param])
+
+
+@pytest.fixture(params=["fused", "fused-gqa"])
+def fused_graph_onnx(request):
+    return request.getfixturevalue(GRAPH_FIXTURES[request.param])
 
 
 @pytest.fixture(scope="session")
@@ -401,14 +418,19 @@ def test_segmented_op_rejects_bad_segments(tmp_path):
         run_single(tmp_path, model, {"X": np.zeros((1, 1, 16), np.float32)})
 
 
-def test_fused_graph(fused_onnx, torch_model):
-    """One GroupQueryAttention and four TernaryMatMul nodes (qkv, o, gate_up, down) per layer, no attention in
-    standard ops, the same I/O as the plain export."""
-    model = onnx.load(fused_onnx)
+@pytest.mark.parametrize("attention", ["bitconvert", "gqa"])
+def test_fused_graph(attention, fused_onnx, fused_gqa_onnx, torch_model):
+    """One attention node (bitconvert's CachedAttention by default, GroupQueryAttention with --attention gqa) and
+    four TernaryMatMul nodes (qkv, o, gate_up, down) per layer, no attention in standard ops, the same I/O as the
+    plain export."""
+    model = onnx.load(fused_onnx if attention == "bitconvert" else fused_gqa_onnx)
     onnx.checker.check_model(model, full_check=True)
     layers = torch_model.config.num_hidden_layers
     count = lambda op: sum(node.op_type == op for node in model.graph.node)  # noqa: E731
-    assert count("GroupQueryAttention") == layers and count("TernaryMatMul") == 4 * layers
+    node = {"bitconvert": "CachedAttention", "gqa": "GroupQueryAttention"}[attention]
+    assert count(node) == layers and count("TernaryMatMul") == 4 * layers
+    assert count("CachedAttention") + count("GroupQueryAttention") == layers
+    assert {p.key: p.value for p in model.metadata_props}["bitconvert.attention"] == attention
     assert count("Softmax") == 0 and count("ReduceMean") == 0
     # the SiLU MLP's activation runs inside its gate/up node: no Split, Sigmoid or elementwise Mul per layer
     swiglu = [node for node in model.graph.node
@@ -421,9 +443,9 @@ def test_fused_graph(fused_onnx, torch_model):
     assert {p.key: p.value for p in model.metadata_props}["bitconvert.graph"] == "fused"
 
 
-def test_fused_chunked_prompt_after_cache(fused_onnx, torch_model):
+def test_fused_chunked_prompt_after_cache(fused_graph_onnx, torch_model):
     """Batch 1: a prompt fed in two chunks (the second with a cache) gives the one-pass logits."""
-    decoder = OnnxDecoder(session(fused_onnx))
+    decoder = OnnxDecoder(session(fused_graph_onnx))
     tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = torch_model(tokens).logits.numpy()
@@ -432,14 +454,18 @@ def test_fused_chunked_prompt_after_cache(fused_onnx, torch_model):
     assert_logits_close(np.concatenate([first, second], axis=1), expected)
 
 
-def test_fused_cache_written_in_place_equals_growing_cache(fused_onnx):
-    """The fused graph with past and present bound to one buffer (GroupQueryAttention appends in place) gives the
-    logits of the copying cache bit for bit, prompt and single steps, and refuses to step beyond its capacity."""
-    decoder = OnnxDecoder(session(fused_onnx))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_cache_written_in_place_equals_growing_cache(fused_graph_onnx, batch):
+    """The fused graph with past and present bound to one buffer (the attention node appends in place) gives the
+    logits of the copying cache bit for bit, prompt and single steps, and refuses to step beyond its capacity; at
+    batch 2 with bitconvert's attention (ORT's GroupQueryAttention shares at batch 1 only)."""
+    decoder = OnnxDecoder(session(fused_graph_onnx))
     assert decoder.shares_cache
-    tokens = np.random.default_rng(7).integers(0, 256, (1, 10))
-    shared, growing = decoder.empty_cache(capacity=10), decoder.empty_cache()
-    assert decoder.empty_cache(2, capacity=10).capacity == 0  # ORT's kernel: batch 1 only (see empty_cache)
+    tokens = np.random.default_rng(7).integers(0, 256, (batch, 10))
+    if batch > 1 and not decoder.shares_batched_cache:
+        assert decoder.empty_cache(batch, capacity=10).capacity == 0  # ORT's kernel: batch 1 only (see empty_cache)
+        return
+    shared, growing = decoder.empty_cache(batch, capacity=10), decoder.empty_cache(batch)
     assert (shared.capacity, growing.capacity) == (10, 0)
     returned = []
     for start, end in ((0, 6), (6, 7), (7, 8), (8, 10)):
@@ -622,3 +648,132 @@ def test_int6_lm_head_equals_pytorch_int6_head(tied_int6):
     last, _ = decoder.step(tokens[:, 8:].numpy(), shared)
     np.testing.assert_array_equal(last, logits)
     np.testing.assert_array_equal(shared_logits, kept)
+
+
+# CachedAttention against the eager reference (fused_ops.group_query_attention, torch fp32): the two sum the same
+# products in other orders and the op's exp is fast_exp.h's (within 1 ulp), so outputs of order 1 differ by a few
+# fp32 ulps (measured below 1e-6); 1e-5 leaves that margin and fails on any wrong position, head, row or mask
+# (errors of order 1).
+ATTENTION_TOLERANCE = 1e-5
+
+
+def cached_attention_model(heads: int, kv_heads: int, dim: int, positions: int):
+    """One CachedAttention node; the rotary tables (positions, dim / 2) are initializers, as in the export."""
+    names = ["qkv", "past_key", "past_value", "seqlens_k", "total_length", "cos", "sin", "bias"]
+    node = helper.make_node("CachedAttention", names, ["out", "present_key", "present_value"], domain=DOMAIN,
+                            num_heads=heads, kv_num_heads=kv_heads)
+    angles = np.arange(positions)[:, None] * 10000.0 ** (-np.arange(dim // 2) / (dim // 2))
+    tables = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+              numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
+    integers = ("seqlens_k", "total_length")
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT32 if name in integers else TensorProto.FLOAT, None)
+              for name in names if name not in ("cos", "sin")]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in node.output]
+    graph = helper.make_graph([node], "g", inputs, outputs, initializer=tables)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]), tables
+
+
+def attention_case(batch, length, past, heads=6, kv_heads=2, dim=40, seed=0):
+    """Random qkv, cache and a bias that pads the first two positions of row 0 (when batch > 1)."""
+    rng = np.random.default_rng(seed)
+    total = past + length
+    qkv = rng.standard_normal((batch, length, (heads + 2 * kv_heads) * dim)).astype(np.float32)
+    key, value = (rng.standard_normal((batch, kv_heads, past, dim)).astype(np.float32) for _ in range(2))
+    bias = np.zeros((batch, 1, length, total), np.float32)
+    if batch > 1:
+        bias[0, :, :, :2] = np.finfo(np.float32).min
+    return {"qkv": qkv, "past_key": key, "past_value": value, "seqlens_k": np.full(batch, total - 1, np.int32),
+            "total_length": np.array(total, np.int32), "bias": bias}
+
+
+def reference_attention(feed, tables, heads, kv_heads):
+    cos, sin = (torch.tensor(numpy_helper.to_array(table)) for table in tables)
+    args = [torch.from_numpy(feed[name]) for name in ("qkv", "past_key", "past_value", "seqlens_k", "total_length")]
+    out, key, value = group_query_attention(*args, cos, sin, torch.from_numpy(feed["bias"]), heads, kv_heads)
+    return out.numpy(), key.numpy(), value.numpy()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,length,past", [(1, 1, 37), (2, 3, 5), (2, 7, 0), (3, 1, 300)])
+def test_cached_attention_op_equals_reference(tmp_path, batch, length, past, threads):
+    """A prompt, prompt chunks after a cache and single steps, batched with padding; 300 past rows cut the step
+    into several parts; the past copied into a new present."""
+    model, tables = cached_attention_model(6, 2, 40, 512)
+    feed = attention_case(batch, length, past)
+    path = tmp_path / "attention.onnx"
+    onnx.save(model, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    out, key, value = session(path, options).run(None, feed)
+    want_out, want_key, want_value = reference_attention(feed, tables, 6, 2)
+    np.testing.assert_allclose(out, want_out, rtol=0, atol=ATTENTION_TOLERANCE)
+    np.testing.assert_allclose(key, want_key, rtol=0, atol=ATTENTION_TOLERANCE)
+    np.testing.assert_array_equal(value, want_value)  # values are copied, not computed
+
+
+@pytest.mark.parametrize("isa", ["scalar", "auto"])
+def test_cached_attention_op_writes_a_shared_buffer_in_place(tmp_path, monkeypatch, isa):
+    """past and present bound to one buffer of 16 positions: the op writes rows 5..7 and leaves the others; the
+    output equals the reference's and, bit for bit, the scalar loops' (BITCONVERT_ISA=scalar) and the copying
+    call's."""
+    if isa == "scalar":
+        monkeypatch.setenv("BITCONVERT_ISA", "scalar")
+    model, tables = cached_attention_model(6, 2, 40, 64)
+    path = tmp_path / "attention.onnx"
+    onnx.save(model, path)
+    feed = attention_case(2, 3, 5, seed=1)
+    want_out, want_key, want_value = reference_attention(feed, tables, 6, 2)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    runner = session(path, options)
+    copied = runner.run(None, feed)[0]
+    buffers = {}
+    for name in ("key", "value"):
+        buffer = np.full((2, 2, 16, 40), 7.0, np.float32)
+        buffer[:, :, :5] = feed[f"past_{name}"]
+        buffers[name] = ort.OrtValue.ortvalue_from_numpy(buffer)
+    binding = runner.io_binding()
+    binding.bind_output("out", "cpu")  # get_outputs() lists the outputs in binding order
+    for name in ("qkv", "seqlens_k", "total_length", "bias"):
+        binding.bind_cpu_input(name, feed[name])
+    for name in ("key", "value"):
+        binding.bind_ortvalue_input(f"past_{name}", buffers[name])
+        binding.bind_ortvalue_output(f"present_{name}", buffers[name])
+    runner.run_with_iobinding(binding)
+    out = binding.get_outputs()[0].numpy()
+    np.testing.assert_allclose(out, want_out, rtol=0, atol=ATTENTION_TOLERANCE)
+    np.testing.assert_array_equal(out, copied)
+    key, value = buffers["key"].numpy(), buffers["value"].numpy()
+    np.testing.assert_allclose(key[:, :, :8], want_key, rtol=0, atol=ATTENTION_TOLERANCE)
+    np.testing.assert_array_equal(value[:, :, :8], want_value)
+    assert (key[:, :, 8:] == 7.0).all() and (value[:, :, 8:] == 7.0).all()
+    if isa == "scalar":
+        monkeypatch.delenv("BITCONVERT_ISA")
+        np.testing.assert_array_equal(runner.run(None, feed)[0], out)
+
+
+def test_cached_attention_op_rejects_bad_inputs(tmp_path):
+    model, _ = cached_attention_model(6, 2, 40, 16)
+    path = tmp_path / "attention.onnx"
+    onnx.save(model, path)
+    runner = session(path)
+    feed = attention_case(2, 3, 5)
+    with pytest.raises(Exception, match=r"attention_bias has shape \(2, 1, 3, 7\), expected \(B, 1, S, T\) = "
+                                        r"\(2, 1, 3, 8\)"):
+        runner.run(None, {**feed, "bias": feed["bias"][..., 1:]})
+    with pytest.raises(Exception, match=r"past_key holds 4 positions; it must hold the T - S = 5 past ones"):
+        runner.run(None, {**feed, "past_key": feed["past_key"][:, :, 1:], "past_value": feed["past_value"][:, :, 1:]})
+    with pytest.raises(Exception, match=r"outside the T = 20 positions or the 16 rows of the rotary tables"):
+        long = attention_case(1, 1, 19)
+        runner.run(None, long)
+    with pytest.raises(Exception, match=r"do not match 6 \+ 2 x 2 heads"):
+        runner.run(None, {**feed, "qkv": feed["qkv"][..., 1:]})
+
+
+def test_attention_option_errors():
+    with pytest.raises(BitconvertError, match="--attention bitconvert runs an fp32 cache"):
+        export_onnx("unused", "unused.onnx", graph="fused", kv_cache="fp16", attention="bitconvert")
+    with pytest.raises(BitconvertError, match="--attention gqa needs --graph fused"):
+        export_onnx("unused", "unused.onnx", attention="gqa")
+    with pytest.raises(BitconvertError, match="unknown --attention 'sdpa'"):
+        export_onnx("unused", "unused.onnx", graph="fused", attention="sdpa")

@@ -40,9 +40,10 @@ def register(subparsers) -> None:
     parser.add_argument("--float-type", choices=FLOAT_TYPES, default="f16",
                         help="GGUF only: type of the embeddings and lm_head (default f16; q8_0 is lossy); norms stay f32")
     parser.add_argument("--graph", choices=("plain", "fused"), default="plain",
-                        help="plain (default): attention and RMSNorm in standard ONNX ops; fused: ONNX Runtime's "
-                        "GroupQueryAttention and RMSNorm ops and stacked q/k/v, gate/up products (fewer nodes, "
-                        "faster; logits equal up to float rounding; positions taken from the cache length)")
+                        help="plain (default): attention and RMSNorm in standard ONNX ops; fused: one attention "
+                        "node per layer (--attention), ONNX Runtime's RMSNorm ops and stacked q/k/v, gate/up products "
+                        "(fewer nodes, faster; logits equal up to float rounding; positions taken from the cache "
+                        "length)")
     parser.add_argument("--lm-head", choices=("exact", "int8", "int6"), default="exact",
                         help="exact (default): fp32 lm_head; int8: MatMulNBits bits=8 with int8 activations, a "
                         "quarter of the bytes read per token; int6: bitconvert's Int6MatMul (6.5 bits per weight, as "
@@ -51,6 +52,11 @@ def register(subparsers) -> None:
                         help="fp32 (default) or fp16 (with --graph fused): the KV cache inputs/outputs and attention "
                         "in float16, half the cache's memory; keys and values rounded to fp16. On a CPU without fp16 "
                         "arithmetic (AMD Zen 4, measured) ONNX Runtime 1.32 decodes slower with it (docs/export.md)")
+    parser.add_argument("--attention", choices=("auto", "bitconvert", "gqa"), default="auto",
+                        help="with --graph fused: bitconvert (bitconvert's CachedAttention op: the lean decoder's "
+                        "attention, fp32 cache; 1.5-1.7x faster per node at SmolLM2's shapes) or gqa (ONNX "
+                        "Runtime's GroupQueryAttention, no custom op); auto (default): bitconvert where the graph "
+                        "already needs bitconvert's library (--op ternary, --lm-head int6) and the cache is fp32")
     parser.add_argument("--logits", choices=("all", "last"), default="all",
                         help="all (default): logits for every input position; last: only the last position's "
                         "(B, 1, V), all that generation needs, and a much faster prompt")
@@ -63,7 +69,8 @@ def run(args) -> int:
     from .exporter import export_onnx
 
     out = export_onnx(args.model, args.out, op=args.op, accuracy_level=args.accuracy_level, graph=args.graph,
-                      lm_head=args.lm_head, logits=args.logits, kv_cache=args.kv_cache)
+                      lm_head=args.lm_head, logits=args.logits, kv_cache=args.kv_cache,
+                      attention=args.attention)
     size = sum(path.stat().st_size for path in out.parent.glob(out.name + "*"))
     print(f"wrote {out} ({size / 2**20:.1f} MiB) and its tokenizer; run it: bitconvert generate {out} --prompt ...")
     return 0

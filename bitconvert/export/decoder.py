@@ -18,19 +18,21 @@ with rotary embedding applied to q and k at ``position_ids``. BitNet models (Sub
 ``o_proj``; their MLP module (with ``ffn_sub_norm``) runs unchanged.
 
 :class:`FusedKVCacheDecoder` (``--graph fused``) has the same I/O and math with ONNX Runtime's fused CPU operators
-(:mod:`bitconvert.export.fused_ops`): one GroupQueryAttention per layer (rotary inside, cos/sin tables as
-initializers), RMSNorm as SimplifiedLayerNormalization and each residual add + the next norm as one
-SkipSimplifiedLayerNormalization, q/k/v (gate/up) as one stacked projection where the model has them. Positions are
-the cache's: token i of a step is at past_sequence_length + i for every row, and ``position_ids`` is accepted but
-not read. For an unpadded batch that is what position_ids holds; for a left-padded row all its positions shift by the
-padding, which rotary embedding cancels (q.k depends on the difference of positions only), so the logits agree up
-to float rounding. ORT's CPU kernel runs a multi-token step after a non-empty cache only at batch size 1.
+(:mod:`bitconvert.export.fused_ops`): one attention node per layer (bitconvert's CachedAttention or ORT's
+GroupQueryAttention, ``export_onnx(attention=...)``; rotary inside, cos/sin tables as initializers), RMSNorm as
+SimplifiedLayerNormalization and each residual add + the next norm as one SkipSimplifiedLayerNormalization, q/k/v
+(gate/up) as one stacked projection where the model has them. Positions are the cache's: token i of a step is at
+past_sequence_length + i for every row, and ``position_ids`` is accepted but not read. For an unpadded batch that is
+what position_ids holds; for a left-padded row all its positions shift by the padding, which rotary embedding cancels
+(q.k depends on the difference of positions only), so the logits agree up to float rounding. ORT's CPU
+GroupQueryAttention runs a multi-token step after a non-empty cache only at batch size 1 (CachedAttention at any batch
+size).
 With ``kv_cache="fp16"`` the fused decoder keeps the cache in float16 (``past_key_values.*`` and ``present.*`` are
-fp16): each layer's stacked q/k/v is cast to fp16 and GroupQueryAttention runs in fp16 (cos/sin tables and the
-padding bias too, its blocked value float16's min), its output cast back to fp32 for o_proj. Half the cache bytes a
-step reads (at 7B shapes and position 512, 268 MB instead of 537 MB per token); each key and value rounded to fp16,
-as the lean decoder's ``kv_cache="fp16"``. A memory option: on a CPU without fp16 arithmetic (Zen 4, measured) ORT
-1.32 decodes slower with it than with the fp32 cache (docs/export.md).
+fp16): each layer's stacked q/k/v is cast to fp16 and GroupQueryAttention runs in fp16 (CachedAttention is fp32 only;
+cos/sin tables and the padding bias too, its blocked value float16's min), its output cast back to fp32 for o_proj. Half
+the cache bytes a step reads (at 7B shapes and position 512, 268 MB instead of 537 MB per token); each key and value
+rounded to fp16, as the lean decoder's ``kv_cache="fp16"``. A memory option: on a CPU without fp16 arithmetic (Zen 4,
+measured) ORT 1.32 decodes slower with it than with the fp32 cache (docs/export.md).
 """
 
 from __future__ import annotations

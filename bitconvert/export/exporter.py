@@ -2,12 +2,15 @@
 
 Steps: load the model in fp32 (:func:`bitconvert.load.load_for_inference`), swap each PackedBitLinear for its export
 stand-in (:mod:`bitconvert.export.modules`), trace :class:`~bitconvert.export.decoder.KVCacheDecoder` with PyTorch's
-dynamo ONNX exporter (the custom ops translated by :data:`bitconvert.export.ops.TRANSLATIONS`), then save the model
+dynamo ONNX exporter (the custom ops translated by :data:`bitconvert.export.ops.TRANSLATIONS` and
+:func:`bitconvert.export.fused_ops.translations`), then save the model
 with its initializers in one external-data file when the model is above 2 GB (protobuf's limit), check it with
 ``onnx.checker`` (full check, custom domain declared) and write the tokenizer next to it. The model's metadata
 records the operator (``bitconvert.op``: ternary, matmulnbits or fp32), the graph (``bitconvert.graph``: plain or
 fused), the lm_head (``bitconvert.lm_head``: exact, int8 or int6), which logits it returns (``bitconvert.logits``:
-all or last) and the KV cache's type (``bitconvert.kv_cache``: fp32 or fp16). A full-precision source exports as fp32.
+all or last), the KV cache's type (``bitconvert.kv_cache``: fp32 or fp16) and the attention operator
+(``bitconvert.attention``: bitconvert, gqa, or standard ops in the plain graph). A full-precision source exports as
+fp32.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from ..errors import BitconvertError, reason
 from .decoder import INPUT_NAMES, KV_CACHE_DTYPES, FusedKVCacheDecoder, KVCacheDecoder, cache_names
-from .fused_ops import TRANSLATIONS as FUSED_TRANSLATIONS
+from .fused_ops import ATTENTIONS, translations
 from .modules import OPS, Int6LmHead, Int8LmHead, fuse_projections, replace_bitlinears
 from .ops import DOMAIN, MS_DOMAIN, OP_VERSION, TRANSLATIONS
 
@@ -35,8 +38,9 @@ OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
-def _trace(decoder: KVCacheDecoder):
-    """The dynamo export of ``decoder`` with batch, sequence and past length dynamic (an ``ONNXProgram``)."""
+def _trace(decoder: KVCacheDecoder, attention: str):
+    """The dynamo export of ``decoder`` with batch, sequence and past length dynamic (an ``ONNXProgram``), the fused
+    graph's attention as ``attention`` (see :func:`bitconvert.export.fused_ops.translations`)."""
     names = [*INPUT_NAMES, *cache_names(decoder.num_layers, "past_key_values")]
     auto = torch.export.Dim.AUTO
     dynamic = (*({0: auto, 1: auto} for _ in INPUT_NAMES), tuple({0: auto, 2: auto} for _ in names[3:]))  # *past: one arg
@@ -45,7 +49,7 @@ def _trace(decoder: KVCacheDecoder):
         return torch.onnx.export(
             decoder, decoder.example_inputs(), dynamo=True, opset_version=OPSET, input_names=names,
             output_names=["logits", *cache_names(decoder.num_layers, "present")], dynamic_shapes=dynamic,
-            custom_translation_table={**TRANSLATIONS, **FUSED_TRANSLATIONS}, optimize=True, verbose=False,
+            custom_translation_table={**TRANSLATIONS, **translations(attention)}, optimize=True, verbose=False,
         )
 
 
@@ -105,19 +109,23 @@ def _declare_opsets(program) -> None:
 
 def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str = "ternary",
                 accuracy_level: int = 0, graph: str = "plain", lm_head: str = "exact", logits: str = "all",
-                kv_cache: str = "fp32") -> Path:
+                kv_cache: str = "fp32", attention: str = "auto") -> Path:
     """Export ``model_path`` to the ONNX file ``out`` (its folder also gets the tokenizer); returns ``out``.
 
     ``op``: ``ternary`` (one com.bitconvert::TernaryMatMul per BitLinear) or ``matmulnbits`` (portable
     com.microsoft::MatMulNBits, bits=2, with ``accuracy_level`` 0 or 4). A full-precision source exports as fp32.
-    ``graph``: ``plain`` (attention and norms in standard ONNX ops) or ``fused`` (ORT's GroupQueryAttention and
-    RMSNorm ops, q/k/v and gate/up stacked; :class:`~bitconvert.export.decoder.FusedKVCacheDecoder`).
+    ``graph``: ``plain`` (attention and norms in standard ONNX ops) or ``fused`` (one attention node per layer, see
+    ``attention``; ORT's RMSNorm ops; q/k/v and gate/up stacked;
+    :class:`~bitconvert.export.decoder.FusedKVCacheDecoder`).
     ``lm_head``: ``exact`` (fp32 MatMul), ``int8`` (:class:`~bitconvert.export.modules.Int8LmHead`, MatMulNBits)
     or ``int6`` (:class:`~bitconvert.export.modules.Int6LmHead`, bitconvert's Int6MatMul: 19% fewer bytes than int8).
     ``logits``: ``all`` positions (B, S, V) or the ``last`` one (B, 1, V), enough for generation and much cheaper
     for a prompt.
     ``kv_cache``: ``fp32`` or ``fp16`` (``--graph fused`` only: the cache inputs/outputs and attention in float16,
     half the cache bytes per step; see :mod:`bitconvert.export.decoder`).
+    ``attention`` (``--graph fused``): ``bitconvert`` (com.bitconvert::CachedAttention: the lean decoder's attention
+    loops, fp32 cache), ``gqa`` (ORT's GroupQueryAttention, no custom op) or ``auto``: bitconvert's where the graph
+    needs bitconvert's library anyway (TernaryMatMul or the int6 lm_head) and the cache is fp32, else gqa.
     """
     from ..load import is_converted_folder, load_for_inference
 
@@ -133,6 +141,14 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
         raise BitconvertError(f"unknown --kv-cache {kv_cache!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
     if kv_cache != "fp32" and graph != "fused":
         raise BitconvertError(f"--kv-cache {kv_cache} needs --graph fused (the plain graph keeps an fp32 cache)")
+    if attention not in ("auto", *ATTENTIONS):
+        raise BitconvertError(f"unknown --attention {attention!r}; choose one of auto, {', '.join(ATTENTIONS)}")
+    if attention != "auto" and graph != "fused":
+        raise BitconvertError(f"--attention {attention} needs --graph fused (the plain graph's attention is standard "
+                              "ONNX ops)")
+    if attention == "bitconvert" and kv_cache != "fp32":
+        raise BitconvertError(f"--attention bitconvert runs an fp32 cache; use --kv-cache fp32, or --attention gqa "
+                              f"for --kv-cache {kv_cache}")
     if accuracy_level not in (0, 4):
         raise BitconvertError(f"accuracy level must be 0 or 4, got {accuracy_level}")
     out = Path(out)
@@ -151,11 +167,16 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
             raise BitconvertError(f"--graph fused supports {', '.join(FUSED_MODEL_TYPES)} models (LLaMA attention "
                                   f"and rotary), not '{model.config.model_type}'; use --graph plain")
         fuse_projections(model)
+    if graph != "fused":
+        attention = "standard"
+    elif attention == "auto":
+        uses_library = (op == "ternary" and replaced > 0) or lm_head == "int6"
+        attention = "bitconvert" if uses_library and kv_cache == "fp32" else "gqa"
     decoder = (FusedKVCacheDecoder(model, logits == "last", kv_cache) if graph == "fused"
                else KVCacheDecoder(model, logits == "last")).eval()
     with torch.no_grad():
         try:
-            program = _trace(decoder)
+            program = _trace(decoder, "gqa" if attention == "standard" else attention)
         except Exception as exc:
             root = exc
             while root.__cause__ is not None:
@@ -165,7 +186,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     _name_dims(program.model.graph)
     _declare_opsets(program)
     kind = op if replaced else "fp32"
-    metadata = {"op": kind, "graph": graph, "lm_head": lm_head, "logits": logits, "kv_cache": kv_cache}
+    metadata = {"op": kind, "graph": graph, "lm_head": lm_head, "logits": logits, "kv_cache": kv_cache,
+                "attention": attention}
     if kind == "matmulnbits":
         metadata["accuracy_level"] = str(accuracy_level)
     program.model.metadata_props.update({f"bitconvert.{key}": value for key, value in metadata.items()})

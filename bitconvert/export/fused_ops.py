@@ -9,6 +9,9 @@ sin_cache, attention_bias, num_heads, kv_num_heads)`` -> (out, present_key, pres
     k are rotated by p (x1 cos - x2 sin, x2 cos + x1 sin on the halves x1, x2), present = [past, k] along the
     sequence, and out = softmax(q k^T / sqrt(D) + bias, causal over positions) v per query head, head h reading
     KV head h // (H / H_kv). ORT's CPU kernel refuses S > 1 with P > 0 unless B = 1.
+    With ``attention="bitconvert"`` (:func:`translations`) the node is ``com.bitconvert::CachedAttention`` instead:
+    the same inputs (less GroupQueryAttention's unused ones), attributes, outputs and math, on the lean decoder's
+    attention loops in bitconvert's custom-op library (``export/csrc/attention_ort_op.cpp``), fp32 only, any batch.
 
 ``torch.ops.bitconvert_export.rms_norm(x, weight, eps)`` -> ``SimplifiedLayerNormalization`` (ONNX domain,
     an ORT contrib op): weight * x / sqrt(mean(x^2) + eps) over the last dimension, in fp32.
@@ -16,7 +19,7 @@ sin_cache, attention_bias, num_heads, kv_num_heads)`` -> (out, present_key, pres
     ``com.microsoft::SkipSimplifiedLayerNormalization`` (outputs 0 and 3), the residual add and the next norm in one.
 
 The eager implementations are the reference math (tracing and tests only). Importing this module registers ONNX
-schemas for the three ops with the ``onnx`` package (which has none), for the checker and shape inference.
+schemas for the ops with the ``onnx`` package (which has none), for the checker and shape inference.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import onnxscript
 import torch
 from onnx import defs
 
-from .ops import MS_DOMAIN
+from .ops import DOMAIN, MS_DOMAIN, OP_VERSION
 
+ATTENTIONS = ("bitconvert", "gqa")
 _microsoft_opset = onnxscript.values.Opset(MS_DOMAIN, 1)
+_bitconvert_opset = onnxscript.values.Opset(DOMAIN, OP_VERSION)
 _onnx_opset = onnxscript.values.Opset("", 18)
 
 
@@ -99,6 +104,13 @@ def _gqa_onnx(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin
         num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0, _outputs=3)
 
 
+def _cached_attention_onnx(qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, attention_bias,
+                           num_heads: int, kv_num_heads: int):
+    return _bitconvert_opset.CachedAttention(
+        qkv, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, attention_bias,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, _outputs=3)
+
+
 def _rms_norm_onnx(x, weight, eps: float):
     return _onnx_opset.SimplifiedLayerNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
 
@@ -108,11 +120,17 @@ def _skip_rms_norm_onnx(x, skip, weight, eps: float):
     return out, total
 
 
-TRANSLATIONS = {
-    torch.ops.bitconvert_export.group_query_attention.default: _gqa_onnx,
-    torch.ops.bitconvert_export.rms_norm.default: _rms_norm_onnx,
-    torch.ops.bitconvert_export.skip_rms_norm.default: _skip_rms_norm_onnx,
-}
+def translations(attention: str = "gqa") -> dict:
+    """The exporter's translations of this module's ops; ``attention``: ``gqa`` (ORT's GroupQueryAttention) or
+    ``bitconvert`` (CachedAttention, from bitconvert's library)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    return {
+        torch.ops.bitconvert_export.group_query_attention.default:
+            _cached_attention_onnx if attention == "bitconvert" else _gqa_onnx,
+        torch.ops.bitconvert_export.rms_norm.default: _rms_norm_onnx,
+        torch.ops.bitconvert_export.skip_rms_norm.default: _skip_rms_norm_onnx,
+    }
 
 
 def _schemas() -> list[defs.OpSchema]:
@@ -153,7 +171,18 @@ def _schemas() -> list[defs.OpSchema]:
         type_constraints=[*floats, ("U", ["tensor(float)"], "float32")],
         attributes=[attribute("epsilon", real, "", required=False)],
     )
-    return [gqa, norm, skip_norm]
+    cached = defs.OpSchema(
+        "CachedAttention", DOMAIN, OP_VERSION,
+        "bitconvert's grouped-query attention with rotary and a KV cache: GroupQueryAttention's math on its packed "
+        "qkv, cache, seqlens_k, total_sequence_length, rotary tables and additive bias (fp32).",
+        inputs=[parameter("qkv", "T"), parameter("past_key", "T"), parameter("past_value", "T"),
+                parameter("seqlens_k", "M"), parameter("total_sequence_length", "M"), parameter("cos_cache", "T"),
+                parameter("sin_cache", "T"), parameter("attention_bias", "T")],
+        outputs=[parameter("output", "T"), parameter("present_key", "T"), parameter("present_value", "T")],
+        type_constraints=[*floats, ("M", ["tensor(int32)"], "int32")],
+        attributes=[attribute("num_heads", integer, "query heads"), attribute("kv_num_heads", integer, "KV heads")],
+    )
+    return [gqa, cached, norm, skip_norm]
 
 
 def _copy_input_shape(ctx) -> None:
@@ -163,10 +192,10 @@ def _copy_input_shape(ctx) -> None:
 
 
 def register_onnx_schemas() -> None:
-    """Register the three schemas unless the onnx package already has them (idempotent)."""
+    """Register the four schemas unless the onnx package already has them (idempotent)."""
     for schema in _schemas():
         if not defs.has(schema.name, schema.since_version, schema.domain):
-            if schema.name != "GroupQueryAttention":  # its present length P + S is not input 0's shape
+            if "Attention" not in schema.name:  # an attention's present length P + S is not input 0's shape
                 schema = schema.set_type_and_shape_inference_function(_copy_input_shape)
             defs.register_schema(schema)
 

@@ -7,17 +7,17 @@ argmax of the last logits (greedy) or a sample from ``softmax(logits / temperatu
 most likely tokens and to the smallest set whose probability reaches ``top_p``.
 
 The cache stays in ONNX Runtime between steps (``OrtValue``s through an I/O binding): only the logits are copied out,
-not the (layers x 2 x B x H_kv x T x D) floats of ``present.*`` that ``InferenceSession.run`` would convert to numpy
-and back on every token. With a ``--graph fused`` export, batch 1 and a known length (``empty_cache(capacity=N)``, as
-``generate`` does), each layer's ``past_key_values.*`` and ``present.*`` are bound to one preallocated buffer of N
-positions: ORT's GroupQueryAttention then writes the new keys and values in place instead of copying the whole
-cache into a new ``present`` every step (at 7B shapes and position 160 that copy read and wrote 168 MB per
-token). The logits are the same bit for bit (tested). Such a cache also keeps its I/O binding: every step rebinds only
-the three small inputs and the logits (a fresh buffer each step, so earlier logits stay valid), not the layers x 2
-cache buffers in and out (on the 12-layer 192M model 0.11 ms less per token, 3.7%; 0.7% on 4 layers of 7B shape).
-Its logits go straight into a new numpy array of the known shape (the vocabulary from the graph, one position with
-``bitconvert.logits`` = last), not through ``IOBinding.get_outputs``, which wraps every bound output, cache
-included, each step (0.09 ms of a 2.9 ms token on the 192M model).
+not the (layers x 2 x B x H_kv x T x D) floats of ``present.*`` that ``InferenceSession.run`` would convert to numpy and
+back on every token. With a ``--graph fused`` export and a known length (``empty_cache(capacity=N)``, as ``generate``
+does; batch 1 with ORT's GroupQueryAttention, any batch with bitconvert's CachedAttention), each layer's
+``past_key_values.*`` and ``present.*`` are bound to one preallocated buffer of N positions: the attention node then
+writes the new keys and values in place instead of copying the whole cache into a new ``present`` every step (at 7B
+shapes and position 160 that copy read and wrote 168 MB per token). The logits are the same bit for bit (tested). Such a
+cache also keeps its I/O binding: every step rebinds only the three small inputs and the logits (a fresh buffer each
+step, so earlier logits stay valid), not the layers x 2 cache buffers in and out (on the 12-layer 192M model 0.11 ms
+less per token, 3.7%; 0.7% on 4 layers of 7B shape). Its logits go straight into a new numpy array of the known shape
+(the vocabulary from the graph, one position with ``bitconvert.logits`` = last), not through ``IOBinding.get_outputs``,
+which wraps every bound output, cache included, each step (0.09 ms of a 2.9 ms token on the 192M model).
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> i
 class OnnxDecoder:
     """An exported decoder (see :mod:`bitconvert.export.decoder` for its I/O) in an ``onnxruntime.InferenceSession``.
 
-    ``shares_cache``: the graph is bitconvert's ``fused`` export, whose GroupQueryAttention can write the cache in
-    place (see the module docstring)."""
+    ``shares_cache``: the graph is bitconvert's ``fused`` export, whose attention can write the cache in place (see
+    the module docstring); ``shares_batched_cache``: at any batch size (bitconvert's CachedAttention), not only at
+    batch 1 (ORT's GroupQueryAttention)."""
 
     def __init__(self, session):
         inputs = {value.name: value for value in session.get_inputs()}
@@ -94,15 +95,16 @@ class OnnxDecoder:
         self.cache_dtype = np.float16 if inputs["past_key_values.0.key"].type == "tensor(float16)" else np.float32
         metadata = session.get_modelmeta().custom_metadata_map
         self.shares_cache = metadata.get("bitconvert.graph") == "fused"
+        self.shares_batched_cache = metadata.get("bitconvert.attention") == "bitconvert"
         self.last_logits_only = metadata.get("bitconvert.logits") == "last"
         self.vocab_size = session.get_outputs()[0].shape[-1]
 
     def empty_cache(self, batch: int = 1, capacity: int = 0) -> Cache:
-        """An empty cache; with ``capacity`` > 0, batch 1 and a graph that ``shares_cache``, buffers of that many
-        positions written in place (a step beyond them is refused), else growing ``present`` values. (ORT 1.32's
-        CPU GroupQueryAttention takes a shared buffer as past context, and refuses a multi-token step on past
-        context above batch 1.)"""
-        capacity = capacity if self.shares_cache and batch == 1 else 0
+        """An empty cache; with ``capacity`` > 0 and a graph that ``shares_cache`` (above batch 1: that
+        ``shares_batched_cache``), buffers of that many positions written in place (a step beyond them is refused),
+        else growing ``present`` values. (ORT 1.32's CPU GroupQueryAttention takes a shared buffer as past context,
+        and refuses a multi-token step on past context above batch 1.)"""
+        capacity = capacity if self.shares_cache and (batch == 1 or self.shares_batched_cache) else 0
         shape = (batch, self.kv_heads, capacity, self.head_dim)
         dtype = torch.from_numpy(np.empty(0, self.cache_dtype)).dtype
         return Cache({name: OrtValue.ortvalue_from_numpy(zeros_on_huge_pages(shape, dtype).numpy())
@@ -136,7 +138,7 @@ class OnnxDecoder:
 
     def _binding(self, cache: Cache):
         """A new I/O binding with the logits output first, then each layer's cache: with a capacity the shared buffer
-        as both ``past_key_values.*`` and ``present.*`` (GroupQueryAttention appends in place), else the past values
+        as both ``past_key_values.*`` and ``present.*`` (the attention node appends in place), else the past values
         in and new ``present`` outputs."""
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")

@@ -1,6 +1,7 @@
-// Helpers shared by bitconvert's ONNX Runtime custom operators (ternary_ort_op.cpp, int6_ort_op.cpp): the error a
-// kernel throws and the bases that turn it into an ORT status, shape text for messages, and the com.bitconvert
-// operators other than TernaryMatMul, which RegisterCustomOps adds to the domain. Include onnxruntime_cxx_api.h
+// Helpers shared by bitconvert's ONNX Runtime custom operators (ternary_ort_op.cpp, int6_ort_op.cpp,
+// attention_ort_op.cpp): the error a kernel throws and the bases that turn it into an ORT status, shape text for
+// messages, the intra-op pool's loop, and the com.bitconvert operators other than TernaryMatMul, which
+// RegisterCustomOps adds to the domain. Include onnxruntime_cxx_api.h
 // (with ORT_API_MANUAL_INIT) first.
 #ifndef BITCONVERT_ORT_OP_COMMON_H
 #define BITCONVERT_ORT_OP_COMMON_H
@@ -36,6 +37,14 @@ inline std::string shape_string(const std::vector<int64_t> &shape) {
     return text + ")";
 }
 
+// fn(data, i) for i < count on ORT's intra-op pool; a single item runs on the calling thread, without a hand-off.
+inline void parallel_for(Ort::KernelContext &ctx, void (*fn)(void *, size_t), size_t count, void *data) {
+    if (count == 1)
+        fn(data, 0);
+    else
+        ctx.ParallelFor(fn, count, 0, data);
+}
+
 // A kernel whose Compute(context) throws: ComputeV2 returns the exception as an ORT_RUNTIME_EXCEPTION status.
 template <class Kernel>
 struct KernelBase {
@@ -49,8 +58,8 @@ struct KernelBase {
     }
 };
 
-// An operator with one float output whose Kernel(info) constructor throws on bad attributes: CreateKernelV2
-// returns that as an ORT_INVALID_ARGUMENT status (the session refuses the model with the message).
+// An operator with float outputs (one unless Op says more) whose Kernel(info) constructor throws on bad attributes:
+// CreateKernelV2 returns that as an ORT_INVALID_ARGUMENT status (the session refuses the model with the message).
 template <class Op, class Kernel>
 struct OpBase : Ort::CustomOpBase<Op, Kernel, true> {
     OrtStatusPtr CreateKernelV2(const OrtApi &api, const OrtKernelInfo *info, void **kernel) const {
@@ -103,8 +112,10 @@ private:
     size_t size_ = 0;
 };
 
-// com.bitconvert::Int6MatMul (int6_ort_op.cpp): one instance for the whole process.
+// com.bitconvert::Int6MatMul (int6_ort_op.cpp) and ::CachedAttention (attention_ort_op.cpp): one instance each for
+// the whole process.
 OrtCustomOp *int6_matmul_op();
+OrtCustomOp *cached_attention_op();
 
 }  // namespace bitconvert_ort
 

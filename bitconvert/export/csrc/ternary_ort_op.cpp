@@ -25,7 +25,8 @@
 // token groups in the same pool) and every part reads them: at 7B shapes a decode step had about 800 parts before the
 // cap, and quantizing the 4,096-11,008 inputs in each of them cost more than the products.
 // Built against the C API of the oldest supported onnxruntime: RegisterCustomOps refuses an older runtime with an
-// error status instead of crashing. It registers the domain's other operator too (Int6MatMul, int6_ort_op.cpp).
+// error status instead of crashing. It registers the domain's other operators too (Int6MatMul, int6_ort_op.cpp;
+// CachedAttention, attention_ort_op.cpp).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -44,6 +45,7 @@ namespace {
 
 using bitconvert_ort::ceil_div;
 using bitconvert_ort::OpError;
+using bitconvert_ort::parallel_for;
 using bitconvert_ort::shape_string;
 
 constexpr const char *kDomain = "com.bitconvert";
@@ -137,14 +139,6 @@ void swiglu_token(void *data, size_t index) {
     const SwigluJob &job = *static_cast<const SwigluJob *>(data);
     bitconvert::fast_exp::swiglu(job.products + int64_t(index) * 2 * job.half, job.half,
                                  job.out + int64_t(index) * job.half, job.avx2);
-}
-
-// fn(data, i) for i < count on ORT's intra-op pool; a single item runs on the calling thread, without a hand-off.
-void parallel_for(Ort::KernelContext &ctx, void (*fn)(void *, size_t), size_t count, void *data) {
-    if (count == 1)
-        fn(data, 0);
-    else
-        ctx.ParallelFor(fn, count, 0, data);
 }
 
 // A call's scratch of `count` values (Slot tells a call's buffers of one type apart). With `keep` (a decoding step's
@@ -311,6 +305,7 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     if (OrtStatus *status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
     if (OrtStatus *status = api->CustomOpDomain_Add(domain, &op)) return status;
     if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::int6_matmul_op())) return status;
+    if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::cached_attention_op())) return status;
     // The domain must outlive every session made from these options, so it is never released (a few bytes per
     // registration; releasing it at process exit could run after onnxruntime itself is gone).
     return api->AddCustomOpDomain(options, domain);

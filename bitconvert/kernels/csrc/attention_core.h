@@ -186,8 +186,8 @@ inline bool use_avx2() {
 // (dim; j = cached, what the cache holds at that position): the softmax-weighted mean, stable for any score range.
 // scores: cached + 1 floats of scratch. avx2: the AVX2 loops (use_avx2() of the call), else the scalar reference.
 template <typename Cache>
-void attend(const float *q, const Cache *keys, const Cache *values, int64_t cached, const Cache *key, const Cache *value,
-            int64_t dim, float scale, const float *bias, float *scores, float *out, bool avx2) {
+void attend(const float *q, const Cache *keys, const Cache *values, int64_t cached, const Cache *key,
+            const Cache *value, int64_t dim, float scale, const float *bias, float *scores, float *out, bool avx2) {
     const int64_t length = cached + 1;
     if (avx2) {
         scores_avx2(q, keys, cached, dim, scale, scores);
