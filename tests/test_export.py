@@ -135,6 +135,90 @@ def test_op_bit_exact(tmp_path, monkeypatch, isa, layout, constant_weight, threa
             np.testing.assert_array_equal(run_single(tmp_path, model, feed, threads), expected)
 
 
+def lane_rms_norm(h: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    """norm_core.h's rms_norm in numpy, bit for bit: fp32 squares summed in float64 in 8 lanes (lane l takes the
+    columns l mod 8, each in order: cumsum is sequential), the lanes added in order, the rest in fp32."""
+    tokens, k = h.shape
+    squares = np.pad(h * h, ((0, 0), (0, -k % 8))).astype(np.float64).reshape(tokens, -1, 8)
+    total = np.cumsum(np.cumsum(squares, axis=1)[:, -1, :], axis=1)[:, -1]
+    inverse = np.float32(1) / np.sqrt(total.astype(np.float32) / np.float32(k) + np.float32(eps))
+    return (h * inverse[:, None]) * gamma
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", kernels.ISAS)
+def test_op_with_folded_norm_bit_exact(tmp_path, monkeypatch, isa, threads):
+    """TernaryMatMul version 2: Y = the product of rms_norm(X + skip) * gamma and H = X + skip, bit for bit against
+    the lane-order norm and the torch product on its output; without skip, H is X. One token and 18 (three
+    quantization groups), K off the 8-lane grid (700) and on it (64)."""
+    if isa not in kernels.supported_isas():
+        pytest.skip(f"this CPU lacks the {isa} path")
+    monkeypatch.setenv("BITCONVERT_ISA", isa)
+    generator = torch.Generator().manual_seed(9)
+    for out_features, in_features in [(40, 700), (16, 64)]:
+        packed = pack_ternary(torch.randint(-1, 2, (out_features, in_features), generator=generator,
+                                            dtype=torch.int8))
+        gamma = (torch.rand(in_features, generator=generator) + 0.5).numpy()
+        names = ["X", "W", "S", "skip", "gamma"]
+        node = helper.make_node("TernaryMatMul", names, ["Y", "H"], domain=DOMAIN, out_features=out_features,
+                                epsilon=1e-5)
+        bare = helper.make_node("TernaryMatMul", ["X", "W", "S", "", "gamma"], ["Y", "H"], domain=DOMAIN,
+                                out_features=out_features, epsilon=1e-5)
+        initializers = [numpy_helper.from_array(np.array([1 / 0.03], np.float32), "S"),
+                        numpy_helper.from_array(packed.numpy(), "W"), numpy_helper.from_array(gamma, "gamma")]
+        for tokens in (1, 18):
+            x = (torch.randn(1, tokens, in_features, generator=generator) * 2).numpy()
+            skip = torch.randn(1, tokens, in_features, generator=generator).numpy()
+            for graph_node, with_skip in ((node, True), (bare, False)):
+                inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                          for name in (["X", "skip"] if with_skip else ["X"])]
+                outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("Y", "H")]
+                graph = helper.make_graph([graph_node], "g", inputs, outputs, initializer=initializers)
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                                helper.make_opsetid(DOMAIN, 2)])
+                path = tmp_path / "normed.onnx"
+                onnx.save(model, path)
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                feed = {"X": x, "skip": skip} if with_skip else {"X": x}
+                y, h = session(path, options).run(None, feed)
+                want_h = x + skip if with_skip else x
+                np.testing.assert_array_equal(h, want_h)
+                normed = lane_rms_norm(want_h[0], gamma, 1e-5)[None]
+                want_y = ternary_matmul(torch.from_numpy(normed), packed, torch.tensor([1 / 0.03]), out_features)
+                np.testing.assert_array_equal(y, want_y.numpy())
+
+
+def test_op_with_folded_norm_rejects_bad_inputs(tmp_path):
+    packed = pack_ternary(torch.zeros(16, 32, dtype=torch.int8))
+    initializers = [numpy_helper.from_array(np.array([1.0], np.float32), "S"),
+                    numpy_helper.from_array(packed.numpy(), "W")]
+
+    def run(node, feed):
+        inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in feed]
+        outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in node.output]
+        graph = helper.make_graph([node], "g", inputs, outputs, initializer=initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 2)])
+        path = tmp_path / "bad.onnx"
+        onnx.save(model, path)
+        return session(path).run(None, feed)
+
+    x = np.ones((1, 2, 32), np.float32)
+    with pytest.raises(Exception, match="need the norm weight gamma"):
+        run(helper.make_node("TernaryMatMul", ["X", "W", "S", "skip"], ["Y", "H"], domain=DOMAIN, out_features=16),
+            {"X": x, "skip": x})
+    with pytest.raises(Exception, match="the norm weight gamma needs the attribute epsilon"):
+        run(helper.make_node("TernaryMatMul", ["X", "W", "S", "", "gamma"], ["Y"], domain=DOMAIN, out_features=16),
+            {"X": x, "gamma": np.ones(32, np.float32)})
+    with pytest.raises(Exception, match="gamma must hold K = 32 values"):
+        run(helper.make_node("TernaryMatMul", ["X", "W", "S", "", "gamma"], ["Y"], domain=DOMAIN, out_features=16,
+                             epsilon=1e-5), {"X": x, "gamma": np.ones(31, np.float32)})
+    with pytest.raises(Exception, match=r"skip has shape \(1, 1, 32\), X \(1, 2, 32\); they must be equal"):
+        run(helper.make_node("TernaryMatMul", ["X", "W", "S", "skip", "gamma"], ["Y"], domain=DOMAIN,
+                             out_features=16, epsilon=1e-5),
+            {"X": x, "skip": x[:, :1], "gamma": np.ones(32, np.float32)})
+
+
 @pytest.mark.parametrize("huge_pages", ["1", "0"])
 def test_op_bit_exact_with_a_weight_past_two_mib(tmp_path, monkeypatch, huge_pages):
     """A constant W whose repacked copy passes 2 MiB, the size from which the kernel keeps it on transparent huge
@@ -436,7 +520,13 @@ def test_fused_graph(attention, fused_onnx, fused_gqa_onnx, torch_model):
     swiglu = [node for node in model.graph.node
               if any(a.name == "activation" and a.s == b"swiglu" for a in node.attribute)]
     assert len(swiglu) == layers and count("Split") == 0 and count("Sigmoid") == 0 and count("Mul") == 0
-    assert count("SkipSimplifiedLayerNormalization") == 2 * layers
+    # each layer's residual adds and norms run inside the qkv and gate/up nodes (TernaryMatMul version 2: skip,
+    # gamma, H); only the final norm before the lm_head is ORT's
+    normed = [node for node in model.graph.node if node.op_type == "TernaryMatMul" and len(node.input) == 5]
+    assert len(normed) == 2 * layers and all(node.input[4].endswith("layernorm.weight") for node in normed)
+    assert sum(node.input[3] == "" for node in normed) == 1  # layer 0's qkv: no residual to add yet
+    assert count("SkipSimplifiedLayerNormalization") == 1 and count("SimplifiedLayerNormalization") == 0
+    assert {o.domain: o.version for o in model.opset_import}["com.bitconvert"] == 2
     assert [i.name for i in model.graph.input][:4] == ["input_ids", "attention_mask", "position_ids",
                                                        "past_key_values.0.key"]
     assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]

@@ -19,9 +19,11 @@ with rotary embedding applied to q and k at ``position_ids``. BitNet models (Sub
 
 :class:`FusedKVCacheDecoder` (``--graph fused``) has the same I/O and math with ONNX Runtime's fused CPU operators
 (:mod:`bitconvert.export.fused_ops`): one attention node per layer (bitconvert's CachedAttention or ORT's
-GroupQueryAttention, ``export_onnx(attention=...)``; rotary inside, cos/sin tables as initializers), RMSNorm as
-SimplifiedLayerNormalization and each residual add + the next norm as one SkipSimplifiedLayerNormalization, q/k/v
-(gate/up) as one stacked projection where the model has them. Positions are the cache's: token i of a step is at
+GroupQueryAttention, ``export_onnx(attention=...)``; rotary inside, cos/sin tables as initializers), q/k/v (gate/up) as
+one stacked projection where the model has them, each residual add and the RMSNorm after it folded into the stacked
+projection that reads them (``normed_ternary_matmul``: TernaryMatMul's skip and gamma inputs), and the final norm as
+SkipSimplifiedLayerNormalization (without stacked projections: SimplifiedLayerNormalization and
+SkipSimplifiedLayerNormalization for every norm). Positions are the cache's: token i of a step is at
 past_sequence_length + i for every row, and ``position_ids`` is accepted but not read. For an unpadded batch that is
 what position_ids holds; for a left-padded row all its positions shift by the padding, which rotary embedding cancels
 (q.k depends on the difference of positions only), so the logits agree up to float rounding. ORT's CPU
@@ -152,9 +154,15 @@ class FusedKVCacheDecoder(KVCacheDecoder):
             return rms_norm(x, norm.weight.float(), eps), x
         return skip_rms_norm(x, skip, norm.weight.float(), eps)
 
-    def _attention_block(self, attn: nn.Module, x, past_key, past_value, seqlens, total, bias):
-        qkv = attn.qkv_proj(x) if hasattr(attn, "qkv_proj") else torch.cat(
-            [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    def _qkv(self, attn: nn.Module, norm: nn.Module, x: torch.Tensor, skip: torch.Tensor | None):
+        """(q | k | v of norm(h), h), h = x + skip (x without skip): one TernaryMatMul with the norm folded in where
+        the model has a stacked qkv_proj, else the norm node and the three projections."""
+        if hasattr(attn, "qkv_proj"):
+            return attn.qkv_proj.normed(x, skip, norm)
+        normed, total = self._norm(norm, x, skip)
+        return torch.cat([attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)], dim=-1), total
+
+    def _attention_block(self, attn: nn.Module, qkv, past_key, past_value, seqlens, total, bias):
         out, key, value = group_query_attention(qkv.to(self.kv_dtype), past_key, past_value, seqlens, total,
                                                 self.cos_cache, self.sin_cache, bias, self.num_heads,
                                                 self.num_kv_heads)
@@ -164,17 +172,20 @@ class FusedKVCacheDecoder(KVCacheDecoder):
             out = sub_norm(out)
         return attn.o_proj(out), key, value
 
-    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """down(act(gate) * up); a SiLU MLP with fused gate/up computes silu(gate) * up inside that one node."""
+    def _mlp(self, mlp: nn.Module, norm: nn.Module, x: torch.Tensor, skip: torch.Tensor):
+        """(down(act(gate) * up) of norm(h), h), h = x + skip. With a stacked gate_up_proj the norm is folded into
+        its node, and a SiLU MLP computes silu(gate) * up inside that node too."""
         if not hasattr(mlp, "gate_up_proj"):
-            return mlp(x)
+            normed, total = self._norm(norm, x, skip)
+            return mlp(normed), total
         if self.model.config.hidden_act in ("silu", "swish"):
-            hidden = mlp.gate_up_proj.swiglu(x)
+            hidden, total = mlp.gate_up_proj.normed(x, skip, norm, "swiglu")
         else:
-            gate, up = mlp.gate_up_proj(x).split(mlp.gate_up_proj.segments, dim=-1)
+            gate_up, total = mlp.gate_up_proj.normed(x, skip, norm)
+            gate, up = gate_up.split(mlp.gate_up_proj.segments, dim=-1)
             hidden = mlp.act_fn(gate) * up
         sub_norm = getattr(mlp, "ffn_sub_norm", None)
-        return mlp.down_proj(hidden if sub_norm is None else sub_norm(hidden))
+        return mlp.down_proj(hidden if sub_norm is None else sub_norm(hidden)), total
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         inner = self.model.model
@@ -188,12 +199,11 @@ class FusedKVCacheDecoder(KVCacheDecoder):
         hidden, delta = inner.embed_tokens(input_ids), None
         presents = []
         for index, layer in enumerate(inner.layers):
-            x, hidden = self._norm(layer.input_layernorm, hidden if delta is None else delta,
-                                   None if delta is None else hidden)
-            attn_out, key, value = self._attention_block(layer.self_attn, x, past[2 * index], past[2 * index + 1],
-                                                         seqlens, total_length, bias)
-            x, hidden = self._norm(layer.post_attention_layernorm, attn_out, hidden)
-            delta = self._mlp(layer.mlp, x)
+            qkv, hidden = self._qkv(layer.self_attn, layer.input_layernorm, hidden if delta is None else delta,
+                                    None if delta is None else hidden)
+            attn_out, key, value = self._attention_block(layer.self_attn, qkv, past[2 * index],
+                                                         past[2 * index + 1], seqlens, total_length, bias)
+            delta, hidden = self._mlp(layer.mlp, layer.post_attention_layernorm, attn_out, hidden)
             presents += [key, value]
         if self.last_logits:
             delta, hidden = delta[:, -1:], hidden[:, -1:]

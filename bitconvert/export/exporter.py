@@ -27,7 +27,7 @@ from ..errors import BitconvertError, reason
 from .decoder import INPUT_NAMES, KV_CACHE_DTYPES, FusedKVCacheDecoder, KVCacheDecoder, cache_names
 from .fused_ops import ATTENTIONS, translations
 from .modules import OPS, Int6LmHead, Int8LmHead, fuse_projections, replace_bitlinears
-from .ops import DOMAIN, MS_DOMAIN, OP_VERSION, TRANSLATIONS
+from .ops import DOMAIN, MS_DOMAIN, NORM_OP_VERSION, TRANSLATIONS
 
 GRAPHS = ("plain", "fused")
 LM_HEADS = ("exact", "int8", "int6")
@@ -102,7 +102,7 @@ def _declare_opsets(program) -> None:
     imports = program.model.opset_imports
     domains = {node.domain for node in program.model.graph.all_nodes()}
     if DOMAIN in domains:
-        imports[DOMAIN] = OP_VERSION
+        imports[DOMAIN] = NORM_OP_VERSION  # TernaryMatMul's latest; the domain's other ops are version 1
     if MS_DOMAIN in domains:
         imports[MS_DOMAIN] = 1
 

@@ -80,6 +80,17 @@ class FusedTernaryMatMulLinear(nn.Module):
         return torch.ops.bitconvert_export.ternary_matmul(x, self.weight, self.weight_scale, self.out_features,
                                                           self.segments, "swiglu")
 
+    def normed(self, x: torch.Tensor, skip: torch.Tensor | None, norm: nn.Module,
+               activation: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """(this product of norm(h), h) with h = x + skip (x without skip), ``norm`` an RMSNorm (weight, epsilon),
+        in one node: the norm folded into the TernaryMatMul (``normed_ternary_matmul``); ``activation`` as
+        :meth:`swiglu`'s."""
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+        y, total = torch.ops.bitconvert_export.normed_ternary_matmul(
+            x, skip, norm.weight.float(), eps, self.weight, self.weight_scale, self.out_features, self.segments,
+            activation)
+        return y, (x if skip is None else total)
+
 
 def fuse_projections(model: nn.Module) -> int:
     """Give every decoder layer whose q/k/v (gate/up) can be fused a ``qkv_proj`` (``gate_up_proj``) module and

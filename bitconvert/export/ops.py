@@ -8,6 +8,14 @@
     projections, one 1/g each in ``weight_scale`` (m,); ``activation="swiglu"`` with two equal segments (gate, up):
     the output is (..., N/2) = ``silu(gate) * up``, the LLaMA MLP's activation inside the node.
 
+``torch.ops.bitconvert_export.normed_ternary_matmul(x, skip, gamma, eps, weight, weight_scale, out_features,
+segments, activation)`` -> (y, h)
+    ``ternary_matmul`` of ``rms_norm(h) * gamma`` with h = x + skip (x when skip is None; fp32, LLaMA's RMSNorm with
+    ``eps``), and h: a layer's residual add and norm folded into the TernaryMatMul node of the product after them
+    (inputs skip and gamma, attribute ``epsilon``, second output h), in place of a SkipSimplifiedLayerNormalization.
+    These are TernaryMatMul's version 2 (``NORM_OP_VERSION``: two more optional inputs, one more optional output;
+    version 1 nodes are version 2 nodes without them), and exported models import the domain at that version.
+
 ``torch.ops.bitconvert_export.matmul_nbits(x, b, scales, zero_points, k, n, block_size, accuracy_level)``
     The standard contrib op ``com.microsoft::MatMulNBits`` with ``bits=2`` (or 8, for the int8 lm_head; layouts in
     :mod:`bitconvert.export.matmulnbits`): ``y = x @ ((c - z) * scale)^T`` per block of ``block_size`` columns.
@@ -38,9 +46,11 @@ DOMAIN = "com.bitconvert"
 OP_NAME = "TernaryMatMul"
 INT6_OP_NAME = "Int6MatMul"
 OP_VERSION = 1
+NORM_OP_VERSION = 2  # TernaryMatMul with the folded norm; the domain version exported models import
 MS_DOMAIN = "com.microsoft"
 
 _bitconvert_opset = onnxscript.values.Opset(DOMAIN, OP_VERSION)
+_bitconvert_norm_opset = onnxscript.values.Opset(DOMAIN, NORM_OP_VERSION)
 _microsoft_opset = onnxscript.values.Opset(MS_DOMAIN, 1)
 
 
@@ -60,6 +70,22 @@ def ternary_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     if activation:
         return (torch.nn.functional.silu(parts[0]) * parts[1]).reshape(*x.shape[:-1], out_features // 2)
     return torch.cat(parts, dim=-1).reshape(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("bitconvert_export::normed_ternary_matmul", mutates_args=())
+def normed_ternary_matmul(x: torch.Tensor, skip: torch.Tensor | None, gamma: torch.Tensor, eps: float,
+                          weight: torch.Tensor, weight_scale: torch.Tensor, out_features: int,
+                          segments: list[int] | None = None, activation: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ternary_matmul(rms_norm(h) * gamma), h), h = x + skip or x; see the module docstring."""
+    total = x if skip is None else x + skip
+    normed = (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)) * gamma
+    return ternary_matmul(normed, weight, weight_scale, out_features, segments, activation), total.clone()
+
+
+@normed_ternary_matmul.register_fake
+def _normed_ternary_matmul_fake(x, skip, gamma, eps, weight, weight_scale, out_features, segments=None,
+                                activation=""):
+    return _ternary_matmul_fake(x, weight, weight_scale, out_features, segments, activation), torch.empty_like(x)
 
 
 def check_activation(out_features: int, segments: list[int] | None, activation: str) -> None:
@@ -113,6 +139,18 @@ def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int, segments=No
     return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale, **attributes)
 
 
+def _normed_ternary_matmul_onnx(x, skip, gamma, eps: float, weight, weight_scale, out_features: int, segments=None,
+                                activation: str = ""):
+    attributes = {"out_features": out_features, "epsilon": eps}
+    if segments:
+        attributes["segments"] = list(segments)
+    if activation:
+        attributes["activation"] = activation
+    # the exporter gives a node every output of its schema: without skip, H is a copy of x that nothing reads
+    y, total = _bitconvert_norm_opset.TernaryMatMul(x, weight, weight_scale, skip, gamma, **attributes)
+    return y, (x if skip is None else total)
+
+
 def _matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, block_size: int, accuracy_level: int, bits: int = 2):
     return _microsoft_opset.MatMulNBits(x, b, scales, zero_points, K=k, N=n, bits=bits, block_size=block_size,
                                         accuracy_level=accuracy_level)
@@ -124,13 +162,15 @@ def _int6_matmul_onnx(x, w_q, d, out_features: int):
 
 TRANSLATIONS = {
     torch.ops.bitconvert_export.ternary_matmul.default: _ternary_matmul_onnx,
+    torch.ops.bitconvert_export.normed_ternary_matmul.default: _normed_ternary_matmul_onnx,
     torch.ops.bitconvert_export.matmul_nbits.default: _matmul_nbits_onnx,
     torch.ops.bitconvert_export.int6_matmul.default: _int6_matmul_onnx,
 }
 
 
 def _infer_last_dim(width):
-    """Shape inference: output 0 has input 0's type and shape with the last dimension set to ``width(ctx)``."""
+    """Shape inference: output 0 has input 0's type and shape with the last dimension set to ``width(ctx)``; an
+    output 1 (TernaryMatMul's H) input 0's type and shape."""
 
     def infer(ctx) -> None:
         output = onnx.TypeProto()
@@ -140,6 +180,8 @@ def _infer_last_dim(width):
             dims[len(dims) - 1].Clear()
             dims[len(dims) - 1].dim_value = width(ctx)
         ctx.set_output_type(0, output)
+        if ctx.get_num_outputs() > 1:  # TernaryMatMul's H: X's type and shape
+            ctx.set_output_type(1, ctx.get_input_type(0))
 
     return infer
 
@@ -151,24 +193,36 @@ def _ternary_matmul_width(ctx) -> int:
     return ctx.get_attribute("out_features").i // (2 if halved else 1)
 
 
-def _ternary_matmul_schema() -> defs.OpSchema:
+def _ternary_matmul_schema(version: int) -> defs.OpSchema:
+    """TernaryMatMul's schema: version 1 (X, W, scale -> Y), or 2 with the folded norm's optional inputs, output and
+    attribute."""
     parameter = defs.OpSchema.FormalParameter
+    optional = defs.OpSchema.FormalParameterOption.Optional
+    attribute = defs.OpSchema.Attribute
+    inputs = [parameter("X", "T", "activations (..., K)"),
+              parameter("W", "tensor(uint8)", "packed ternary weights (ceil(N/4), K)"),
+              parameter("scale", "tensor(float)", "weight_scale = 1/g, shape (1,), or (m,): one per segment")]
+    outputs = [parameter("Y", "T", "(..., N), or (..., N/2) with activation \"swiglu\"")]
+    attributes = [attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of T"),
+                  attribute("segments", defs.OpSchema.AttrType.INTS,
+                            "optional: rows of each stacked projection (sum N), each divided by its own scale; all "
+                            "but the last a multiple of 16", required=False),
+                  attribute("activation", defs.OpSchema.AttrType.STRING,
+                            "optional: \"swiglu\" with two equal segments (gate, up): Y (..., N/2) = silu(gate) * up",
+                            required=False)]
+    if version >= NORM_OP_VERSION:
+        inputs += [parameter("skip", "T", "optional, X's shape: H = X + skip (else H = X)", param_option=optional),
+                   parameter("gamma", "T", "optional (K,): the product reads rms_norm(H) * gamma instead of X",
+                             param_option=optional)]
+        outputs.append(parameter("H", "T", "optional: H", param_option=optional))
+        attributes.append(attribute("epsilon", defs.OpSchema.AttrType.FLOAT, "with gamma: the RMSNorm's epsilon",
+                                    required=False))
     schema = defs.OpSchema(
-        OP_NAME, DOMAIN, OP_VERSION,
+        OP_NAME, DOMAIN, version,
         "BitNet b1.58 linear layer: Y = (X_q @ T^T) / scale / s, X quantized to int8 per row of its last dimension "
         "(s = 127 / max|x|), T ternary, packed 2 bits per weight (code T+1) in HF transformers' BitNet layout.",
-        inputs=[parameter("X", "T", "activations (..., K)"),
-                parameter("W", "tensor(uint8)", "packed ternary weights (ceil(N/4), K)"),
-                parameter("scale", "tensor(float)", "weight_scale = 1/g, shape (1,), or (m,): one per segment")],
-        outputs=[parameter("Y", "T", "(..., N), or (..., N/2) with activation \"swiglu\"")],
-        type_constraints=[("T", ["tensor(float)"], "float32 activations")],
-        attributes=[defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of T"),
-                    defs.OpSchema.Attribute("segments", defs.OpSchema.AttrType.INTS,
-                                            "optional: rows of each stacked projection (sum N), each divided by its "
-                                            "own scale; all but the last a multiple of 16", required=False),
-                    defs.OpSchema.Attribute("activation", defs.OpSchema.AttrType.STRING,
-                                            "optional: \"swiglu\" with two equal segments (gate, up): Y (..., N/2) = "
-                                            "silu(gate) * up", required=False)],
+        inputs=inputs, outputs=outputs, type_constraints=[("T", ["tensor(float)"], "float32 activations")],
+        attributes=attributes,
     )
     return schema.set_type_and_shape_inference_function(_infer_last_dim(_ternary_matmul_width))
 
@@ -209,10 +263,11 @@ def _matmul_nbits_schema() -> defs.OpSchema:
 
 
 def register_onnx_schemas() -> None:
-    """Register TernaryMatMul's and Int6MatMul's schemas, and MatMulNBits' unless the onnx package has one
-    (idempotent)."""
-    if not defs.has(OP_NAME, OP_VERSION, DOMAIN):
-        defs.register_schema(_ternary_matmul_schema())
+    """Register TernaryMatMul's (versions 1 and 2) and Int6MatMul's schemas, and MatMulNBits' unless the onnx
+    package has one (idempotent)."""
+    for version in (OP_VERSION, NORM_OP_VERSION):  # has(..., version) also finds an older version's schema
+        if not defs.has(OP_NAME, version, DOMAIN) or defs.get_schema(OP_NAME, version, DOMAIN).since_version < version:
+            defs.register_schema(_ternary_matmul_schema(version))
     if not defs.has(INT6_OP_NAME, OP_VERSION, DOMAIN):
         defs.register_schema(_int6_matmul_schema())
     if not defs.has("MatMulNBits", 1, MS_DOMAIN):

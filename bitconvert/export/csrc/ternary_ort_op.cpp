@@ -13,6 +13,13 @@
 // `activation` = "swiglu" (optional; needs two segments of equal size I, gate then up): Y (..., I) = silu(gate) * up
 // = gate / (1 + exp(-gate)) * up per token, exp by bitconvert/kernels/csrc/fast_exp.h (AVX2 where the CPU has it,
 // same bits as its scalar loop), the LLaMA MLP's activation in the node that computes gate and up.
+// A folded RMSNorm (optional inputs 4 and 5, attribute `epsilon`): with `gamma` (K) the op multiplies
+// rms_norm(H) * gamma instead of X, H = X + skip with the optional input `skip` (X's shape; else H = X), and its
+// optional second output is H (a copy of X without skip): the residual add and the norm of a LLaMA layer's
+// SkipSimplifiedLayerNormalization in the node of the product that reads them (bitconvert/kernels/csrc/norm_core.h,
+// as the lean decoder computes it). These are the op's version 2; version 1 nodes are the same without them.
+//
+//   Y [, H] = TernaryMatMul(X, W, scale [, skip] [, gamma]; out_features, [segments], [activation], [epsilon])
 //
 // W is repacked into the kernel layout once, when the kernel is created, if ONNX Runtime gives it as a constant
 // initializer (the exported models do); otherwise on every call. The SIMD path is BITCONVERT_ISA or the best the CPU
@@ -38,6 +45,7 @@
 #include <vector>
 
 #include "fast_exp.h"
+#include "norm_core.h"
 #include "ort_op_common.h"
 #include "ternary_core.h"
 
@@ -73,14 +81,34 @@ struct Job {
     int64_t n, out_features, in_features, ldx, parts;
     int isa, layout;
     std::atomic<int> error{BC_OK};  // set by a failing part
+    // the folded norm (gamma not null): skip (n, in_features) or null, sums (n, in_features) = x + skip (x without
+    // skip; null when nothing needs it), normed (n, in_features) = rms_norm(sums or x) * gamma, the rows quantized
+    const float *skip = nullptr, *gamma = nullptr;
+    float *sums = nullptr, *normed = nullptr;
+    float eps = 0.0f;
 };
 
-// Quantizes the tokens of group `index` (kTokensPerGroup tokens) of job.x into job.x_q, x_sums, x_scales.
+// Quantizes the tokens of group `index` (kTokensPerGroup tokens) of job.x into job.x_q, x_sums, x_scales; with a
+// folded norm, first x + skip into job.sums and the normalized rows into job.normed, which are quantized instead.
 void quantize_group(void *data, size_t index) {
     Job &job = *static_cast<Job *>(data);
     const int64_t first = int64_t(index) * kTokensPerGroup, count = std::min(kTokensPerGroup, job.n - first);
-    bc_quantize_padded(job.x + first * job.in_features, count, job.in_features, job.layout, job.x_q + first * job.ldx,
-                       job.x_sums + first, job.x_scales + first);
+    const int64_t k = job.in_features;
+    const float *rows = job.x + first * k;
+    if (job.gamma != nullptr) {
+        for (int64_t t = first; t < first + count; ++t) {
+            const float *row = job.x + t * k;
+            if (job.sums != nullptr) {
+                float *sum = job.sums + t * k;
+                for (int64_t i = 0; i < k; ++i) sum[i] = job.skip != nullptr ? row[i] + job.skip[t * k + i] : row[i];
+                row = sum;
+            }
+            bitconvert::rms_norm(row, job.gamma, k, job.eps, job.normed + t * k);
+        }
+        rows = job.normed + first * k;
+    }
+    bc_quantize_padded(rows, count, k, job.layout, job.x_q + first * job.ldx, job.x_sums + first,
+                       job.x_scales + first);
 }
 
 // The rows a one-token part covers a multiple of: a tile, or lut's 128-row group, which its one-token loop computes
@@ -163,6 +191,8 @@ class Scratch {
 struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
     int64_t out_features = 0;
     bool swiglu = false;  // activation = "swiglu"
+    float eps = 0.0f;     // attribute epsilon, for the folded norm
+    bool has_eps = false;
     std::vector<int64_t> segment_ends;  // exclusive end row of each segment; {out_features} without `segments`
     int isa = BC_ISA_SCALAR, layout = BC_LAYOUT_2BIT;
     bitconvert_ort::HugePageBytes repacked;  // empty unless W was a constant initializer
@@ -174,6 +204,11 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         if (out_features < 1) throw OpError("TernaryMatMul: attribute out_features must be >= 1");
         read_segments(kernel_info);
         read_activation(kernel_info);
+        try {
+            eps = kernel_info.GetAttribute<float>("epsilon");
+            has_eps = true;
+        } catch (const Ort::Exception &) {  // absent: no folded norm
+        }
         isa = bc_default_isa();
         if (isa == -2)
             throw OpError("TernaryMatMul: BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
@@ -227,6 +262,29 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         swiglu = true;
     }
 
+    static Ort::ConstValue optional_input(const Ort::KernelContext &ctx, size_t index) {
+        return index < ctx.GetInputCount() ? ctx.GetInput(index) : Ort::ConstValue{nullptr};
+    }
+    static bool present(const Ort::ConstValue &value) { return static_cast<const OrtValue *>(value) != nullptr; }
+
+    // The folded norm's inputs: gamma (K values) with the attribute epsilon; skip (X's shape) and the second output
+    // (H) only with gamma.
+    void check_norm(const Ort::ConstValue &skip, const Ort::ConstValue &gamma, bool with_sum,
+                    const std::vector<int64_t> &x_shape, int64_t in_features) const {
+        if (!present(gamma)) {
+            if (present(skip) || with_sum)
+                throw OpError("TernaryMatMul: the skip input and the second output (X + skip) need the norm weight "
+                              "gamma (input 5)");
+            return;
+        }
+        if (!has_eps) throw OpError("TernaryMatMul: the norm weight gamma needs the attribute epsilon");
+        if (int64_t(gamma.GetTensorTypeAndShapeInfo().GetElementCount()) != in_features)
+            throw OpError("TernaryMatMul: gamma must hold K = " + std::to_string(in_features) + " values");
+        if (present(skip) && skip.GetTensorTypeAndShapeInfo().GetShape() != x_shape)
+            throw OpError("TernaryMatMul: skip has shape " + shape_string(skip.GetTensorTypeAndShapeInfo().GetShape()) +
+                          ", X " + shape_string(x_shape) + "; they must be equal");
+    }
+
     void Compute(OrtKernelContext *context) {
         Ort::KernelContext ctx(context);
         Ort::ConstValue x = ctx.GetInput(0), w = ctx.GetInput(1), scale = ctx.GetInput(2);
@@ -240,13 +298,19 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         if (scale.GetTensorTypeAndShapeInfo().GetElementCount() != segment_ends.size())
             throw OpError("TernaryMatMul: scale must hold one value per segment (" +
                           std::to_string(segment_ends.size()) + ")");
+        const Ort::ConstValue skip = optional_input(ctx, 3), gamma = optional_input(ctx, 4);
+        const bool norm = present(gamma), with_sum = ctx.GetOutputCount() > 1;
+        check_norm(skip, gamma, with_sum, x_shape, in_features);
         int64_t n = 1;
         for (size_t i = 0; i + 1 < x_shape.size(); ++i) n *= x_shape[i];
         std::vector<int64_t> y_shape = x_shape;
         y_shape.back() = swiglu ? out_features / 2 : out_features;
         Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
+        float *sums_out = with_sum ? ctx.GetOutput(1, x_shape).GetTensorMutableData<float>() : nullptr;
         if (n == 0) return;
         const bool keep = n <= kTokensPerGroup;
+        const Scratch<float, 2> normed(norm ? size_t(n * in_features) : 0, keep);
+        const Scratch<float, 3> sums(present(skip) && !with_sum ? size_t(n * in_features) : 0, keep);
         const Scratch<float, 0> products(swiglu ? size_t(n * out_features) : 0, keep);  // gate | up, before SwiGLU
         float *out = swiglu ? products.data() : y.GetTensorMutableData<float>();
         std::vector<uint8_t> per_call;
@@ -268,6 +332,13 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         Job job{x.GetTensorData<float>(), x_q.data(), x_sums.data(), x_scales.data(), weight,
                 out, scale.GetTensorData<float>(), &segment_ends, n, out_features,
                 in_features, ldx, parts, isa, layout, {BC_OK}};
+        if (norm) {
+            job.skip = present(skip) ? skip.GetTensorData<float>() : nullptr;
+            job.gamma = gamma.GetTensorData<float>();
+            job.sums = with_sum ? sums_out : present(skip) ? sums.data() : nullptr;
+            job.normed = normed.data();
+            job.eps = eps;
+        }
         parallel_for(ctx, quantize_group, size_t(ceil_div(n, kTokensPerGroup)), &job);
         parallel_for(ctx, run_part, size_t(parts), &job);
         if (job.error != BC_OK) throw OpError("TernaryMatMul: kernel error " + std::to_string(job.error));
@@ -282,9 +353,16 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
 
 struct TernaryMatMulOp : bitconvert_ort::OpBase<TernaryMatMulOp, TernaryMatMulKernel> {
     const char *GetName() const { return "TernaryMatMul"; }
-    size_t GetInputTypeCount() const { return 3; }
+    size_t GetInputTypeCount() const { return 5; }  // X, W, scale, [skip], [gamma]
     ONNXTensorElementDataType GetInputType(size_t index) const {
         return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+        return index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 2; }  // Y, [X + skip]
+    OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+        return index == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
     }
 };
 

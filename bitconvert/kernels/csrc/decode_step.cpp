@@ -36,35 +36,15 @@
 #include "attention_core.h"
 #include "decode_ops.h"
 #include "fast_exp.h"
+#include "norm_core.h"
 #include "op_checks.h"
 #include "ternary_core.h"
 
 namespace {
 
 using bitconvert::attention::attend;
-using bitconvert::attention::kLanes;
 using bitconvert::attention::use_avx2;
-
-// out (n) = (x * (1 / sqrt(mean(x^2) + eps))) * weight, LlamaRMSNorm's fp32 steps; the fp32 squares are summed in
-// double, as kLanes partial sums (lane l takes i = l mod kLanes: independent adds the compiler vectorizes) added in lane
-// order, and rounded once (torch sums fp32 in its own blocked order, so the sum may differ in the last bit).
-void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
-    double lanes[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-            const float square = x[i + l] * x[i + l];
-            lanes[l] += square;
-        }
-    for (int l = 0; i + l < n; ++l) {
-        const float square = x[i + l] * x[i + l];
-        lanes[l] += square;
-    }
-    double sum = 0.0;
-    for (double lane : lanes) sum += lane;
-    const float inverse = 1.0f / std::sqrt(float(sum) / float(n) + eps);
-    for (int64_t i = 0; i < n; ++i) out[i] = (x[i] * inverse) * weight[i];
-}
+using bitconvert::rms_norm;
 
 // A cache's rows as attention_core.h reads them: fp32 as they are, fp16 as its bits.
 const float *cache_rows(const float *rows) { return rows; }
