@@ -572,18 +572,19 @@ def test_fused_cache_written_in_place_equals_growing_cache(fused_graph_onnx, bat
         decoder.step(tokens[:, :1], shared)
 
 
-@pytest.fixture(scope="session")
-def fused_fp16_cache_onnx(tiny_ternary, tmp_path_factory):
+@pytest.fixture(scope="session", params=["bitconvert", "gqa"])
+def fused_fp16_cache_onnx(request, tiny_ternary, tmp_path_factory):
     return export_onnx(tiny_ternary, tmp_path_factory.mktemp("onnx-fused-fp16") / "model.onnx", graph="fused",
-                       kv_cache="fp16")
+                       kv_cache="fp16", attention=request.param)
 
 
 def test_fused_fp16_cache_stays_close_to_the_fp32_cache(fused_fp16_cache_onnx, fused_onnx, torch_model):
-    """--kv-cache fp16: the cache inputs/outputs are float16 and so is attention; the keys, values and queries are
-    rounded to fp16 (2^-11 relative), which moves the logits by a small fraction of their spread. The same bound as
-    the lean decoder's fp16 cache (tests/test_decode.py: 5% of the logits' standard deviation; measured here 0.9%),
-    over a prompt and teacher-forced single steps, each on the shared buffer written in place and on the growing
-    cache (equal bit for bit); greedy tokens as PyTorch's."""
+    """--kv-cache fp16: the cache inputs/outputs are float16; the keys and values are rounded to fp16 (2^-11
+    relative; with GroupQueryAttention the queries and the attention too, CachedAttention computes in fp32), which
+    moves the logits by a small fraction of their spread. The same bound as the lean decoder's fp16 cache
+    (tests/test_decode.py: 5% of the logits' standard deviation; measured here 0.9%), over a prompt and
+    teacher-forced single steps, each on the shared buffer written in place and on the growing cache (equal bit for
+    bit); greedy tokens as PyTorch's."""
     model = onnx.load(fused_fp16_cache_onnx)
     types = {value.name: value.type.tensor_type.elem_type for value in [*model.graph.input, *model.graph.output]}
     assert types["past_key_values.0.key"] == types["present.0.value"] == TensorProto.FLOAT16
@@ -861,9 +862,34 @@ def test_cached_attention_op_rejects_bad_inputs(tmp_path):
 
 
 def test_attention_option_errors():
-    with pytest.raises(BitconvertError, match="--attention bitconvert runs an fp32 cache"):
-        export_onnx("unused", "unused.onnx", graph="fused", kv_cache="fp16", attention="bitconvert")
     with pytest.raises(BitconvertError, match="--attention gqa needs --graph fused"):
         export_onnx("unused", "unused.onnx", attention="gqa")
     with pytest.raises(BitconvertError, match="unknown --attention 'sdpa'"):
         export_onnx("unused", "unused.onnx", graph="fused", attention="sdpa")
+
+
+def test_cached_attention_op_with_an_fp16_cache(tmp_path):
+    """An fp16 cache (the op's second kernel): the new keys and values are stored as fp16 rounded to nearest even,
+    numpy's float16 bits exactly (values chosen on ties, in the subnormal range, past the largest fp16), and the
+    output equals the reference reading the same fp16 cache in fp32 (ATTENTION_TOLERANCE, and 1e-6 relative for the
+    large outputs the crafted values make)."""
+    model, tables = cached_attention_model(6, 2, 40, 64)
+    for value in [*model.graph.input[1:3], *model.graph.output[1:3]]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    path = tmp_path / "attention16.onnx"
+    onnx.save(model, path)
+    feed = attention_case(2, 3, 5, seed=2)
+    feed["past_key"], feed["past_value"] = (feed[name].astype(np.float16) for name in ("past_key", "past_value"))
+    values = feed["qkv"][..., (6 + 2) * 40:]  # the value heads: stored as they are, rounded
+    values[0, 0, :8] = [1 + 2**-11, 1 + 3 * 2**-11, 65519.0, 65520.0, 1e6, -3e-8, 2**-25, 2**-25 * 3]
+    values[0, 1, :4] = [6e-8, -6e-5, 2.0**-14 * (1 - 2**-12), np.inf]
+    feed["qkv"][0, 1, :40] = 0.0  # keep one query head's output finite-checkable despite the inf value
+    out, key, value = session(path).run(None, feed)
+    assert key.dtype == value.dtype == np.float16
+    want_out, want_key, want_value = reference_attention(feed, tables, 6, 2)
+    np.testing.assert_array_equal(value.view(np.uint16), want_value.view(np.uint16))
+    np.testing.assert_array_equal(value[:, :, 5:].view(np.uint16),
+                                  values.reshape(2, 3, 2, 40).transpose(0, 2, 1, 3).astype(np.float16).view(np.uint16))
+    np.testing.assert_array_equal(key.view(np.uint16), want_key.view(np.uint16))
+    finite = np.isfinite(want_out)  # the huge values give outputs up to ~1e4: a few fp32 ulps relative there
+    np.testing.assert_allclose(out[finite], want_out[finite], rtol=1e-6, atol=ATTENTION_TOLERANCE)

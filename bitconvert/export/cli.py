@@ -49,14 +49,15 @@ def register(subparsers) -> None:
                         "quarter of the bytes read per token; int6: bitconvert's Int6MatMul (6.5 bits per weight, as "
                         "llama.cpp's Q6_K output), 19%% fewer bytes than int8; both approximations (docs/export.md)")
     parser.add_argument("--kv-cache", choices=("fp32", "fp16"), default="fp32",
-                        help="fp32 (default) or fp16 (with --graph fused): the KV cache inputs/outputs and attention "
-                        "in float16, half the cache's memory; keys and values rounded to fp16. On a CPU without fp16 "
-                        "arithmetic (AMD Zen 4, measured) ONNX Runtime 1.32 decodes slower with it (docs/export.md)")
+                        help="fp32 (default) or fp16 (with --graph fused): the KV cache inputs/outputs in float16, "
+                        "half the cache's memory; keys and values rounded to fp16. bitconvert's attention reads it "
+                        "in fp32 as fast as an fp32 cache; with --attention gqa ONNX Runtime 1.32 computes attention "
+                        "in fp16 and decodes slower on a CPU without fp16 arithmetic (docs/export.md)")
     parser.add_argument("--attention", choices=("auto", "bitconvert", "gqa"), default="auto",
                         help="with --graph fused: bitconvert (bitconvert's CachedAttention op: the lean decoder's "
-                        "attention, fp32 cache; 1.5-1.7x faster per node at SmolLM2's shapes) or gqa (ONNX "
-                        "Runtime's GroupQueryAttention, no custom op); auto (default): bitconvert where the graph "
-                        "already needs bitconvert's library (--op ternary, --lm-head int6) and the cache is fp32")
+                        "attention loops, 1.5-1.7x faster per node than gqa at SmolLM2's shapes, an fp16 cache read "
+                        "in fp32) or gqa (ONNX Runtime's GroupQueryAttention, no custom op); auto (default): "
+                        "bitconvert where the graph already needs bitconvert's library (--op ternary, --lm-head int6)")
     parser.add_argument("--logits", choices=("all", "last"), default="all",
                         help="all (default): logits for every input position; last: only the last position's "
                         "(B, 1, V), all that generation needs, and a much faster prompt")

@@ -30,11 +30,12 @@ what position_ids holds; for a left-padded row all its positions shift by the pa
 GroupQueryAttention runs a multi-token step after a non-empty cache only at batch size 1 (CachedAttention at any batch
 size).
 With ``kv_cache="fp16"`` the fused decoder keeps the cache in float16 (``past_key_values.*`` and ``present.*`` are
-fp16): each layer's stacked q/k/v is cast to fp16 and GroupQueryAttention runs in fp16 (CachedAttention is fp32 only;
-cos/sin tables and the padding bias too, its blocked value float16's min), its output cast back to fp32 for o_proj. Half
-the cache bytes a step reads (at 7B shapes and position 512, 268 MB instead of 537 MB per token); each key and value
-rounded to fp16, as the lean decoder's ``kv_cache="fp16"``. A memory option: on a CPU without fp16 arithmetic (Zen 4,
-measured) ORT 1.32 decodes slower with it than with the fp32 cache (docs/export.md).
+fp16), half the cache bytes a step reads (at 7B shapes and position 512, 268 MB instead of 537 MB per token); each key
+and value rounded to fp16, as the lean decoder's ``kv_cache="fp16"``. With CachedAttention everything else stays fp32
+(the op reads the fp16 rows back in fp32: as fast as an fp32 cache, docs/export.md); with GroupQueryAttention each
+layer's stacked q/k/v, the cos/sin tables and the padding bias (its blocked value float16's min) are fp16 too, attention
+runs in fp16 and its output is cast back to fp32 for o_proj (on a CPU without fp16 arithmetic, Zen 4, ORT 1.32 decodes
+slower with it than with the fp32 cache).
 """
 
 from __future__ import annotations
@@ -132,18 +133,22 @@ class FusedKVCacheDecoder(KVCacheDecoder):
     """The same decoder on ORT's fused operators (see the module docstring). Call
     :func:`~bitconvert.export.modules.fuse_projections` on the model first to stack q/k/v and gate/up."""
 
-    def __init__(self, model: nn.Module, last_logits: bool = False, kv_cache: str = "fp32"):
+    def __init__(self, model: nn.Module, last_logits: bool = False, kv_cache: str = "fp32", attention: str = "gqa"):
+        """``attention``: the node the exporter will emit (:func:`bitconvert.export.fused_ops.translations`); with
+        ``bitconvert``'s an fp16 cache keeps qkv, the rotary tables and the bias in fp32 (``attention_dtype``), with
+        ``gqa``'s they are cast to the cache's type (ORT's GroupQueryAttention takes one type)."""
         super().__init__(model, last_logits)
         if kv_cache not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown KV cache type {kv_cache!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
         self.kv_dtype = KV_CACHE_DTYPES[kv_cache]
+        self.attention_dtype = torch.float32 if attention == "bitconvert" else self.kv_dtype
         inner = model.model
         positions = torch.arange(model.config.max_position_embeddings).unsqueeze(0)
         with torch.no_grad():
             cos, sin = inner.rotary_emb(inner.embed_tokens.weight[:1].float(), positions)  # (1, max, D), halves equal
         half = self.head_dim // 2
-        self.register_buffer("cos_cache", cos[0, :, :half].to(self.kv_dtype).contiguous())
-        self.register_buffer("sin_cache", sin[0, :, :half].to(self.kv_dtype).contiguous())
+        self.register_buffer("cos_cache", cos[0, :, :half].to(self.attention_dtype).contiguous())
+        self.register_buffer("sin_cache", sin[0, :, :half].to(self.attention_dtype).contiguous())
 
     @staticmethod
     def _norm(norm: nn.Module, x: torch.Tensor, skip: torch.Tensor | None = None):
@@ -163,7 +168,7 @@ class FusedKVCacheDecoder(KVCacheDecoder):
         return torch.cat([attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)], dim=-1), total
 
     def _attention_block(self, attn: nn.Module, qkv, past_key, past_value, seqlens, total, bias):
-        out, key, value = group_query_attention(qkv.to(self.kv_dtype), past_key, past_value, seqlens, total,
+        out, key, value = group_query_attention(qkv.to(self.attention_dtype), past_key, past_value, seqlens, total,
                                                 self.cos_cache, self.sin_cache, bias, self.num_heads,
                                                 self.num_kv_heads)
         out = out.float()
@@ -193,8 +198,9 @@ class FusedKVCacheDecoder(KVCacheDecoder):
         total = attention_mask.shape[1]
         seqlens = torch.full((batch,), total - 1, dtype=torch.int32)
         total_length = torch.full((), total, dtype=torch.int32)
-        blocked = torch.full((), torch.finfo(self.kv_dtype).min, dtype=self.kv_dtype)
-        padding = torch.where(attention_mask.bool(), torch.zeros((), dtype=self.kv_dtype), blocked)  # (B, P + S)
+        dtype = self.attention_dtype
+        blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
+        padding = torch.where(attention_mask.bool(), torch.zeros((), dtype=dtype), blocked)  # (B, P + S)
         bias = padding[:, None, None, :].expand(batch, 1, length, total)
         hidden, delta = inner.embed_tokens(input_ids), None
         presents = []

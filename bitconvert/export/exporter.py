@@ -124,8 +124,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     ``kv_cache``: ``fp32`` or ``fp16`` (``--graph fused`` only: the cache inputs/outputs and attention in float16,
     half the cache bytes per step; see :mod:`bitconvert.export.decoder`).
     ``attention`` (``--graph fused``): ``bitconvert`` (com.bitconvert::CachedAttention: the lean decoder's attention
-    loops, fp32 cache), ``gqa`` (ORT's GroupQueryAttention, no custom op) or ``auto``: bitconvert's where the graph
-    needs bitconvert's library anyway (TernaryMatMul or the int6 lm_head) and the cache is fp32, else gqa.
+    loops), ``gqa`` (ORT's GroupQueryAttention, no custom op) or ``auto``: bitconvert's where the graph needs
+    bitconvert's library anyway (TernaryMatMul or the int6 lm_head), else gqa.
     """
     from ..load import is_converted_folder, load_for_inference
 
@@ -146,9 +146,6 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     if attention != "auto" and graph != "fused":
         raise BitconvertError(f"--attention {attention} needs --graph fused (the plain graph's attention is standard "
                               "ONNX ops)")
-    if attention == "bitconvert" and kv_cache != "fp32":
-        raise BitconvertError(f"--attention bitconvert runs an fp32 cache; use --kv-cache fp32, or --attention gqa "
-                              f"for --kv-cache {kv_cache}")
     if accuracy_level not in (0, 4):
         raise BitconvertError(f"accuracy level must be 0 or 4, got {accuracy_level}")
     out = Path(out)
@@ -171,8 +168,8 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
         attention = "standard"
     elif attention == "auto":
         uses_library = (op == "ternary" and replaced > 0) or lm_head == "int6"
-        attention = "bitconvert" if uses_library and kv_cache == "fp32" else "gqa"
-    decoder = (FusedKVCacheDecoder(model, logits == "last", kv_cache) if graph == "fused"
+        attention = "bitconvert" if uses_library else "gqa"
+    decoder = (FusedKVCacheDecoder(model, logits == "last", kv_cache, attention) if graph == "fused"
                else KVCacheDecoder(model, logits == "last")).eval()
     with torch.no_grad():
         try:

@@ -11,7 +11,9 @@ sin_cache, attention_bias, num_heads, kv_num_heads)`` -> (out, present_key, pres
     KV head h // (H / H_kv). ORT's CPU kernel refuses S > 1 with P > 0 unless B = 1.
     With ``attention="bitconvert"`` (:func:`translations`) the node is ``com.bitconvert::CachedAttention`` instead:
     the same inputs (less GroupQueryAttention's unused ones), attributes, outputs and math, on the lean decoder's
-    attention loops in bitconvert's custom-op library (``export/csrc/attention_ort_op.cpp``), fp32 only, any batch.
+    attention loops in bitconvert's custom-op library (``export/csrc/attention_ort_op.cpp``), any batch; its cache
+    may be fp16 while qkv, the tables, the bias and the output stay fp32 (the new keys and values are rounded to the
+    cache's type, the attention computed in fp32; GroupQueryAttention's fp16 graph computes in fp16 throughout).
 
 ``torch.ops.bitconvert_export.rms_norm(x, weight, eps)`` -> ``SimplifiedLayerNormalization`` (ONNX domain,
     an ORT contrib op): weight * x / sqrt(mean(x^2) + eps) over the last dimension, in fp32.
@@ -56,12 +58,14 @@ def group_query_attention(qkv: torch.Tensor, past_key: torch.Tensor, past_value:
     positions = seqlens_k.long().unsqueeze(1) + 1 - length + torch.arange(length)  # (B, S)
     cos, sin = cos_cache[positions].unsqueeze(1), sin_cache[positions].unsqueeze(1)  # (B, 1, S, D/2)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    key, value = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    key = torch.cat([past_key, k.to(past_key.dtype)], dim=2)  # the new rows rounded to the cache's type
+    value = torch.cat([past_value, v.to(past_value.dtype)], dim=2)
     group = num_heads // kv_num_heads
-    scores = q @ key.repeat_interleave(group, dim=1).transpose(2, 3) / head_dim**0.5 + attention_bias
+    keys, values = (t.to(q.dtype).repeat_interleave(group, dim=1) for t in (key, value))  # read back exactly
+    scores = q @ keys.transpose(2, 3) / head_dim**0.5 + attention_bias
     key_pos = torch.arange(key.shape[2])
     scores = scores.masked_fill(key_pos > positions[:, None, :, None], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ value.repeat_interleave(group, dim=1)
+    out = torch.softmax(scores, dim=-1) @ values
     return out.transpose(1, 2).reshape(batch, length, num_heads * head_dim), key, value
 
 
@@ -174,12 +178,14 @@ def _schemas() -> list[defs.OpSchema]:
     cached = defs.OpSchema(
         "CachedAttention", DOMAIN, OP_VERSION,
         "bitconvert's grouped-query attention with rotary and a KV cache: GroupQueryAttention's math on its packed "
-        "qkv, cache, seqlens_k, total_sequence_length, rotary tables and additive bias (fp32).",
-        inputs=[parameter("qkv", "T"), parameter("past_key", "T"), parameter("past_value", "T"),
+        "qkv, cache, seqlens_k, total_sequence_length, rotary tables and additive bias, in fp32 (the cache fp32 or "
+        "fp16).",
+        inputs=[parameter("qkv", "T"), parameter("past_key", "C"), parameter("past_value", "C"),
                 parameter("seqlens_k", "M"), parameter("total_sequence_length", "M"), parameter("cos_cache", "T"),
                 parameter("sin_cache", "T"), parameter("attention_bias", "T")],
-        outputs=[parameter("output", "T"), parameter("present_key", "T"), parameter("present_value", "T")],
-        type_constraints=[*floats, ("M", ["tensor(int32)"], "int32")],
+        outputs=[parameter("output", "T"), parameter("present_key", "C"), parameter("present_value", "C")],
+        type_constraints=[*floats, ("C", ["tensor(float)", "tensor(float16)"], "the cache: float32 or float16"),
+                          ("M", ["tensor(int32)"], "int32")],
         attributes=[attribute("num_heads", integer, "query heads"), attribute("kv_num_heads", integer, "KV heads")],
     )
     return [gqa, cached, norm, skip_norm]

@@ -6,18 +6,20 @@
 //   out, present_key, present_value = CachedAttention(qkv, past_key, past_value, seqlens_k, total_length, cos_cache,
 //                                                      sin_cache, attention_bias; num_heads = H, kv_num_heads = G)
 //   qkv              float (B, S, (H + 2 G) D)  per token: H query heads, then G key heads, then G value heads
-//   past_key/value   float (B, G, L, D)         the cache: L = T - S positions, or a buffer of L >= T positions
+//   past_key/value   C (B, G, L, D)             the cache: L = T - S positions, or a buffer of L >= T positions
 //   seqlens_k        int32 (B,)                 token s of row b sits at position p = seqlens_k[b] + 1 - S + s
 //   total_length     int32 ()                   T, the positions attention_bias covers
 //   cos/sin_cache    float (M, D / 2)           the rotary tables' first half (LLaMA's second half repeats it)
 //   attention_bias   float (B, 1, S, T)         added to the scores (0, or a large negative number at padding)
 //   out              float (B, S, H D)          out[b, s, h] = sum_{j <= p} softmax_j(D^-0.5 q.k_j + bias[b,0,s,j]) v_j
-//   present_key/value float (B, G, max(L, T), D) the cache with the S tokens' rotated keys and values at rows p
+//   present_key/value C (B, G, max(L, T), D)   the cache with the S tokens' rotated keys and values at rows p
 //
+// C: float, or float16 (a cache of half the bytes: each new key and value rounded to fp16, ties to even, and read
+// back to fp32 exactly by the attention loops, as the lean decoder's fp16 cache; everything else stays fp32).
 // q and k are rotated at p (attention_core.h's rope_halves); query head h reads KV head h / (H / G). A buffer
 // (L >= T) bound as both past and present (IOBinding, as bitconvert's OnnxDecoder does) is written in place at rows
 // p and nothing is copied; otherwise the L past rows are copied into present first. Each (b, s, h) is
-// attention_core.h's attend over the rows 0..p of present, fp32, the same loops and bits as bitconvert.load's decode
+// attention_core.h's attend over the rows 0..p of present, in fp32, the same loops and bits as bitconvert.load's decode
 // step; against GroupQueryAttention the output differs by float rounding (tests/test_export.py bounds it).
 //
 // Threads: ONNX Runtime's intra-op pool. The cache write is one item per (b, KV head), on the calling thread when
@@ -32,6 +34,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention_core.h"
@@ -46,10 +49,14 @@ using bitconvert_ort::shape_string;
 constexpr int64_t kMinWorkPerPart = int64_t(1) << 15;  // multiply-adds (scores and weighted sum)
 constexpr int64_t kMaxParts = 32;
 
+// Cache: float, or uint16_t for an fp16 cache (its bits).
+template <typename Cache>
 struct AttentionJob {
-    const float *qkv, *past_key, *past_value, *cos, *sin, *bias;
+    const float *qkv, *cos, *sin, *bias;
+    const Cache *past_key, *past_value;
     const int32_t *seqlens;
-    float *out, *key, *value;  // out; present_key, present_value
+    float *out;
+    Cache *key, *value;  // present_key, present_value
     int64_t batch, length, total, heads, kv_heads, dim, past_rows, rows, items, parts;
     bool copy_past, avx2;
     float scale;
@@ -60,31 +67,38 @@ struct AttentionJob {
 };
 
 // Item (b, g): present's rows of KV head g of row b: the past rows copied (unless in place), then each token's key
-// rotated at its position and its value.
+// rotated at its position and its value (each rounded to fp16 for an fp16 cache).
+template <typename Cache>
 void write_rows(void *data, size_t index) {
-    const AttentionJob &job = *static_cast<const AttentionJob *>(data);
+    const AttentionJob<Cache> &job = *static_cast<const AttentionJob<Cache> *>(data);
     const int64_t b = int64_t(index) / job.kv_heads, g = int64_t(index) % job.kv_heads;
     const int64_t half = job.dim / 2, offset = job.cache_offset(b, g);
-    float *keys = job.key + offset, *values = job.value + offset;
+    Cache *keys = job.key + offset, *values = job.value + offset;
     if (job.copy_past) {
         const int64_t past = (b * job.kv_heads + g) * job.past_rows * job.dim;
-        std::memcpy(keys, job.past_key + past, size_t(job.past_rows * job.dim) * sizeof(float));
-        std::memcpy(values, job.past_value + past, size_t(job.past_rows * job.dim) * sizeof(float));
+        std::memcpy(keys, job.past_key + past, size_t(job.past_rows * job.dim) * sizeof(Cache));
+        std::memcpy(values, job.past_value + past, size_t(job.past_rows * job.dim) * sizeof(Cache));
     }
+    thread_local std::vector<float> rotated;
+    rotated.resize(size_t(job.dim));
     for (int64_t s = 0; s < job.length; ++s) {
         const int64_t p = job.position(b, s);
         const float *row = job.token(b, s), *cos = job.cos + p * half, *sin = job.sin + p * half;
+        const float *value = row + (job.heads + job.kv_heads + g) * job.dim;
         bitconvert::attention::rope_halves(row + (job.heads + g) * job.dim, cos, sin, cos, sin, job.dim,
-                                           keys + p * job.dim);
-        std::memcpy(values + p * job.dim, row + (job.heads + job.kv_heads + g) * job.dim,
-                    size_t(job.dim) * sizeof(float));
+                                           rotated.data());
+        for (int64_t d = 0; d < job.dim; ++d) {
+            bitconvert::attention::store(rotated[size_t(d)], keys + p * job.dim + d);
+            bitconvert::attention::store(value[d], values + p * job.dim + d);
+        }
     }
 }
 
 // Part `index` of the (b, s, h) items, in that order: each query head rotated at its position and attended over
 // present's rows 0..p of its KV head.
+template <typename Cache>
 void attend_part(void *data, size_t index) {
-    const AttentionJob &job = *static_cast<const AttentionJob *>(data);
+    const AttentionJob<Cache> &job = *static_cast<const AttentionJob<Cache> *>(data);
     const int64_t first = int64_t(index) * job.items / job.parts, last = (int64_t(index) + 1) * job.items / job.parts;
     const int64_t half = job.dim / 2, group = job.heads / job.kv_heads;
     thread_local std::vector<float> scratch;
@@ -95,14 +109,15 @@ void attend_part(void *data, size_t index) {
         const int64_t p = job.position(b, s), offset = job.cache_offset(b, h / group);
         const float *cos = job.cos + p * half, *sin = job.sin + p * half;
         bitconvert::attention::rope_halves(job.token(b, s) + h * job.dim, cos, sin, cos, sin, job.dim, query);
-        const float *keys = job.key + offset, *values = job.value + offset;
+        const Cache *keys = job.key + offset, *values = job.value + offset;
         bitconvert::attention::attend(query, keys, values, p, keys + p * job.dim, values + p * job.dim, job.dim,
                                       job.scale, job.bias + (b * job.length + s) * job.total, scores,
                                       job.out + ((b * job.length + s) * job.heads + h) * job.dim, job.avx2);
     }
 }
 
-struct CachedAttentionKernel : bitconvert_ort::KernelBase<CachedAttentionKernel> {
+template <typename Cache>
+struct CachedAttentionKernel : bitconvert_ort::KernelBase<CachedAttentionKernel<Cache>> {
     int64_t heads = 0, kv_heads = 0;
 
     explicit CachedAttentionKernel(const OrtKernelInfo *info) {
@@ -128,7 +143,7 @@ struct CachedAttentionKernel : bitconvert_ort::KernelBase<CachedAttentionKernel>
             throw OpError("CachedAttention: qkv " + shape_string(qkv_shape) + " must be (B, S, W) and past_key, "
                           "past_value one shape (B, G, L, D), got " + shape_string(cache_shape) + " and " +
                           shape_string(shape_of(past_value)));
-        AttentionJob job{};
+        AttentionJob<Cache> job{};
         job.batch = qkv_shape[0];
         job.length = qkv_shape[1];
         job.heads = heads;
@@ -172,14 +187,14 @@ struct CachedAttentionKernel : bitconvert_ort::KernelBase<CachedAttentionKernel>
         Ort::UnownedValue present_key = ctx.GetOutput(1, present_shape);
         Ort::UnownedValue present_value = ctx.GetOutput(2, present_shape);
         job.qkv = qkv.GetTensorData<float>();
-        job.past_key = past_key.GetTensorData<float>();
-        job.past_value = past_value.GetTensorData<float>();
+        job.past_key = static_cast<const Cache *>(past_key.GetTensorRawData());
+        job.past_value = static_cast<const Cache *>(past_value.GetTensorRawData());
         job.cos = cos.GetTensorData<float>();
         job.sin = sin.GetTensorData<float>();
         job.bias = bias.GetTensorData<float>();
         job.out = out.GetTensorMutableData<float>();
-        job.key = present_key.GetTensorMutableData<float>();
-        job.value = present_value.GetTensorMutableData<float>();
+        job.key = static_cast<Cache *>(present_key.GetTensorMutableRawData());
+        job.value = static_cast<Cache *>(present_value.GetTensorMutableRawData());
         job.copy_past = job.key != job.past_key || job.value != job.past_value;
         job.avx2 = bitconvert::attention::use_avx2();
         job.scale = float(1.0 / std::sqrt(double(job.dim)));
@@ -187,29 +202,39 @@ struct CachedAttentionKernel : bitconvert_ort::KernelBase<CachedAttentionKernel>
         if (job.items == 0) return;
         const int64_t writes = job.batch * kv_heads;
         if (!job.copy_past && job.length == 1) {
-            for (int64_t item = 0; item < writes; ++item) write_rows(&job, size_t(item));
+            for (int64_t item = 0; item < writes; ++item) write_rows<Cache>(&job, size_t(item));
         } else {
-            bitconvert_ort::parallel_for(ctx, write_rows, size_t(writes), &job);
+            bitconvert_ort::parallel_for(ctx, write_rows<Cache>, size_t(writes), &job);
         }
         const int64_t positions = job.total - job.length / 2;  // rows an item reads, on average
         const int64_t work = job.items * positions * job.dim * 2;
         job.parts = std::max<int64_t>(1, std::min({work / kMinWorkPerPart, job.items, kMaxParts}));
-        bitconvert_ort::parallel_for(ctx, attend_part, size_t(job.parts), &job);
+        bitconvert_ort::parallel_for(ctx, attend_part<Cache>, size_t(job.parts), &job);
     }
 };
 
-struct CachedAttentionOp : bitconvert_ort::OpBase<CachedAttentionOp, CachedAttentionKernel> {
+// One kernel per cache type (ORT picks it by the past/present type): float, or fp16 (Cache = uint16_t).
+template <typename Cache>
+struct CachedAttentionOp : bitconvert_ort::OpBase<CachedAttentionOp<Cache>, CachedAttentionKernel<Cache>> {
+    static constexpr ONNXTensorElementDataType kCacheType =
+        std::is_same_v<Cache, float> ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     const char *GetName() const { return "CachedAttention"; }
     size_t GetInputTypeCount() const { return 8; }
     ONNXTensorElementDataType GetInputType(size_t index) const {
-        return index == 3 || index == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        return index == 1 || index == 2   ? kCacheType
+               : index == 3 || index == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
+                                          : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
     size_t GetOutputTypeCount() const { return 3; }
+    ONNXTensorElementDataType GetOutputType(size_t index) const {
+        return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : kCacheType;
+    }
 };
 
 }  // namespace
 
-OrtCustomOp *bitconvert_ort::cached_attention_op() {
-    static CachedAttentionOp op;
-    return &op;
+OrtCustomOp *bitconvert_ort::cached_attention_op(bool fp16_cache) {
+    static CachedAttentionOp<float> fp32;
+    static CachedAttentionOp<uint16_t> fp16;
+    return fp16_cache ? static_cast<OrtCustomOp *>(&fp16) : static_cast<OrtCustomOp *>(&fp32);
 }

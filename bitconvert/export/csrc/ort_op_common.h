@@ -115,7 +115,7 @@ private:
 // com.bitconvert::Int6MatMul (int6_ort_op.cpp) and ::CachedAttention (attention_ort_op.cpp): one instance each for
 // the whole process.
 OrtCustomOp *int6_matmul_op();
-OrtCustomOp *cached_attention_op();
+OrtCustomOp *cached_attention_op(bool fp16_cache);
 
 }  // namespace bitconvert_ort
 

@@ -383,7 +383,9 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     if (OrtStatus *status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
     if (OrtStatus *status = api->CustomOpDomain_Add(domain, &op)) return status;
     if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::int6_matmul_op())) return status;
-    if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::cached_attention_op())) return status;
+    for (bool fp16_cache : {false, true})
+        if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::cached_attention_op(fp16_cache)))
+            return status;
     // The domain must outlive every session made from these options, so it is never released (a few bytes per
     // registration; releasing it at process exit could run after onnxruntime itself is gone).
     return api->AddCustomOpDomain(options, domain);

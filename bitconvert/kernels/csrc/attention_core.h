@@ -2,7 +2,8 @@
 // decode step (decode_step.cpp, decode_ops.cpp) and ONNX Runtime's CachedAttention (export/csrc/attention_ort_op.cpp)
 // run, free of torch and of ONNX Runtime. Header only (templates and inline functions).
 //
-// Cache rows: float, or uint16_t holding fp16 bits (at::Half's layout), read back to fp32 exactly. Each loop has a
+// Cache rows: float, or uint16_t holding fp16 bits (at::Half's layout), read back to fp32 exactly and written by
+// float_to_half. Each loop has a
 // scalar reference and an AVX2 (+ F16C for fp16) form that computes the same bits: the same products and sums in the
 // same order, no FMA (the libraries build with -ffp-contract=off).
 #ifndef BITCONVERT_ATTENTION_CORE_H
@@ -40,6 +41,29 @@ inline float half_to_float(uint16_t h) {
 
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t h) { return half_to_float(h); }
+
+// The fp16 bits nearest to x, ties to even (as torch's .half() and numpy's astype(float16) round): overflow to inf,
+// gradual underflow to subnormals, NaN kept (quiet).
+inline uint16_t float_to_half(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
+    const uint32_t magnitude = bits & 0x7FFFFFFFu;
+    if (magnitude > 0x7F800000u) return sign | 0x7E00u;  // NaN
+    if (magnitude >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 rounds to inf (65504 is the largest fp16)
+    if (magnitude < 0x38800000u) {                       // below 2^-14: a multiple of 2^-24, exact in fp32 once scaled
+        float scaled;
+        std::memcpy(&scaled, &magnitude, sizeof scaled);
+        return sign | uint16_t(std::nearbyint(scaled * 16777216.0f));  // the default rounding: to nearest even
+    }
+    uint32_t half = (magnitude >> 13) - (112u << 10);  // exponent rebiased (127 -> 15), top 10 mantissa bits
+    const uint32_t rest = magnitude & 0x1FFFu;         // the 13 bits dropped; a carry may raise the exponent
+    if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;
+    return sign | uint16_t(half);
+}
+
+inline void store(float x, float *out) { *out = x; }
+inline void store(float x, uint16_t *out) { *out = float_to_half(x); }
 
 // out (dim) = x (one head of dim values) rotated by the tables of its position, on halves x1 = x[:dim/2],
 // x2 = x[dim/2:]: out = (x1 cos_lo + (-x2) sin_lo, x2 cos_hi + x1 sin_hi), each value two products and one sum
