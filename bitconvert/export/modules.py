@@ -75,16 +75,11 @@ class FusedTernaryMatMulLinear(nn.Module):
         return torch.ops.bitconvert_export.ternary_matmul(x, self.weight, self.weight_scale, self.out_features,
                                                           self.segments)
 
-    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of a fused (gate, up) pair, (..., N/2), in the same node (``activation="swiglu"``)."""
-        return torch.ops.bitconvert_export.ternary_matmul(x, self.weight, self.weight_scale, self.out_features,
-                                                          self.segments, "swiglu")
-
     def normed(self, x: torch.Tensor, skip: torch.Tensor | None, norm: nn.Module,
                activation: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """(this product of norm(h), h) with h = x + skip (x without skip), ``norm`` an RMSNorm (weight, epsilon),
-        in one node: the norm folded into the TernaryMatMul (``normed_ternary_matmul``); ``activation`` as
-        :meth:`swiglu`'s."""
+        in one node: the norm folded into the TernaryMatMul (``normed_ternary_matmul``). ``activation="swiglu"``
+        (a fused (gate, up) pair): the product's output is silu(gate) * up, (..., N/2), computed in the same node."""
         eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
         y, total = torch.ops.bitconvert_export.normed_ternary_matmul(
             x, skip, norm.weight.float(), eps, self.weight, self.weight_scale, self.out_features, self.segments,

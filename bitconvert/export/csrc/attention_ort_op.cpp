@@ -19,8 +19,8 @@
 // q and k are rotated at p (attention_core.h's rope_halves); query head h reads KV head h / (H / G). A buffer
 // (L >= T) bound as both past and present (IOBinding, as bitconvert's OnnxDecoder does) is written in place at rows
 // p and nothing is copied; otherwise the L past rows are copied into present first. Each (b, s, h) is
-// attention_core.h's attend over the rows 0..p of present, in fp32, the same loops and bits as bitconvert.load's decode
-// step; against GroupQueryAttention the output differs by float rounding (tests/test_export.py bounds it).
+// attention_core.h's attend over the rows 0..p of present, in fp32, the loops of bitconvert.load's decode step (plus
+// the bias); against GroupQueryAttention the output differs by float rounding (tests/test_export.py bounds it).
 //
 // Threads: ONNX Runtime's intra-op pool. The cache write is one item per (b, KV head), on the calling thread when
 // it is a decoding step's few rows already in place; attention is cut into parts of whole (b, s, h) items of at
