@@ -385,6 +385,23 @@ def test_cli_export_and_generate(tiny_ternary, tmp_path, capsys):
     assert capsys.readouterr().out == first and greedy.startswith("hi")
 
 
+def test_cli_attention_option(tiny_ternary, tmp_path, capsys):
+    """`bitconvert export --graph fused --attention gqa` writes GroupQueryAttention nodes and says so in the metadata;
+    --attention without --graph fused is one error line and exit 2, nothing written."""
+    out = tmp_path / "gqa" / "model.onnx"
+    assert main(["export", str(tiny_ternary), "--out", str(out), "--graph", "fused", "--attention", "gqa"]) == 0
+    model = onnx.load(out)
+    assert {node.op_type for node in model.graph.node} >= {"GroupQueryAttention", "TernaryMatMul"}
+    assert "CachedAttention" not in {node.op_type for node in model.graph.node}
+    assert {p.key: p.value for p in model.metadata_props}["bitconvert.attention"] == "gqa"
+    capsys.readouterr()
+    bad = tmp_path / "bad" / "model.onnx"
+    assert main(["export", str(tiny_ternary), "--out", str(bad), "--attention", "bitconvert"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--attention bitconvert needs --graph fused" in error[0]
+    assert not bad.exists()
+
+
 def test_corrupt_model(tmp_path, capsys):
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"\x08\x07not a protobuf at all")
