@@ -34,7 +34,8 @@ OP_SOURCE = OP_DIR / "ternary_ort_op.cpp"
 SOURCES = (CORE_DIR / "ternary_core.cpp", CORE_DIR / "int8_core.cpp", OP_SOURCE, OP_DIR / "int6_ort_op.cpp",
            OP_DIR / "attention_ort_op.cpp")
 HEADERS = (CORE_DIR / "ternary_core.h", CORE_DIR / "int8_core.h", CORE_DIR / "avxvnni.h", CORE_DIR / "fast_exp.h",
-           CORE_DIR / "attention_core.h", CORE_DIR / "norm_core.h", OP_DIR / "ort_op_common.h")
+           CORE_DIR / "attention_core.h", CORE_DIR / "norm_core.h", CORE_DIR / "fp16.h",
+           OP_DIR / "ort_op_common.h")
 FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", *CORE_FLAGS]
 LIBRARY_NAME = "libbitconvert_ort.so"
 HEADERS_PACKAGE = "libonnxruntime-dev"

@@ -71,7 +71,8 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "ternary_core.cpp", CSRC / "int8_core.cpp", CSRC / "torch_ops.cpp", CSRC / "decode_ops.cpp",
            CSRC / "decode_step.cpp")
 HEADERS = (CSRC / "ternary_core.h", CSRC / "int8_core.h", CSRC / "op_checks.h", CSRC / "decode_ops.h",
-           CSRC / "attention_core.h", CSRC / "norm_core.h", CSRC / "avxvnni.h", CSRC / "fast_exp.h")
+           CSRC / "attention_core.h", CSRC / "norm_core.h", CSRC / "fp16.h", CSRC / "avxvnni.h",
+           CSRC / "fast_exp.h")
 # Exact float rounding: no fused multiply-add contraction, no fast-math.
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
 

@@ -6,6 +6,7 @@
 #include "int8_core.h"
 #include "ternary_core.h"  // bc_thread_count
 #include "avxvnni.h"
+#include "fp16.h"
 
 #include <immintrin.h>
 
@@ -149,16 +150,9 @@ using BlockRowsFn = void (*)(const uint8_t *w, int64_t ldw, const Scale *d, cons
 using Int4RowsFn = BlockRowsFn<float>;
 using Int6RowsFn = BlockRowsFn<uint16_t>;
 
-// fp16 bits -> fp32, exact (finite values: int6 scales are never inf or NaN). The SIMD paths use vcvtph2ps.
-inline float half_to_float(uint16_t h) {
-    const int exponent = (h >> 10) & 31, mantissa = h & 1023;
-    const float magnitude = exponent == 0 ? std::ldexp(float(mantissa), -24)
-                                          : std::ldexp(float(mantissa | 1024), exponent - 25);
-    return h & 0x8000 ? -magnitude : magnitude;
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t h) { return half_to_float(h); }
+// fp16 bits -> fp32, exactly (fp16.h); the SIMD paths use vcvtph2ps.
+using bitconvert::half_to_float;
+using bitconvert::to_float;
 
 // The signed code of column k of an int4 row: the low or high nibble of byte 32 * (k / 64) + k % 32, minus 8.
 inline int int4_code(const uint8_t *row, int64_t k) {
