@@ -130,24 +130,26 @@ def _int6_matmul_fake(x, w_q, d, out_features):
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
 
 
-def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int, segments=None, activation: str = ""):
+def _ternary_matmul_attributes(out_features: int, segments, activation: str) -> dict:
+    """A TernaryMatMul node's attributes: out_features, and segments and activation where given."""
     attributes = {"out_features": out_features}
     if segments:
         attributes["segments"] = list(segments)
     if activation:
         attributes["activation"] = activation
-    return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale, **attributes)
+    return attributes
+
+
+def _ternary_matmul_onnx(x, weight, weight_scale, out_features: int, segments=None, activation: str = ""):
+    return _bitconvert_opset.TernaryMatMul(x, weight, weight_scale,
+                                           **_ternary_matmul_attributes(out_features, segments, activation))
 
 
 def _normed_ternary_matmul_onnx(x, skip, gamma, eps: float, weight, weight_scale, out_features: int, segments=None,
                                 activation: str = ""):
-    attributes = {"out_features": out_features, "epsilon": eps}
-    if segments:
-        attributes["segments"] = list(segments)
-    if activation:
-        attributes["activation"] = activation
+    attributes = _ternary_matmul_attributes(out_features, segments, activation)
     # the exporter gives a node every output of its schema: without skip, H is a copy of x that nothing reads
-    y, total = _bitconvert_norm_opset.TernaryMatMul(x, weight, weight_scale, skip, gamma, **attributes)
+    y, total = _bitconvert_norm_opset.TernaryMatMul(x, weight, weight_scale, skip, gamma, epsilon=eps, **attributes)
     return y, (x if skip is None else total)
 
 
