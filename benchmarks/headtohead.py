@@ -24,6 +24,9 @@ spinning threads wait for the core a neighbour holds: there pass ``--no-spinning
 interleaved round by round (every engine once per round), so a slow spell of the shared machine hits all of them;
 the best round per engine is reported, with the spread.
 
+A llama.cpp engine whose tool fails (llama-bench crashed on llama.cpp's own TQ2_0 file of SmolLM2 in its prompt test,
+on an Intel Xeon host) is reported as failed, with the exit status, and left out of the table; the run goes on.
+
 Each decode figure is also given as a fraction of its physical bound: bytes read per generated token times tokens/s,
 over the memory bandwidth (``torch.sum`` over a 1.5 GiB fp32 tensor with the same threads) measured right before
 that engine's run, since a shared host's bandwidth drifts by up to 2x within one run. The bytes are every weight
@@ -180,6 +183,30 @@ def engines_for(name: str, converted: Path, source: str | None, workdir: Path, t
     return engines
 
 
+def run_rounds(name: str, engines: dict, rounds: int, threads: int,
+               bandwidths: list[float]) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Every engine of one model once per round, each run right after a bandwidth probe (appended to
+    ``bandwidths``, GB/s); returns the runs per engine and, for an engine whose llama.cpp tool failed (llama-bench
+    crashing on a GGUF), the first line of the error: its other runs still count, and the other engines go on."""
+    runs, failures = {engine: [] for engine in engines}, {}
+    for round_index in range(rounds):
+        for engine, measure in engines.items():
+            bandwidth = memory_bandwidth(threads) / 1e9
+            bandwidths.append(bandwidth)
+            try:
+                figures = {**measure(), "bandwidth_gb_s": bandwidth}
+            except llamacpp.LlamaCppFailed as error:  # a peer's crash costs its row, not the run
+                failures.setdefault(engine, str(error).splitlines()[0])
+                print(f"  [{name} round {round_index + 1}] {engine:<26} {failures[engine]}", flush=True)
+                continue
+            figures["fraction_of_bandwidth"] = figures["bytes_per_token"] * figures["decode_tok_s"] / 1e9 / bandwidth
+            runs[engine].append(figures)
+            print(f"  [{name} round {round_index + 1}] {engine:<26} decode {figures['decode_tok_s']:8.2f} "
+                  f"prefill {figures['prefill_tok_s']:8.2f} tok/s, {figures['fraction_of_bandwidth']:4.0%} of "
+                  f"{bandwidth:.1f} GB/s", flush=True)
+    return runs, failures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="NAME=CONVERTED[:SOURCE], repeatable")
@@ -211,19 +238,11 @@ def main() -> None:
                               args.new_tokens, ort=name not in args.skip_ort,
                               gguf_variants=tuple(variants.get(name, "").split(",")) if name in variants else (),
                               spinning=args.spinning)
-        runs = {engine: [] for engine in engines}
-        for round_index in range(args.rounds):
-            for engine, measure in engines.items():
-                bandwidth = memory_bandwidth(args.threads) / 1e9
-                results["bandwidth_gb_s"].append(bandwidth)
-                runs[engine].append({**measure(), "bandwidth_gb_s": bandwidth})
-                figures = runs[engine][-1]
-                figures["fraction_of_bandwidth"] = figures["bytes_per_token"] * figures["decode_tok_s"] / 1e9 / bandwidth
-                print(f"  [{name} round {round_index + 1}] {engine:<26} decode {figures['decode_tok_s']:8.2f} "
-                      f"prefill {figures['prefill_tok_s']:8.2f} tok/s, {figures['fraction_of_bandwidth']:4.0%} of "
-                      f"{bandwidth:.1f} GB/s", flush=True)
+        runs, failures = run_rounds(name, engines, args.rounds, args.threads, results["bandwidth_gb_s"])
         results["models"][name] = {engine: {"runs": runs[engine], "bytes_per_token": runs[engine][0]["bytes_per_token"]}
-                                   for engine in engines}
+                                   for engine in engines if runs[engine]}
+        if failures:
+            results.setdefault("failed", {})[name] = failures
 
     low, high = min(results["bandwidth_gb_s"]), max(results["bandwidth_gb_s"])
     median = statistics.median(results["bandwidth_gb_s"])
@@ -244,9 +263,15 @@ def main() -> None:
                          fraction_of_median_bandwidth=of_median)
             print(f"{name:<12} {engine:<26} {decode_best:13.2f} {prefill_best:14.2f} "
                   f"{entry['bytes_per_token'] / 1e6:9.1f} {fraction:9.0%} {of_median:10.0%}")
+    for name, failures in results.get("failed", {}).items():
+        for engine, message in failures.items():
+            print(f"{name:<12} {engine:<26} {message}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except llamacpp.LlamaCppFailed as error:
+        sys.exit(f"error: llama.cpp {error}")

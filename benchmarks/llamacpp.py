@@ -58,10 +58,14 @@ def llama_cpp_source() -> Path:
     sys.exit("cannot find llama.cpp's source tree; set LLAMA_CPP_SRC")
 
 
+class LlamaCppFailed(RuntimeError):
+    """A llama.cpp tool exited with an error (a crash included): the command, its exit status and its stderr's end."""
+
+
 def _run(command: list) -> str:
     result = subprocess.run([str(part) for part in command], capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"failed ({result.returncode}): {' '.join(map(str, command))}\n{result.stderr[-2000:]}")
+        raise LlamaCppFailed(f"failed ({result.returncode}): {' '.join(map(str, command))}\n{result.stderr[-2000:]}")
     return result.stdout
 
 
@@ -180,8 +184,11 @@ def main() -> None:
     args = parser.parse_args()
     name = Path(args.converted).name
     variants = tuple(kind for kind in args.variants.split(",") if kind)
-    ggufs = build_ggufs(args.converted, args.source, args.workdir or Path("bench-out/gguf") / name, variants)
-    results = bench_interleaved(ggufs, args.threads, args.rounds, args.prompt, args.gen)
+    try:
+        ggufs = build_ggufs(args.converted, args.source, args.workdir or Path("bench-out/gguf") / name, variants)
+        results = bench_interleaved(ggufs, args.threads, args.rounds, args.prompt, args.gen)
+    except LlamaCppFailed as error:
+        sys.exit(str(error))
     print_table(name, results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"model": str(args.converted), "source": args.source, "threads": args.threads,

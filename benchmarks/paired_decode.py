@@ -361,4 +361,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except llamacpp.LlamaCppFailed as error:
+        sys.exit(f"error: llama.cpp {error}")

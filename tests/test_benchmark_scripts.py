@@ -125,6 +125,34 @@ def test_llama_bench_depth(monkeypatch):
     assert "-d" not in commands[1]
 
 
+def test_llama_cpp_crash_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A llama.cpp tool that crashes raises LlamaCppFailed with its exit status and stderr (not a bare exit), and
+    benchmarks/headtohead.run_rounds reports that engine as failed while the other engines' runs go on."""
+    import stat
+
+    import pytest
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import headtohead
+    import llamacpp
+
+    crashing = tmp_path / "llama-bench"
+    crashing.write_text("#!/bin/sh\necho 'ggml: something broke' >&2\nkill -SEGV $$\n")
+    crashing.chmod(crashing.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(llamacpp, "binary", lambda name: crashing)
+    with pytest.raises(llamacpp.LlamaCppFailed, match=r"(?s)failed \(-11\): \S*llama-bench -m m.gguf .*something broke"):
+        llamacpp.bench_gguf("m.gguf", 2)
+
+    monkeypatch.setattr(headtohead, "memory_bandwidth", lambda threads: 10e9)
+    engines = {"ours": lambda: {"decode_tok_s": 100.0, "prefill_tok_s": 1000.0, "bytes_per_token": 10**7},
+               "llama.cpp tq2_0": lambda: llamacpp.bench_gguf("m.gguf", 2)}
+    bandwidths = []
+    runs, failures = headtohead.run_rounds("tiny", engines, 2, 2, bandwidths)
+    assert [run["fraction_of_bandwidth"] for run in runs["ours"]] == [0.1, 0.1]
+    assert runs["llama.cpp tq2_0"] == [] and failures["llama.cpp tq2_0"].startswith("failed (-11): ")
+    assert bandwidths == [10.0] * 4
+
+
 def test_attention_nodes_times_both_ops(tmp_path):
     """benchmarks/attention_nodes.py at tiny shapes: a row per position with both ops' time per node and their ratio."""
     import json
