@@ -377,6 +377,41 @@ def test_quantized_rows_one_token_equals_its_row_of_a_batch(isa, kind):
                         f"{kind} {isa} {in_features}x{out_features} token {t} threads {threads}"
 
 
+ONE_TOKEN_HEADS = """
+import sys, numpy as np, torch
+from bitconvert import kernels
+generator = torch.Generator().manual_seed(9)
+rows = []
+for kind in ("int8", "int6", "int4"):
+    quantize, linear = getattr(kernels, kind + "_quantize_rows"), getattr(kernels, kind + "_linear")
+    w_q, d = quantize(torch.randn(131, 1056, generator=generator))
+    x = torch.randn(3, 1056, generator=generator)
+    for t in range(3):
+        rows.append(linear(x[t:t + 1], w_q, d, -1, 2)[0].numpy())
+np.save(sys.argv[1], np.stack(rows))
+"""
+
+
+def test_head_streams_choice_keeps_the_bits(tmp_path):
+    """BITCONVERT_HEAD_STREAMS=1 (one row per call: one memory stream per thread, the default off Intel) and =4 (four
+    interleaved rows per call, the default on Intel) give every one-token row bit for bit the same, on the quantized
+    heads' default path, 2 threads (the choice is read once per process, hence the subprocesses)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    results = {}
+    for streams in ("1", "4"):
+        out = tmp_path / f"streams-{streams}.npy"
+        subprocess.run([sys.executable, "-c", ONE_TOKEN_HEADS, str(out)], check=True, timeout=300,
+                       env={**os.environ, "BITCONVERT_HEAD_STREAMS": streams})
+        results[streams] = np.load(out, allow_pickle=False)
+    assert results["1"].shape == (9, 131) and np.isfinite(results["1"]).all()
+    np.testing.assert_array_equal(results["1"], results["4"])
+
+
 def test_int8_extremes_and_shape_errors():
     w = torch.tensor([[1e30, -1e30, 3.0], [1e-30, 0.0, -1e-30]])
     w_q, d = kernels.int8_quantize_rows(w)

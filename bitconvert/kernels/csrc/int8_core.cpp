@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -439,18 +440,32 @@ struct BlockActivations {
     const float *scales(int64_t t) const { return &e[t * blocks]; }
 };
 
+// Rows per call for one token (decoding, where the rows come from memory): 1, so each thread reads its rows as one
+// sequential stream, or kRowsPerCall, which interleaves that many streams (ldx bytes each). Which is faster depends on
+// the CPU's prefetchers: on an AMD EPYC Zen 4, four streams read a 49,152 x 1,024 int8 head from memory 1.4x slower
+// and a 49,152 x 576 one 1.9x; on an Intel Xeon (AVX-512, AMX) they decoded 2-8% faster on all four benchmark models
+// (docs/kernels.md). So kRowsPerCall on Intel CPUs, 1 elsewhere; BITCONVERT_HEAD_STREAMS=1 or 4 picks either.
+int64_t one_token_rows_per_call() {
+    static const int64_t rows = [] {
+        const char *choice = std::getenv("BITCONVERT_HEAD_STREAMS");
+        if (choice != nullptr && std::strcmp(choice, "1") == 0) return int64_t(1);
+        if (choice != nullptr && std::strcmp(choice, "4") == 0) return int64_t(kRowsPerCall);
+        __builtin_cpu_init();
+        return __builtin_cpu_is("intel") ? int64_t(kRowsPerCall) : int64_t(1);
+    }();
+    return rows;
+}
+
 // Calls group(o, rows, t) for every token t < n and every group of rows o .. o + rows - 1 (rows <= kRowsPerCall),
 // in parallel over tasks of kRowsPerTask rows (each task walks its rows once per token, so they stay in L2), on
 // bc_thread_count threads for out_features * n * ldx multiply-adds. Several tokens: kRowsPerCall rows share each
-// pass over a token's activations. One token (decoding, where the rows come from memory): one row per call, so each
-// thread reads its rows as one sequential stream; kRowsPerCall rows per call interleave that many short streams
-// (ldx bytes each), which the hardware prefetchers follow poorly: a 49,152 x 1,024 int8 head streamed from memory
-// 1.4x slower, 49,152 x 576 1.9x (docs/kernels.md). A row's sum is the same instructions in the same order either way.
+// pass over a token's activations; one token: one_token_rows_per_call(). A row's sum is the same instructions in the
+// same order either way.
 template <class Group>
 void for_row_groups(int64_t n, int64_t out_features, int64_t ldx, int threads, const Group &group) {
     const int64_t tasks = (out_features + kRowsPerTask - 1) / kRowsPerTask;
     const int nthreads = bc_thread_count(threads, tasks, out_features * n * ldx);
-    const int64_t rows_per_call = n == 1 ? 1 : kRowsPerCall;
+    const int64_t rows_per_call = n == 1 ? one_token_rows_per_call() : kRowsPerCall;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int64_t task = 0; task < tasks; ++task) {
         const int64_t row0 = task * kRowsPerTask, row1 = std::min(out_features, row0 + kRowsPerTask);
