@@ -108,14 +108,25 @@ def gguf_bytes_per_token(path: Path) -> int:
     return sum(tensors.values())
 
 
+def _decoder_layer_rows(node, shapes: dict[str, list[int]]) -> dict[str, int]:
+    """A DecoderLayer node's ternary weights -> their rows N, from the weights' columns (as the op derives them):
+    K = qkv's, H D = o's, I = down's; qkv (H + 2 G) D, o and down K, gate_up 2 I."""
+    attributes = {a.name: a.i for a in node.attribute if a.name in ("num_heads", "kv_num_heads")}
+    qkv, o, gate_up, down = (node.input[i] for i in (3, 12, 15, 17))
+    hidden, dim, intermediate = shapes[qkv][1], shapes[o][1] // attributes["num_heads"], shapes[down][1]
+    return {qkv: (attributes["num_heads"] + 2 * attributes["kv_num_heads"]) * dim, o: hidden,
+            gate_up: 2 * intermediate, down: hidden}
+
+
 def onnx_bytes_per_token(path: Path) -> int:
     """Bytes of the ONNX graph's initializers, less a table that is only ever the data input of a ``Gather``
-    (the embedding lookup reads one row per token); a TernaryMatMul weight counts as the op's repacked copy in the
-    layout it picks on this CPU (``kernels.layout_index``), which is what it reads."""
+    (the embedding lookup reads one row per token); a TernaryMatMul or DecoderLayer weight counts as the op's repacked
+    copy in the layout it picks on this CPU (``kernels.layout_index``), which is what it reads."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)
+    shapes = {tensor.name: list(tensor.dims) for tensor in model.graph.initializer}
     consumers: dict[str, set[str]] = {}
     ternary_rows: dict[str, int] = {}  # TernaryMatMul weight -> out_features
     for node in model.graph.node:
@@ -123,6 +134,8 @@ def onnx_bytes_per_token(path: Path) -> int:
             consumers.setdefault(name, set()).add(node.op_type if position == 0 else f"{node.op_type}:{position}")
         if node.op_type == "TernaryMatMul":
             ternary_rows[node.input[1]] = next(a.i for a in node.attribute if a.name == "out_features")
+        if node.op_type == "DecoderLayer":
+            ternary_rows.update(_decoder_layer_rows(node, shapes))
     layout = kernels.layout_index()
     total = 0
     for tensor in model.graph.initializer:

@@ -318,14 +318,15 @@ def main() -> None:
             engine = OrtEngine(path, args.threads, prompt, args.max_position, config, huge_pages=kind == "huge")
             metadata = engine.decoder.session.get_modelmeta().custom_metadata_map
             head, cache = metadata.get("bitconvert.lm_head", "exact"), metadata.get("bitconvert.kv_cache", "fp32")
-            attention = metadata.get("bitconvert.attention",
-                                     "gqa" if metadata.get("bitconvert.graph") == "fused" else "standard")
+            graph = metadata.get("bitconvert.graph", "plain")
+            attention = metadata.get("bitconvert.attention", "gqa" if graph == "fused" else "standard")
             name = "ort" + "".join(f" {part}" for part in (
                 "" if head == "int8" else head, "" if attention == "bitconvert" else attention,
-                "" if cache == "fp32" else f"{cache}-kv", "" if kind == "huge" else "4k-pages") if part)
+                "" if graph != "layer" else graph, "" if cache == "fp32" else f"{cache}-kv",
+                "" if kind == "huge" else "4k-pages") if part)
             if name in engines:
-                raise SystemExit(f"error: two --onnx files with the {head} lm_head, {attention} attention and {cache} "
-                                 "KV cache; give one export per kind")
+                raise SystemExit(f"error: two --onnx files with the {head} lm_head, {attention} attention, {cache} "
+                                 f"KV cache and {graph} graph; give one export per kind")
             engines[name] = engine
     if args.gguf:
         engines["llama.cpp"] = LlamaCppEngine(args.gguf, args.threads, args.gguf_tokens, config, args.gguf_depth)

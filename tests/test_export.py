@@ -7,11 +7,14 @@ across a rounding boundary of the int8 quantization. On these fixed-seed inputs 
 range; the bound LOGIT_TOLERANCE (1e-5 of the range) leaves 100x margin for the ulp noise while still failing on
 any single flipped activation in the last layers (one int8 step is 1/127 of a token's range, ~1e-2). The same bound
 holds for the fused graph (bitconvert's CachedAttention or ORT's GroupQueryAttention, and ORT's RMSNorm kernels, are
-other float roundings of the same math; measured ~3e-7). The int8 lm_head is an approximation with its own bound,
-INT8_HEAD_TOLERANCE.
+other float roundings of the same math; measured ~3e-7). The layer graph's DecoderLayer runs the code of the fused
+graph's five nodes of a layer in one node: its logits and presents equal the fused graph's bit for bit. The int8
+lm_head is an approximation with its own bound, INT8_HEAD_TOLERANCE.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx
@@ -25,12 +28,15 @@ from bitconvert.bitlinear import PackedBitLinear, quantize_activations
 from bitconvert.cli import main
 from bitconvert.errors import BitconvertError
 from bitconvert.export import custom_op_library, export_onnx, session
+from bitconvert.export.decoder import FusedKVCacheDecoder
+from bitconvert.export.exporter import _trace
 from bitconvert.export.fused_ops import group_query_attention
 from bitconvert.export.generate import OnnxDecoder, Sampling, _pick
 from bitconvert.export.matmulnbits import dequantize, to_matmulnbits, to_matmulnbits_int8
+from bitconvert.export.modules import fuse_projections, replace_bitlinears
 from bitconvert.export.ops import DOMAIN, ternary_matmul
 from bitconvert.export.runtime import ort_include_dir
-from bitconvert.load import load
+from bitconvert.load import load, load_for_inference
 from bitconvert.packing import pack_ternary
 
 LOGIT_TOLERANCE = 1e-5
@@ -64,17 +70,23 @@ def fused_gqa_onnx(tiny_ternary, tmp_path_factory):
                        attention="gqa")
 
 
-GRAPH_FIXTURES = {"plain": "ternary_onnx", "fused": "fused_onnx", "fused-gqa": "fused_gqa_onnx"}
+@pytest.fixture(scope="session")
+def layer_onnx(tiny_ternary, tmp_path_factory):
+    return export_onnx(tiny_ternary, tmp_path_factory.mktemp("onnx-layer") / "model.onnx", graph="layer")
+
+
+GRAPH_FIXTURES = {"plain": "ternary_onnx", "fused": "fused_onnx", "fused-gqa": "fused_gqa_onnx",
+                  "layer": "layer_onnx"}
 
 
 @pytest.fixture(params=list(GRAPH_FIXTURES))
 def graph_onnx(request):
-    """The plain export of the tiny model and its fused exports (bitconvert's attention, ORT's GroupQueryAttention),
-    for tests that hold for all three."""
+    """The plain export of the tiny model, its fused exports (bitconvert's attention, ORT's GroupQueryAttention) and
+    its layer export (DecoderLayer nodes), for tests that hold for all four."""
     return request.getfixturevalue(GRAPH_FIXTURES[request.param])
 
 
-@pytest.fixture(params=["fused", "fused-gqa"])
+@pytest.fixture(params=["fused", "fused-gqa", "layer"])
 def fused_graph_onnx(request):
     return request.getfixturevalue(GRAPH_FIXTURES[request.param])
 
@@ -678,33 +690,40 @@ def test_int8_lm_head_last_logits(tied_int8):
     assert_logits_close(decoder.step(tokens[:, 8:].numpy(), cache)[0], expected[:, -1:], INT8_HEAD_TOLERANCE)
 
 
-def int6_node_model(out_features: int, w_q: np.ndarray, d: np.ndarray):
-    """One Int6MatMul node with W and D as initializers."""
-    node = helper.make_node("Int6MatMul", ["X", "W", "D"], ["Y"], domain=DOMAIN, out_features=out_features)
+# The quantized heads on bitconvert's core: op name -> (quantize_rows, linear) of bitconvert.kernels.
+HEAD_OPS = {"Int6MatMul": (kernels.int6_quantize_rows, kernels.int6_linear),
+            "Int8MatMul": (kernels.int8_quantize_rows, kernels.int8_linear)}
+
+
+def head_node_model(op: str, out_features: int, w_q: np.ndarray, d: np.ndarray):
+    """One Int6MatMul or Int8MatMul node with W and D as initializers."""
+    node = helper.make_node(op, ["X", "W", "D"], ["Y"], domain=DOMAIN, out_features=out_features)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", "t", "k"])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(w_q, "W"), numpy_helper.from_array(d, "D")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
 
 
+@pytest.mark.parametrize("op", HEAD_OPS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", kernels.ISAS)
-def test_int6_op_bit_exact(tmp_path, monkeypatch, isa, threads):
-    """Int6MatMul equals bitconvert.kernels.int6_linear bit for bit on the same SIMD path: one token (the rows split
-    into parts) and 2 x 9 tokens (the tokens split), widths off the 64-column grid; the int6 head is an
-    approximation, but ONNX Runtime adds nothing to it."""
+def test_head_op_bit_exact(tmp_path, monkeypatch, isa, threads, op):
+    """Int6MatMul (Int8MatMul) equals bitconvert.kernels.int6_linear (int8_linear) bit for bit on the same SIMD
+    path: one token (the rows split into parts) and 2 x 9 tokens (the tokens split), widths off the 64-column grid;
+    the heads are approximations, but ONNX Runtime adds nothing to them."""
     if isa not in kernels.supported_isas():
         pytest.skip(f"this CPU lacks the {isa} path")
     monkeypatch.setenv("BITCONVERT_ISA", isa)
+    quantize_rows, linear = HEAD_OPS[op]
     generator = torch.Generator().manual_seed(3)
     for out_features, in_features in [(1000, 576), (37, 100), (3000, 1024)]:
         weight = torch.randn(out_features, in_features, generator=generator) * 0.05
-        w_q, d = kernels.int6_quantize_rows(weight)
-        model = int6_node_model(out_features, w_q.numpy(), d.numpy())
+        w_q, d = quantize_rows(weight)
+        model = head_node_model(op, out_features, w_q.numpy(), d.numpy())
         x = torch.randn(2, 9, in_features, generator=generator) * 2
         x[0, 1] = 0.0
         for tokens in (x, x[:1, :1]):
-            expected = kernels.int6_linear(tokens.reshape(-1, in_features), w_q, d, kernels.ISAS.index(isa), 1)
+            expected = linear(tokens.reshape(-1, in_features), w_q, d, kernels.ISAS.index(isa), 1)
             got = run_single(tmp_path, model, {"X": tokens.numpy()}, threads)
             assert got.shape == (*tokens.shape[:-1], out_features)
             np.testing.assert_array_equal(got.reshape(-1, out_features), expected.numpy())
@@ -712,41 +731,58 @@ def test_int6_op_bit_exact(tmp_path, monkeypatch, isa, threads):
 
 def test_int6_op_rejects_wrong_shapes(tmp_path):
     w_q, d = kernels.int6_quantize_rows(torch.randn(40, 64))  # (40, 48) codes, (40, 2) scales
-    model = int6_node_model(40, w_q.numpy(), d.numpy())
+    model = head_node_model("Int6MatMul", 40, w_q.numpy(), d.numpy())
     with pytest.raises(Exception, match=r"Int6MatMul: W has shape \(40, 48\), expected \(40, 96\) for K = 100"):
         run_single(tmp_path, model, {"X": np.zeros((1, 1, 100), np.float32)})
-    bad = int6_node_model(41, w_q.numpy(), d.numpy())
+    bad = head_node_model("Int6MatMul", 41, w_q.numpy(), d.numpy())
     with pytest.raises(Exception, match=r"Int6MatMul: W has shape \(40, 48\), expected \(41, 48\)"):
         run_single(tmp_path, bad, {"X": np.zeros((1, 1, 64), np.float32)})
 
 
-@pytest.fixture(scope="session")
-def tied_int6(tied_ternary, tmp_path_factory):
-    """The tied tiny model's fused export with the int6 lm_head (bitconvert's Int6MatMul), last logits only."""
-    return tied_ternary, export_onnx(tied_ternary, tmp_path_factory.mktemp("onnx-int6") / "model.onnx",
-                                     graph="fused", lm_head="int6", logits="last")
+def test_int8_op_rejects_wrong_shapes(tmp_path):
+    w_q, d = kernels.int8_quantize_rows(torch.randn(40, 64))  # (40, 64) codes, (40,) scales
+    model = head_node_model("Int8MatMul", 40, w_q.numpy(), d.numpy())
+    with pytest.raises(Exception, match=r"Int8MatMul: W has shape \(40, 64\), expected \(40, 128\) for K = 100"):
+        run_single(tmp_path, model, {"X": np.zeros((1, 1, 100), np.float32)})
+    bad = head_node_model("Int8MatMul", 40, w_q.numpy(), d[:39].numpy())
+    with pytest.raises(Exception, match=r"Int8MatMul: D has shape \(39\), expected \(40\)"):
+        run_single(tmp_path, bad, {"X": np.zeros((1, 1, 64), np.float32)})
 
 
-def test_int6_lm_head_equals_pytorch_int6_head(tied_int6):
-    """The exported int6 head holds bitconvert.load(..., lm_head="int6")'s codes: the ONNX logits equal PyTorch's
-    with the same head within the float tolerance of the rest of the graph (LOGIT_TOLERANCE), and stay within the
-    int8 head's bound of the exact logits; metadata says int6, the Gather keeps the float table."""
-    converted, path = tied_int6
+# --lm-head choice -> (bitconvert.load's lm_head with the same codes, the node that computes it)
+LIBRARY_HEADS = {"int6": ("int6", "Int6MatMul"), "int8-row": ("int8", "Int8MatMul")}
+
+
+@pytest.fixture(scope="session", params=list(LIBRARY_HEADS))
+def tied_library_head(request, tied_ternary, tmp_path_factory):
+    """The tied tiny model's fused export with a head on bitconvert's core (Int6MatMul, Int8MatMul), last logits."""
+    head = request.param
+    return tied_ternary, head, export_onnx(tied_ternary, tmp_path_factory.mktemp(f"onnx-{head}") / "model.onnx",
+                                           graph="fused", lm_head=head, logits="last")
+
+
+def test_library_lm_head_equals_pytorch_head(tied_library_head):
+    """The exported int6 (int8-row) head holds bitconvert.load(..., lm_head="int6" ("int8"))'s codes: the ONNX logits
+    equal PyTorch's with the same head within the float tolerance of the rest of the graph (LOGIT_TOLERANCE), and
+    stay within the int8 head's bound of the exact logits; metadata names the head, the Gather keeps the float
+    table."""
+    converted, head, path = tied_library_head
+    torch_head, op = LIBRARY_HEADS[head]
     torch_model = load(converted, dtype=torch.float32)
     model = onnx.load(path)
-    assert [node.op_type for node in model.graph.node].count("Int6MatMul") == 1
+    assert [node.op_type for node in model.graph.node].count(op) == 1
     assert "MatMulNBits" not in {node.op_type for node in model.graph.node}
-    assert {p.key: p.value for p in model.metadata_props}["bitconvert.lm_head"] == "int6"
+    assert {p.key: p.value for p in model.metadata_props}["bitconvert.lm_head"] == head
     gather = next(node for node in model.graph.node if node.op_type == "Gather")
     assert {t.name: t for t in model.graph.initializer}[gather.input[0]].data_type == TensorProto.FLOAT
     decoder = OnnxDecoder(session(path))
     tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         exact = torch_model(tokens).logits.numpy()[:, -1:]
-        int6 = load(converted, dtype=torch.float32, lm_head="int6")(tokens).logits.numpy()[:, -1:]
+        quantized = load(converted, dtype=torch.float32, lm_head=torch_head)(tokens).logits.numpy()[:, -1:]
     logits, _ = decoder.step(tokens.numpy(), decoder.empty_cache())
     assert logits.shape == exact.shape
-    assert_logits_close(logits, int6, LOGIT_TOLERANCE)
+    assert_logits_close(logits, quantized, LOGIT_TOLERANCE)
     assert_logits_close(logits, exact, INT8_HEAD_TOLERANCE)
     assert np.abs(logits - exact).max() > 0  # the approximation is really there (not the exact head by mistake)
     # the shared-buffer cache writes the last logits straight into an array of ours: same values, and a later step
@@ -910,3 +946,160 @@ def test_cached_attention_op_with_an_fp16_cache(tmp_path):
     np.testing.assert_array_equal(key.view(np.uint16), want_key.view(np.uint16))
     finite = np.isfinite(want_out)  # the huge values give outputs up to ~1e4: a few fp32 ulps relative there
     np.testing.assert_allclose(out[finite], want_out[finite], rtol=1e-6, atol=ATTENTION_TOLERANCE)
+
+
+@pytest.fixture(scope="session", params=[("fp32", "all"), ("fp32", "last"), ("fp16", "all"), ("fp16", "last")],
+                ids=lambda param: "-".join(param))
+def fused_and_layer_onnx(request, tiny_ternary, tmp_path_factory):
+    """The tiny model's fused export (bitconvert's attention) and its layer export, with one KV cache type and one
+    choice of logits."""
+    kv_cache, logits = request.param
+    folder = tmp_path_factory.mktemp(f"onnx-layer-{kv_cache}-{logits}")
+    return tuple(export_onnx(tiny_ternary, folder / graph / "model.onnx", graph=graph, kv_cache=kv_cache,
+                             logits=logits) for graph in ("fused", "layer"))
+
+
+def test_layer_graph(fused_and_layer_onnx, torch_model):
+    """One DecoderLayer node per layer in place of the fused graph's five (no CachedAttention or TernaryMatMul left),
+    chained x = y, skip = h1 (layer 0 without skip), the final norm ORT's; the I/O of the fused export; the checker
+    and strict shape inference pass (com.bitconvert at version 2); metadata says layer, bitconvert attention."""
+    fused, layer = (onnx.load(path) for path in fused_and_layer_onnx)
+    onnx.checker.check_model(layer, full_check=True)
+    config = torch_model.config
+    count = lambda op: sum(node.op_type == op for node in layer.graph.node)  # noqa: E731
+    assert count("DecoderLayer") == config.num_hidden_layers
+    assert count("CachedAttention") == count("TernaryMatMul") == count("SimplifiedLayerNormalization") == 0
+    assert count("SkipSimplifiedLayerNormalization") == 1
+    nodes = [node for node in layer.graph.node if node.op_type == "DecoderLayer"]
+    assert all(node.domain == DOMAIN and len(node.input) == 19 and len(node.output) == 4 for node in nodes)
+    assert nodes[0].input[1] == "" and all(node.input[1] for node in nodes[1:])
+    assert all(node.input[:2] == before.output[:2] for before, node in zip(nodes, nodes[1:]))
+    assert [node.output[2:] for node in nodes] == [[f"present.{i}.key", f"present.{i}.value"]
+                                                   for i in range(config.num_hidden_layers)]
+    attributes = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attributes["num_heads"] == config.num_attention_heads
+    assert attributes["kv_num_heads"] == config.num_key_value_heads
+    assert attributes["epsilon"] == pytest.approx(config.rms_norm_eps)
+    assert {o.domain: o.version for o in layer.opset_import}[DOMAIN] == 2
+    signature = lambda model: [(v.name, v.type.tensor_type.elem_type)  # noqa: E731
+                               for v in [*model.graph.input, *model.graph.output]]
+    assert signature(layer) == signature(fused)
+    metadata = {p.key: p.value for p in layer.metadata_props}
+    assert (metadata["bitconvert.graph"], metadata["bitconvert.attention"]) == ("layer", "bitconvert")
+    assert metadata["bitconvert.kv_cache"] == {p.key: p.value for p in fused.metadata_props}["bitconvert.kv_cache"]
+    layer.graph.ClearField("value_info")
+    inferred = onnx.shape_inference.infer_shapes(layer, strict_mode=True)
+    types = {v.name: v.type.tensor_type for v in inferred.graph.value_info}
+    assert types[nodes[0].output[0]].shape.dim[-1].dim_value == config.hidden_size
+    assert types[nodes[0].output[1]].shape.dim[-1].dim_value == config.hidden_size
+
+
+def run_padded_steps(path, threads: int, steps: int = 3) -> list[list[np.ndarray]]:
+    """Every output (logits, then the presents) of a batch of two prompts, row 0 left-padded by two positions
+    (attention_mask 0) before 5 tokens and row 1 of 7 tokens, then of ``steps`` single-token steps, each fed the
+    previous run's presents as its past."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    runner = session(path, options)
+    past_input = runner.get_inputs()[3]
+    _, kv_heads, _, head_dim = past_input.shape
+    cache_type = np.float16 if past_input.type == "tensor(float16)" else np.float32
+    names = [output.name for output in runner.get_outputs()]
+    past = {name.replace("present.", "past_key_values.", 1): np.zeros((2, kv_heads, 0, head_dim), cache_type)
+            for name in names[1:]}
+    tokens = np.random.default_rng(12).integers(0, 256, (2, 7 + steps))
+    mask = np.ones_like(tokens)
+    mask[0, :2] = 0
+    results, start = [], 0
+    for end in range(7, 8 + steps):
+        positions = np.broadcast_to(np.arange(start, end), (2, end - start)).copy()
+        outputs = runner.run(None, {"input_ids": tokens[:, start:end], "attention_mask": mask[:, :end],
+                                    "position_ids": positions, **past})
+        past = {name.replace("present.", "past_key_values.", 1): value
+                for name, value in zip(names[1:], outputs[1:])}
+        results.append(outputs)
+        start = end
+    return results
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_layer_graph_equals_fused_graph_bit_for_bit(fused_and_layer_onnx, threads):
+    """DecoderLayer runs the fused graph's five nodes of a layer as one, on the same code: the logits and every
+    present equal the fused graph's bit for bit (compared as integers), over a left-padded prompt batch and three
+    single-token steps on the returned cache; fp32 and fp16 caches, all and last logits."""
+    fused, layer = fused_and_layer_onnx
+    want, got = run_padded_steps(fused, threads), run_padded_steps(layer, threads)
+    assert len(got) == len(want) == 4
+    for want_outputs, got_outputs in zip(want, got):
+        assert len(got_outputs) == len(want_outputs)
+        for expected, actual in zip(want_outputs, got_outputs):
+            assert actual.dtype == expected.dtype and actual.shape == expected.shape
+            bits = f"u{actual.itemsize}"
+            assert np.array_equal(actual.view(bits), expected.view(bits))
+
+
+@pytest.fixture(scope="session")
+def fused_model(tiny_ternary):
+    """The tiny converted model with its export stand-ins and stacked projections (what the fused graph traces)."""
+    model, _ = load_for_inference(str(tiny_ternary), dtype=torch.float32)
+    replace_bitlinears(model.eval(), "ternary")
+    fuse_projections(model)
+    return model
+
+
+@pytest.mark.parametrize("kv_cache", ["fp32", "fp16"])
+def test_decoder_layer_op_is_the_fused_layer(fused_model, kv_cache):
+    """In PyTorch the decoder_layer op (the reference the exporter traces) gives the fused layers' outputs bit for
+    bit: logits and presents of FusedKVCacheDecoder with and without layer_op; layer_op needs bitconvert's
+    attention."""
+    fused = FusedKVCacheDecoder(fused_model, kv_cache=kv_cache, attention="bitconvert").eval()
+    layer = FusedKVCacheDecoder(fused_model, kv_cache=kv_cache, attention="bitconvert", layer_op=True).eval()
+    assert all(map(layer._fits_layer_op, fused_model.model.layers))
+    inputs = fused.example_inputs()
+    with torch.no_grad():
+        want, got = fused(*inputs), layer(*inputs)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(want, got))
+    with pytest.raises(ValueError, match="layer_op needs attention 'bitconvert'"):
+        FusedKVCacheDecoder(fused_model, attention="gqa", layer_op=True)
+
+
+def test_layer_graph_keeps_the_fused_nodes_of_a_layer_that_does_not_fit(fused_model):
+    """A layer outside DecoderLayer's contract (here an o_proj with a bias) is traced as the fused graph's nodes,
+    next to the DecoderLayer node of the layer that fits."""
+    o_proj = fused_model.model.layers[1].self_attn.o_proj
+    o_proj.bias = torch.zeros(o_proj.out_features)
+    try:
+        decoder = FusedKVCacheDecoder(fused_model, attention="bitconvert", layer_op=True).eval()
+        assert [decoder._fits_layer_op(layer) for layer in fused_model.model.layers] == [True, False]
+        with torch.no_grad():
+            nodes = [node.op_type for node in _trace(decoder, "bitconvert").model.graph]
+    finally:
+        o_proj.bias = None
+    assert nodes.count("DecoderLayer") == 1 and nodes.count("CachedAttention") == 1
+    assert nodes.count("TernaryMatMul") == 4
+
+
+def test_layer_graph_option_errors(tiny_llama, tiny_ternary, tmp_path, capsys):
+    """--graph layer refuses --attention gqa, --op matmulnbits and a full-precision source, naming the option; on the
+    command line one error line and exit 2, nothing written. With --kv-cache fp16 it exports."""
+    message = ("--graph layer runs attention inside bitconvert's DecoderLayer op; drop --attention gqa or use "
+               "--graph fused")
+    with pytest.raises(BitconvertError, match=re.escape(message)):
+        export_onnx("unused", "unused.onnx", graph="layer", attention="gqa")
+    with pytest.raises(BitconvertError, match=r"--graph layer needs --op ternary .*use --graph fused with --op "
+                                              r"matmulnbits"):
+        export_onnx("unused", "unused.onnx", graph="layer", op="matmulnbits")
+    fp32 = tmp_path / "fp32" / "model.onnx"
+    with pytest.raises(BitconvertError, match="--graph layer needs a converted model: .* is full precision"):
+        export_onnx(tiny_llama, fp32, graph="layer")
+    assert not fp32.exists()
+    capsys.readouterr()
+    bad = tmp_path / "bad" / "model.onnx"
+    assert main(["export", str(tiny_ternary), "--out", str(bad), "--graph", "layer", "--attention", "gqa"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+    assert not bad.exists()
+    out = tmp_path / "layer" / "model.onnx"
+    assert main(["export", str(tiny_ternary), "--out", str(out), "--graph", "layer", "--kv-cache", "fp16"]) == 0
+    metadata = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert (metadata["bitconvert.graph"], metadata["bitconvert.kv_cache"]) == ("layer", "fp16")

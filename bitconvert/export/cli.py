@@ -39,25 +39,31 @@ def register(subparsers) -> None:
                         "(q8_0: exact too, 4x larger than Q2_0 but with SIMD kernels on x86, where Q2_0 has none)")
     parser.add_argument("--float-type", choices=FLOAT_TYPES, default="f16",
                         help="GGUF only: type of the embeddings and lm_head (default f16; q8_0 is lossy); norms stay f32")
-    parser.add_argument("--graph", choices=("plain", "fused"), default="plain",
+    parser.add_argument("--graph", choices=("plain", "fused", "layer"), default="plain",
                         help="plain (default): attention and RMSNorm in standard ONNX ops; fused: one attention "
                         "node per layer (--attention), ONNX Runtime's RMSNorm ops and stacked q/k/v, gate/up products "
                         "(fewer nodes, faster; logits equal up to float rounding; positions taken from the cache "
-                        "length)")
-    parser.add_argument("--lm-head", choices=("exact", "int8", "int6"), default="exact",
+                        "length); layer: fused with bitconvert's attention, each LLaMA layer with stacked "
+                        "projections one com.bitconvert::DecoderLayer node (its five fused nodes in one, the same "
+                        "outputs bit for bit; other layers as in fused; --op ternary on a converted model only)")
+    parser.add_argument("--lm-head", choices=("exact", "int8", "int8-row", "int6"), default="exact",
                         help="exact (default): fp32 lm_head; int8: MatMulNBits bits=8 with int8 activations, a "
-                        "quarter of the bytes read per token; int6: bitconvert's Int6MatMul (6.5 bits per weight, as "
-                        "llama.cpp's Q6_K output), 19%% fewer bytes than int8; both approximations (docs/export.md)")
+                        "quarter of the bytes read per token; int8-row: bitconvert's Int8MatMul, per-row int8 as "
+                        "bitconvert.load's lm_head='int8' (its logits bit for bit); int6: bitconvert's Int6MatMul "
+                        "(6.5 bits per weight, as llama.cpp's Q6_K output), 19%% fewer bytes than int8; all "
+                        "approximations (docs/export.md)")
     parser.add_argument("--kv-cache", choices=("fp32", "fp16"), default="fp32",
-                        help="fp32 (default) or fp16 (with --graph fused): the KV cache inputs/outputs in float16, "
-                        "half the cache's memory; keys and values rounded to fp16. bitconvert's attention reads it "
-                        "in fp32 as fast as an fp32 cache; with --attention gqa ONNX Runtime 1.32 computes attention "
-                        "in fp16 and decodes slower on a CPU without fp16 arithmetic (docs/export.md)")
+                        help="fp32 (default) or fp16 (with --graph fused or layer): the KV cache inputs/outputs in "
+                        "float16, half the cache's memory; keys and values rounded to fp16. bitconvert's attention "
+                        "reads it in fp32 as fast as an fp32 cache; with --attention gqa ONNX Runtime 1.32 computes "
+                        "attention in fp16 and decodes slower on a CPU without fp16 arithmetic (docs/export.md)")
     parser.add_argument("--attention", choices=("auto", "bitconvert", "gqa"), default="auto",
                         help="with --graph fused: bitconvert (bitconvert's CachedAttention op: the lean decoder's "
                         "attention loops, 1.5-1.7x faster per node than gqa at SmolLM2's shapes, an fp16 cache read "
                         "in fp32) or gqa (ONNX Runtime's GroupQueryAttention, no custom op); auto (default): "
-                        "bitconvert where the graph already needs bitconvert's library (--op ternary, --lm-head int6)")
+                        "bitconvert where the graph already needs bitconvert's library (--op ternary, --lm-head int8-row "
+                        "or int6); "
+                        "--graph layer's is always bitconvert's")
     parser.add_argument("--logits", choices=("all", "last"), default="all",
                         help="all (default): logits for every input position; last: only the last position's "
                         "(B, 1, V), all that generation needs, and a much faster prompt")

@@ -36,6 +36,12 @@ and value rounded to fp16, as the lean decoder's ``kv_cache="fp16"``. With Cache
 layer's stacked q/k/v, the cos/sin tables and the padding bias (its blocked value float16's min) are fp16 too, attention
 runs in fp16 and its output is cast back to fp32 for o_proj (on a CPU without fp16 arithmetic, Zen 4, ORT 1.32 decodes
 slower with it than with the fp32 cache).
+With ``layer_op`` (``--graph layer``; CachedAttention only) each layer that fits is one ``com.bitconvert::DecoderLayer``
+node (:func:`bitconvert.export.fused_ops.decoder_layer`) in place of its five (normed q/k/v, attention, o_proj, normed
+gate/up with SwiGLU, down), the same math on the same code: a layer fits when it has a stacked qkv_proj of segments
+[H D, H_kv D, H_kv D] and a stacked gate_up_proj of two segments of down_proj's input width, o_proj and down_proj are
+TernaryMatMul without sub-norm or bias, it has no attn_sub_norm or ffn_sub_norm, the model's hidden_act is silu (or
+swish), and its two RMSNorms have one epsilon. Every other layer keeps the fused graph's nodes, in the same graph.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ import torch
 import torch.nn as nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .fused_ops import group_query_attention, rms_norm, skip_rms_norm
+from .fused_ops import decoder_layer, group_query_attention, rms_norm, skip_rms_norm
+from .modules import FusedTernaryMatMulLinear, is_bare_ternary, rms_norm_epsilon
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -133,13 +140,19 @@ class FusedKVCacheDecoder(KVCacheDecoder):
     """The same decoder on ORT's fused operators (see the module docstring). Call
     :func:`~bitconvert.export.modules.fuse_projections` on the model first to stack q/k/v and gate/up."""
 
-    def __init__(self, model: nn.Module, last_logits: bool = False, kv_cache: str = "fp32", attention: str = "gqa"):
+    def __init__(self, model: nn.Module, last_logits: bool = False, kv_cache: str = "fp32", attention: str = "gqa",
+                 layer_op: bool = False):
         """``attention``: the node the exporter will emit (:func:`bitconvert.export.fused_ops.translations`); with
         ``bitconvert``'s an fp16 cache keeps qkv, the rotary tables and the bias in fp32 (``attention_dtype``), with
-        ``gqa``'s they are cast to the cache's type (ORT's GroupQueryAttention takes one type)."""
+        ``gqa``'s they are cast to the cache's type (ORT's GroupQueryAttention takes one type). ``layer_op`` (with
+        ``bitconvert`` only): each layer that fits as one DecoderLayer node (see the module docstring)."""
         super().__init__(model, last_logits)
         if kv_cache not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown KV cache type {kv_cache!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+        if layer_op and attention != "bitconvert":
+            raise ValueError(f"layer_op needs attention 'bitconvert' (DecoderLayer runs CachedAttention), got "
+                             f"{attention!r}")
+        self.layer_op = layer_op
         self.kv_dtype = KV_CACHE_DTYPES[kv_cache]
         self.attention_dtype = torch.float32 if attention == "bitconvert" else self.kv_dtype
         inner = model.model
@@ -154,7 +167,7 @@ class FusedKVCacheDecoder(KVCacheDecoder):
     def _norm(norm: nn.Module, x: torch.Tensor, skip: torch.Tensor | None = None):
         """``norm(x + skip)`` and ``x + skip`` (just ``norm(x)`` and ``x`` without skip), an RMSNorm's weight and
         epsilon on ORT's fused ops."""
-        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+        eps = rms_norm_epsilon(norm)
         if skip is None:
             return rms_norm(x, norm.weight.float(), eps), x
         return skip_rms_norm(x, skip, norm.weight.float(), eps)
@@ -192,6 +205,37 @@ class FusedKVCacheDecoder(KVCacheDecoder):
         sub_norm = getattr(mlp, "ffn_sub_norm", None)
         return mlp.down_proj(hidden if sub_norm is None else sub_norm(hidden)), total
 
+    def _fused_layer(self, layer: nn.Module, x, skip, past_key, past_value, seqlens, total, bias):
+        """(y, h1, present_key, present_value) of one decoder layer on the fused graph's nodes: h = x + skip (x
+        without skip), h1 = h + attention(norm(h)), y = mlp(norm(h1)) without the residual (the next layer's x)."""
+        qkv, hidden = self._qkv(layer.self_attn, layer.input_layernorm, x, skip)
+        attn_out, key, value = self._attention_block(layer.self_attn, qkv, past_key, past_value, seqlens, total, bias)
+        delta, hidden = self._mlp(layer.mlp, layer.post_attention_layernorm, attn_out, hidden)
+        return delta, hidden, key, value
+
+    def _layer_node(self, layer: nn.Module, x, skip, past_key, past_value, seqlens, total, bias):
+        """``_fused_layer``'s outputs from one DecoderLayer node (a layer that ``_fits_layer_op``)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        return decoder_layer(
+            x, skip, layer.input_layernorm.weight.float(), attn.qkv_proj.weight, attn.qkv_proj.weight_scale, past_key,
+            past_value, seqlens, total, self.cos_cache, self.sin_cache, bias, attn.o_proj.weight,
+            attn.o_proj.weight_scale, layer.post_attention_layernorm.weight.float(), mlp.gate_up_proj.weight,
+            mlp.gate_up_proj.weight_scale, mlp.down_proj.weight, mlp.down_proj.weight_scale, self.num_heads,
+            self.num_kv_heads, rms_norm_epsilon(layer.input_layernorm))
+
+    def _fits_layer_op(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` is what a DecoderLayer node computes (the conditions in the module docstring)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up, down = (getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None),
+                              getattr(mlp, "down_proj", None))
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return (isinstance(qkv, FusedTernaryMatMulLinear) and qkv.segments == [q_width, kv_width, kv_width]
+                and is_bare_ternary(attn.o_proj) and getattr(attn, "attn_sub_norm", None) is None
+                and is_bare_ternary(down) and isinstance(gate_up, FusedTernaryMatMulLinear)
+                and gate_up.segments == [down.in_features] * 2 and getattr(mlp, "ffn_sub_norm", None) is None
+                and self.model.config.hidden_act in ("silu", "swish")
+                and rms_norm_epsilon(layer.input_layernorm) == rms_norm_epsilon(layer.post_attention_layernorm))
+
     def forward(self, input_ids, attention_mask, position_ids, *past):
         inner = self.model.model
         batch, length = input_ids.shape
@@ -205,11 +249,10 @@ class FusedKVCacheDecoder(KVCacheDecoder):
         hidden, delta = inner.embed_tokens(input_ids), None
         presents = []
         for index, layer in enumerate(inner.layers):
-            qkv, hidden = self._qkv(layer.self_attn, layer.input_layernorm, hidden if delta is None else delta,
-                                    None if delta is None else hidden)
-            attn_out, key, value = self._attention_block(layer.self_attn, qkv, past[2 * index],
-                                                         past[2 * index + 1], seqlens, total_length, bias)
-            delta, hidden = self._mlp(layer.mlp, layer.post_attention_layernorm, attn_out, hidden)
+            x, skip = (hidden, None) if delta is None else (delta, hidden)
+            run = self._layer_node if self.layer_op and self._fits_layer_op(layer) else self._fused_layer
+            delta, hidden, key, value = run(layer, x, skip, past[2 * index], past[2 * index + 1], seqlens,
+                                            total_length, bias)
             presents += [key, value]
         if self.last_logits:
             delta, hidden = delta[:, -1:], hidden[:, -1:]

@@ -6,11 +6,11 @@ dynamo ONNX exporter (the custom ops translated by :data:`bitconvert.export.ops.
 :func:`bitconvert.export.fused_ops.translations`), then save the model
 with its initializers in one external-data file when the model is above 2 GB (protobuf's limit), check it with
 ``onnx.checker`` (full check, custom domain declared) and write the tokenizer next to it. The model's metadata
-records the operator (``bitconvert.op``: ternary, matmulnbits or fp32), the graph (``bitconvert.graph``: plain or
-fused), the lm_head (``bitconvert.lm_head``: exact, int8 or int6), which logits it returns (``bitconvert.logits``:
-all or last), the KV cache's type (``bitconvert.kv_cache``: fp32 or fp16) and the attention operator
-(``bitconvert.attention``: bitconvert, gqa, or standard ops in the plain graph). A full-precision source exports as
-fp32.
+records the operator (``bitconvert.op``: ternary, matmulnbits or fp32), the graph (``bitconvert.graph``: plain,
+fused or layer), the lm_head (``bitconvert.lm_head``: exact, int8, int8-row or int6), which logits it returns
+(``bitconvert.logits``: all or last), the KV cache's type (``bitconvert.kv_cache``: fp32 or fp16) and the attention
+operator (``bitconvert.attention``: bitconvert, gqa, or standard ops in the plain graph). A full-precision source
+exports as fp32.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ import torch
 from ..errors import BitconvertError, reason
 from .decoder import INPUT_NAMES, KV_CACHE_DTYPES, FusedKVCacheDecoder, KVCacheDecoder, cache_names
 from .fused_ops import ATTENTIONS, translations
-from .modules import OPS, Int6LmHead, Int8LmHead, fuse_projections, replace_bitlinears
+from .modules import OPS, Int6LmHead, Int8LmHead, Int8RowLmHead, fuse_projections, replace_bitlinears
 from .ops import DOMAIN, MS_DOMAIN, NORM_OP_VERSION, TRANSLATIONS
 
-GRAPHS = ("plain", "fused")
-LM_HEADS = ("exact", "int8", "int6")
+GRAPHS = ("plain", "fused", "layer")
+FUSED_GRAPHS = ("fused", "layer")  # FusedKVCacheDecoder's; layer: with DecoderLayer nodes
+LM_HEADS = ("exact", "int8", "int8-row", "int6")
+LM_HEAD_MODULES = {"int8": Int8LmHead, "int8-row": Int8RowLmHead, "int6": Int6LmHead}
+LIBRARY_LM_HEADS = ("int8-row", "int6")  # heads on bitconvert's custom-op library
 LOGITS = ("all", "last")
 FUSED_MODEL_TYPES = ("llama", "bitnet")  # rotate-half rotary on the whole head, RMSNorm, SiLU-gated MLP
 
@@ -102,9 +105,34 @@ def _declare_opsets(program) -> None:
     imports = program.model.opset_imports
     domains = {node.domain for node in program.model.graph.all_nodes()}
     if DOMAIN in domains:
-        imports[DOMAIN] = NORM_OP_VERSION  # TernaryMatMul's latest; the domain's other ops are version 1
+        imports[DOMAIN] = NORM_OP_VERSION  # TernaryMatMul's latest and DecoderLayer's; the others are version 1
     if MS_DOMAIN in domains:
         imports[MS_DOMAIN] = 1
+
+
+def _check_options(op: str, accuracy_level: int, graph: str, lm_head: str, logits: str, kv_cache: str,
+                   attention: str) -> None:
+    """Refuse an unknown value or a combination that does not exist, naming the option (BitconvertError)."""
+    choices = {"--op": (op, OPS), "--graph": (graph, GRAPHS), "--lm-head": (lm_head, LM_HEADS),
+               "--logits": (logits, LOGITS), "--kv-cache": (kv_cache, KV_CACHE_DTYPES),
+               "--attention": (attention, ("auto", *ATTENTIONS))}
+    for option, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise BitconvertError(f"unknown {option} {value!r}; choose one of {', '.join(allowed)}")
+    if kv_cache != "fp32" and graph not in FUSED_GRAPHS:
+        raise BitconvertError(f"--kv-cache {kv_cache} needs --graph fused or layer (the plain graph keeps an fp32 "
+                              "cache)")
+    if attention != "auto" and graph == "plain":
+        raise BitconvertError(f"--attention {attention} needs --graph fused (the plain graph's attention is standard "
+                              "ONNX ops)")
+    if graph == "layer" and attention == "gqa":
+        raise BitconvertError("--graph layer runs attention inside bitconvert's DecoderLayer op; drop --attention gqa "
+                              "or use --graph fused")
+    if graph == "layer" and op != "ternary":
+        raise BitconvertError(f"--graph layer needs --op ternary (DecoderLayer computes on TernaryMatMul's packed "
+                              f"weights); use --graph fused with --op {op}")
+    if accuracy_level not in (0, 4):
+        raise BitconvertError(f"accuracy level must be 0 or 4, got {accuracy_level}")
 
 
 def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str = "ternary",
@@ -114,40 +142,27 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
 
     ``op``: ``ternary`` (one com.bitconvert::TernaryMatMul per BitLinear) or ``matmulnbits`` (portable
     com.microsoft::MatMulNBits, bits=2, with ``accuracy_level`` 0 or 4). A full-precision source exports as fp32.
-    ``graph``: ``plain`` (attention and norms in standard ONNX ops) or ``fused`` (one attention node per layer, see
+    ``graph``: ``plain`` (attention and norms in standard ONNX ops), ``fused`` (one attention node per layer, see
     ``attention``; ORT's RMSNorm ops; q/k/v and gate/up stacked;
-    :class:`~bitconvert.export.decoder.FusedKVCacheDecoder`).
-    ``lm_head``: ``exact`` (fp32 MatMul), ``int8`` (:class:`~bitconvert.export.modules.Int8LmHead`, MatMulNBits)
-    or ``int6`` (:class:`~bitconvert.export.modules.Int6LmHead`, bitconvert's Int6MatMul: 19% fewer bytes than int8).
+    :class:`~bitconvert.export.decoder.FusedKVCacheDecoder`) or ``layer`` (the fused graph with bitconvert's
+    attention, each LLaMA layer that fits one com.bitconvert::DecoderLayer node instead of its five, the others as
+    in ``fused``; needs ``op`` ternary and a converted model).
+    ``lm_head``: ``exact`` (fp32 MatMul), ``int8`` (:class:`~bitconvert.export.modules.Int8LmHead`, MatMulNBits),
+    ``int8-row`` (:class:`~bitconvert.export.modules.Int8RowLmHead`, bitconvert's Int8MatMul: ``bitconvert.load``'s
+    int8 head, bit for bit) or ``int6`` (:class:`~bitconvert.export.modules.Int6LmHead`, bitconvert's Int6MatMul: 19%
+    fewer bytes than int8).
     ``logits``: ``all`` positions (B, S, V) or the ``last`` one (B, 1, V), enough for generation and much cheaper
     for a prompt.
-    ``kv_cache``: ``fp32`` or ``fp16`` (``--graph fused`` only: the cache inputs/outputs and attention in float16,
-    half the cache bytes per step; see :mod:`bitconvert.export.decoder`).
+    ``kv_cache``: ``fp32`` or ``fp16`` (``--graph fused`` or ``layer`` only: the cache inputs/outputs and attention
+    in float16, half the cache bytes per step; see :mod:`bitconvert.export.decoder`).
     ``attention`` (``--graph fused``): ``bitconvert`` (com.bitconvert::CachedAttention: the lean decoder's attention
     loops), ``gqa`` (ORT's GroupQueryAttention, no custom op) or ``auto``: bitconvert's where the graph needs
-    bitconvert's library anyway (TernaryMatMul or the int6 lm_head), else gqa.
+    bitconvert's library anyway (TernaryMatMul or the int8-row or int6 lm_head), else gqa; ``--graph layer`` is always
+    bitconvert's.
     """
     from ..load import is_converted_folder, load_for_inference
 
-    if op not in OPS:
-        raise BitconvertError(f"unknown --op {op!r}; choose one of {', '.join(OPS)}")
-    if graph not in GRAPHS:
-        raise BitconvertError(f"unknown --graph {graph!r}; choose one of {', '.join(GRAPHS)}")
-    if lm_head not in LM_HEADS:
-        raise BitconvertError(f"unknown --lm-head {lm_head!r}; choose one of {', '.join(LM_HEADS)}")
-    if logits not in LOGITS:
-        raise BitconvertError(f"unknown --logits {logits!r}; choose one of {', '.join(LOGITS)}")
-    if kv_cache not in KV_CACHE_DTYPES:
-        raise BitconvertError(f"unknown --kv-cache {kv_cache!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
-    if kv_cache != "fp32" and graph != "fused":
-        raise BitconvertError(f"--kv-cache {kv_cache} needs --graph fused (the plain graph keeps an fp32 cache)")
-    if attention not in ("auto", *ATTENTIONS):
-        raise BitconvertError(f"unknown --attention {attention!r}; choose one of auto, {', '.join(ATTENTIONS)}")
-    if attention != "auto" and graph != "fused":
-        raise BitconvertError(f"--attention {attention} needs --graph fused (the plain graph's attention is standard "
-                              "ONNX ops)")
-    if accuracy_level not in (0, 4):
-        raise BitconvertError(f"accuracy level must be 0 or 4, got {accuracy_level}")
+    _check_options(op, accuracy_level, graph, lm_head, logits, kv_cache, attention)
     out = Path(out)
     if out.suffix != ".onnx":
         raise BitconvertError(f"--out must name a .onnx file, got '{out}'")
@@ -157,20 +172,23 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
     replaced = replace_bitlinears(model, op, accuracy_level)
     if converted and replaced == 0:
         raise BitconvertError(f"'{model_path}' has no BitLinear layers to export")
+    if graph == "layer" and replaced == 0:
+        raise BitconvertError(f"--graph layer needs a converted model: '{model_path}' is full precision (no BitLinear "
+                              "layers for DecoderLayer's ternary products); use --graph fused")
     if lm_head != "exact":
-        model.lm_head = (Int8LmHead if lm_head == "int8" else Int6LmHead)(model.lm_head)
-    if graph == "fused":
+        model.lm_head = LM_HEAD_MODULES[lm_head](model.lm_head)
+    if graph in FUSED_GRAPHS:
         if model.config.model_type not in FUSED_MODEL_TYPES:
-            raise BitconvertError(f"--graph fused supports {', '.join(FUSED_MODEL_TYPES)} models (LLaMA attention "
+            raise BitconvertError(f"--graph {graph} supports {', '.join(FUSED_MODEL_TYPES)} models (LLaMA attention "
                                   f"and rotary), not '{model.config.model_type}'; use --graph plain")
         fuse_projections(model)
-    if graph != "fused":
+    if graph not in FUSED_GRAPHS:
         attention = "standard"
     elif attention == "auto":
-        uses_library = (op == "ternary" and replaced > 0) or lm_head == "int6"
+        uses_library = (op == "ternary" and replaced > 0) or lm_head in LIBRARY_LM_HEADS
         attention = "bitconvert" if uses_library else "gqa"
-    decoder = (FusedKVCacheDecoder(model, logits == "last", kv_cache, attention) if graph == "fused"
-               else KVCacheDecoder(model, logits == "last")).eval()
+    decoder = (FusedKVCacheDecoder(model, logits == "last", kv_cache, attention, graph == "layer")
+               if graph in FUSED_GRAPHS else KVCacheDecoder(model, logits == "last")).eval()
     with torch.no_grad():
         try:
             program = _trace(decoder, "gqa" if attention == "standard" else attention)

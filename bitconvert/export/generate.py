@@ -8,16 +8,17 @@ most likely tokens and to the smallest set whose probability reaches ``top_p``.
 
 The cache stays in ONNX Runtime between steps (``OrtValue``s through an I/O binding): only the logits are copied out,
 not the (layers x 2 x B x H_kv x T x D) floats of ``present.*`` that ``InferenceSession.run`` would convert to numpy and
-back on every token. With a ``--graph fused`` export and a known length (``empty_cache(capacity=N)``, as ``generate``
-does; batch 1 with ORT's GroupQueryAttention, any batch with bitconvert's CachedAttention), each layer's
-``past_key_values.*`` and ``present.*`` are bound to one preallocated buffer of N positions: the attention node then
-writes the new keys and values in place instead of copying the whole cache into a new ``present`` every step (at 7B
-shapes and position 160 that copy read and wrote 168 MB per token). The logits are the same bit for bit (tested). Such a
-cache also keeps its I/O binding: every step rebinds only the three small inputs and the logits (a fresh buffer each
-step, so earlier logits stay valid), not the layers x 2 cache buffers in and out (on the 12-layer 192M model 0.11 ms
-less per token, 3.7%; 0.7% on 4 layers of 7B shape). Its logits go straight into a new numpy array of the known shape
-(the vocabulary from the graph, one position with ``bitconvert.logits`` = last), not through ``IOBinding.get_outputs``,
-which wraps every bound output, cache included, each step (0.09 ms of a 2.9 ms token on the 192M model).
+back on every token. With a ``--graph fused`` or ``layer`` export and a known length (``empty_cache(capacity=N)``, as
+``generate`` does; batch 1 with ORT's GroupQueryAttention, any batch with bitconvert's CachedAttention or
+DecoderLayer), each layer's ``past_key_values.*`` and ``present.*`` are bound to one preallocated buffer of N
+positions: the layer's attention (or DecoderLayer) node then writes the new keys and values in place instead of
+copying the whole cache into a new ``present`` every step (at 7B shapes and position 160 that copy read and wrote 168 MB
+per token). The logits are the same bit for bit (tested). Such a cache also keeps its I/O binding: every step rebinds
+only the three small inputs and the logits (a fresh buffer each step, so earlier logits stay valid), not the layers x 2
+cache buffers in and out (on the 12-layer 192M model 0.11 ms less per token, 3.7%; 0.7% on 4 layers of 7B shape). Its
+logits go straight into a new numpy array of the known shape (the vocabulary from the graph, one position with
+``bitconvert.logits`` = last), not through ``IOBinding.get_outputs``, which wraps every bound output, cache included,
+each step (0.09 ms of a 2.9 ms token on the 192M model).
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> i
 class OnnxDecoder:
     """An exported decoder (see :mod:`bitconvert.export.decoder` for its I/O) in an ``onnxruntime.InferenceSession``.
 
-    ``shares_cache``: the graph is bitconvert's ``fused`` export, whose attention can write the cache in place (see
-    the module docstring); ``shares_batched_cache``: at any batch size (bitconvert's CachedAttention), not only at
-    batch 1 (ORT's GroupQueryAttention)."""
+    ``shares_cache``: the graph is bitconvert's ``fused`` or ``layer`` export, whose attention can write the cache in
+    place (see the module docstring); ``shares_batched_cache``: at any batch size (bitconvert's CachedAttention or
+    DecoderLayer), not only at batch 1 (ORT's GroupQueryAttention)."""
 
     def __init__(self, session):
         inputs = {value.name: value for value in session.get_inputs()}
@@ -94,7 +95,7 @@ class OnnxDecoder:
         _, self.kv_heads, _, self.head_dim = inputs["past_key_values.0.key"].shape
         self.cache_dtype = np.float16 if inputs["past_key_values.0.key"].type == "tensor(float16)" else np.float32
         metadata = session.get_modelmeta().custom_metadata_map
-        self.shares_cache = metadata.get("bitconvert.graph") == "fused"
+        self.shares_cache = metadata.get("bitconvert.graph") in ("fused", "layer")
         self.shares_batched_cache = metadata.get("bitconvert.attention") == "bitconvert"
         self.last_logits_only = metadata.get("bitconvert.logits") == "last"
         self.vocab_size = session.get_outputs()[0].shape[-1]

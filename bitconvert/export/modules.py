@@ -20,6 +20,16 @@ from .matmulnbits import block_size_for, to_matmulnbits, to_matmulnbits_int8
 OPS = ("ternary", "matmulnbits")
 
 
+def rms_norm_epsilon(norm: nn.Module) -> float:
+    """An RMSNorm module's epsilon (transformers' ``variance_epsilon``, else ``eps``)."""
+    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+
+
+def is_bare_ternary(module: nn.Module | None) -> bool:
+    """``module`` is a TernaryMatMulLinear without sub-norm or bias: y = its TernaryMatMul node's output alone."""
+    return isinstance(module, TernaryMatMulLinear) and module.sub_norm is None and module.bias is None
+
+
 class _ExportLinear(nn.Module):
     """Shared parts: the optional sub-norm before and bias after the matmul, as in PackedBitLinear.forward."""
 
@@ -67,9 +77,7 @@ class FusedTernaryMatMulLinear(nn.Module):
     @staticmethod
     def can_fuse(parts: list[nn.Module]) -> bool:
         """Same input, no sub-norm or bias, and every segment but the last a whole number of the op's 16-row tiles."""
-        return (all(isinstance(part, TernaryMatMulLinear) and part.sub_norm is None and part.bias is None
-                    for part in parts)
-                and all(part.out_features % 16 == 0 for part in parts[:-1]))
+        return all(map(is_bare_ternary, parts)) and all(part.out_features % 16 == 0 for part in parts[:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.bitconvert_export.ternary_matmul(x, self.weight, self.weight_scale, self.out_features,
@@ -80,10 +88,9 @@ class FusedTernaryMatMulLinear(nn.Module):
         """(this product of norm(h), h) with h = x + skip (x without skip), ``norm`` an RMSNorm (weight, epsilon),
         in one node: the norm folded into the TernaryMatMul (``normed_ternary_matmul``). ``activation="swiglu"``
         (a fused (gate, up) pair): the product's output is silu(gate) * up, (..., N/2), computed in the same node."""
-        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
         y, total = torch.ops.bitconvert_export.normed_ternary_matmul(
-            x, skip, norm.weight.float(), eps, self.weight, self.weight_scale, self.out_features, self.segments,
-            activation)
+            x, skip, norm.weight.float(), rms_norm_epsilon(norm), self.weight, self.weight_scale, self.out_features,
+            self.segments, activation)
         return y, (x if skip is None else total)
 
 
@@ -129,26 +136,50 @@ class Int8LmHead(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class Int6LmHead(nn.Module):
-    """``lm_head`` as ``com.bitconvert::Int6MatMul``: codes in [-31, 31] with one fp16 scale per row and 32-column
-    block (6.5 bits per weight, llama.cpp's Q6_K: 6.56), activations int8 per 32-column block: the int6 head of
-    ``bitconvert.load(..., lm_head="int6")`` (:class:`bitconvert.kernels.lm_head.Int6LmHead`), the same codes and the
-    same core, so ONNX Runtime's logits equal PyTorch's bit for bit on the same SIMD path. An approximation (SmolLM2:
-    perplexity +1.1%, docs/kernels.md). A tied embedding keeps its float table for the input Gather."""
+class _CoreLmHead(nn.Module):
+    """``lm_head`` as one node of bitconvert's library on the kernels' own quantized rows: ``quantize_rows`` (a
+    ``bitconvert.kernels`` function: float (N, K) -> codes, scales) at export, ``product`` (a
+    ``torch.ops.bitconvert_export`` op: x, codes, scales, N -> (..., N)) in the graph. A tied embedding keeps its float
+    table for the input Gather."""
 
-    def __init__(self, linear: nn.Linear):
-        from ..kernels import int6_quantize_rows
-
+    def __init__(self, linear: nn.Linear, quantize_rows, product):
         super().__init__()
         self.out_features = linear.weight.shape[0]
-        w_q, d = int6_quantize_rows(linear.weight.detach().float().contiguous())
+        self.product = product
+        w_q, d = quantize_rows(linear.weight.detach().float().contiguous())
         self.register_buffer("w_q", w_q)
         self.register_buffer("d", d)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.bitconvert_export.int6_matmul(x.float(), self.w_q, self.d, self.out_features)
+        y = self.product(x.float(), self.w_q, self.d, self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class Int6LmHead(_CoreLmHead):
+    """``lm_head`` as ``com.bitconvert::Int6MatMul``: codes in [-31, 31] with one fp16 scale per row and 32-column
+    block (6.5 bits per weight, llama.cpp's Q6_K: 6.56), activations int8 per 32-column block: the int6 head of
+    ``bitconvert.load(..., lm_head="int6")`` (:class:`bitconvert.kernels.lm_head.Int6LmHead`), the same codes and the
+    same core, so ONNX Runtime's logits equal PyTorch's bit for bit on the same SIMD path. An approximation (SmolLM2:
+    perplexity +1.1%, docs/kernels.md)."""
+
+    def __init__(self, linear: nn.Linear):
+        from ..kernels import int6_quantize_rows
+
+        super().__init__(linear, int6_quantize_rows, torch.ops.bitconvert_export.int6_matmul)
+
+
+class Int8RowLmHead(_CoreLmHead):
+    """``lm_head`` as ``com.bitconvert::Int8MatMul``: int8 codes with one fp32 scale per row, activations int8 per
+    32-column block: the int8 head of ``bitconvert.load(..., lm_head="int8")`` (the same codes and core, so ONNX
+    Runtime's logits equal PyTorch's bit for bit on the same SIMD path; SmolLM2 perplexity +0.19%, docs/kernels.md).
+    Against :class:`Int8LmHead` (MatMulNBits) it reads 8.06 bits per weight instead of 9 and streams each row in
+    one pass."""
+
+    def __init__(self, linear: nn.Linear):
+        from ..kernels import int8_quantize_rows
+
+        super().__init__(linear, int8_quantize_rows, torch.ops.bitconvert_export.int8_matmul)
 
 
 class MatMulNBitsLinear(_ExportLinear):

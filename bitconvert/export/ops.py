@@ -26,6 +26,11 @@ segments, activation)`` -> (y, h)
     activations quantized to int8 per 32-column block inside (``bitconvert/kernels/csrc/int8_core.h``). Exported as
     one ``com.bitconvert::Int6MatMul`` node (attribute ``out_features``), in the same custom-op library.
 
+``torch.ops.bitconvert_export.int8_matmul(x, w_q, d, out_features)``
+    The per-row int8 lm_head (``--lm-head int8-row``): w_q int8 (N, K') and d fp32 (N,) as
+    :func:`bitconvert.kernels.int8_quantize_rows` returns them -> fp32 (..., N), activations int8 per 32-column
+    block inside: ``bitconvert.load(..., lm_head="int8")``'s product. One ``com.bitconvert::Int8MatMul`` node.
+
 The eager implementations are the reference math (they run only while tracing and in tests); the fake (meta)
 implementations give the exporter the output shapes. Importing this module also registers ONNX schemas for the
 ops with the ``onnx`` package (which has none for them), so the exporter, ``onnx.checker.check_model(...,
@@ -45,6 +50,7 @@ from ..packing import unpack_ternary
 DOMAIN = "com.bitconvert"
 OP_NAME = "TernaryMatMul"
 INT6_OP_NAME = "Int6MatMul"
+INT8_OP_NAME = "Int8MatMul"
 OP_VERSION = 1
 NORM_OP_VERSION = 2  # TernaryMatMul with the folded norm; the domain version exported models import
 MS_DOMAIN = "com.microsoft"
@@ -130,6 +136,19 @@ def _int6_matmul_fake(x, w_q, d, out_features):
     return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
 
 
+@torch.library.custom_op("bitconvert_export::int8_matmul", mutates_args=())
+def int8_matmul(x: torch.Tensor, w_q: torch.Tensor, d: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The per-row int8 lm_head's product on the C++ core (:func:`bitconvert.kernels.int8_linear`)."""
+    from ..kernels import int8_linear
+
+    return int8_linear(x.float().reshape(-1, x.shape[-1]), w_q, d).reshape(*x.shape[:-1], out_features)
+
+
+@int8_matmul.register_fake
+def _int8_matmul_fake(x, w_q, d, out_features):
+    return x.new_empty((*x.shape[:-1], out_features), dtype=torch.float32)
+
+
 def _ternary_matmul_attributes(out_features: int, segments, activation: str) -> dict:
     """A TernaryMatMul node's attributes: out_features, and segments and activation where given."""
     attributes = {"out_features": out_features}
@@ -162,11 +181,16 @@ def _int6_matmul_onnx(x, w_q, d, out_features: int):
     return _bitconvert_opset.Int6MatMul(x, w_q, d, out_features=out_features)
 
 
+def _int8_matmul_onnx(x, w_q, d, out_features: int):
+    return _bitconvert_opset.Int8MatMul(x, w_q, d, out_features=out_features)
+
+
 TRANSLATIONS = {
     torch.ops.bitconvert_export.ternary_matmul.default: _ternary_matmul_onnx,
     torch.ops.bitconvert_export.normed_ternary_matmul.default: _normed_ternary_matmul_onnx,
     torch.ops.bitconvert_export.matmul_nbits.default: _matmul_nbits_onnx,
     torch.ops.bitconvert_export.int6_matmul.default: _int6_matmul_onnx,
+    torch.ops.bitconvert_export.int8_matmul.default: _int8_matmul_onnx,
 }
 
 
@@ -246,6 +270,24 @@ def _int6_matmul_schema() -> defs.OpSchema:
         _infer_last_dim(lambda ctx: ctx.get_attribute("out_features").i))
 
 
+def _int8_matmul_schema() -> defs.OpSchema:
+    parameter = defs.OpSchema.FormalParameter
+    schema = defs.OpSchema(
+        INT8_OP_NAME, DOMAIN, OP_VERSION,
+        "int8 x int8 product (the per-row int8 lm_head): Y[t][o] = d[o] sum_b e[t][b] P[t][o][b] over 32-column "
+        "blocks b, X quantized to int8 per block (scale e), W int8 codes with one fp32 scale per row (bitconvert's "
+        "int8_core.h).",
+        inputs=[parameter("X", "T", "activations (..., K)"),
+                parameter("W", "tensor(int8)", "int8 codes (N, K'), K' = K rounded up to 64"),
+                parameter("D", "T", "row scales (N,)")],
+        outputs=[parameter("Y", "T", "(..., N)")],
+        type_constraints=[("T", ["tensor(float)"], "float32")],
+        attributes=[defs.OpSchema.Attribute("out_features", defs.OpSchema.AttrType.INT, "N, rows of W")],
+    )
+    return schema.set_type_and_shape_inference_function(
+        _infer_last_dim(lambda ctx: ctx.get_attribute("out_features").i))
+
+
 def _matmul_nbits_schema() -> defs.OpSchema:
     """The subset of ONNX Runtime's contrib schema this exporter emits (the onnx package has none for it)."""
     parameter = defs.OpSchema.FormalParameter
@@ -265,13 +307,15 @@ def _matmul_nbits_schema() -> defs.OpSchema:
 
 
 def register_onnx_schemas() -> None:
-    """Register TernaryMatMul's (versions 1 and 2) and Int6MatMul's schemas, and MatMulNBits' unless the onnx
+    """Register TernaryMatMul's (versions 1 and 2), Int6MatMul's and Int8MatMul's schemas, and MatMulNBits' unless the onnx
     package has one (idempotent)."""
     for version in (OP_VERSION, NORM_OP_VERSION):  # has(..., version) also finds an older version's schema
         if not defs.has(OP_NAME, version, DOMAIN) or defs.get_schema(OP_NAME, version, DOMAIN).since_version < version:
             defs.register_schema(_ternary_matmul_schema(version))
     if not defs.has(INT6_OP_NAME, OP_VERSION, DOMAIN):
         defs.register_schema(_int6_matmul_schema())
+    if not defs.has(INT8_OP_NAME, OP_VERSION, DOMAIN):
+        defs.register_schema(_int8_matmul_schema())
     if not defs.has("MatMulNBits", 1, MS_DOMAIN):
         defs.register_schema(_matmul_nbits_schema())
 

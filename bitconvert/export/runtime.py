@@ -1,7 +1,9 @@
-"""The ONNX Runtime custom-op library for ``com.bitconvert`` (TernaryMatMul, Int6MatMul): headers, build, sessions.
+"""The ONNX Runtime custom-op library for ``com.bitconvert`` (TernaryMatMul, Int6MatMul, Int8MatMul, CachedAttention,
+DecoderLayer): headers, build, sessions.
 
-The library is ``csrc/ternary_ort_op.cpp`` and ``csrc/int6_ort_op.cpp`` (the int6 lm_head's
-``com.bitconvert::Int6MatMul``) compiled together with the kernels' own core (``bitconvert/kernels/csrc/
+The library is ``csrc/ternary_ort_op.cpp``, ``csrc/lm_head_ort_op.cpp`` (the int6 and int8 lm_heads'
+``com.bitconvert::Int6MatMul`` and ``::Int8MatMul``), ``csrc/attention_ort_op.cpp`` and
+``csrc/decoder_layer_ort_op.cpp`` compiled together with the kernels' own core (``bitconvert/kernels/csrc/
 ternary_core.cpp`` and ``int8_core.cpp``, same flags), so ONNX Runtime runs the very SIMD paths and integer products
 that the PyTorch kernels run. It is compiled on first use with the system C++ compiler (``$CXX`` or ``c++``)
 and cached under ``$BITCONVERT_CACHE`` or ``~/.cache/bitconvert`` in a folder keyed by the sources, the flags and
@@ -31,11 +33,11 @@ from .ops import DOMAIN
 
 OP_DIR = Path(__file__).parent / "csrc"
 OP_SOURCE = OP_DIR / "ternary_ort_op.cpp"
-SOURCES = (CORE_DIR / "ternary_core.cpp", CORE_DIR / "int8_core.cpp", OP_SOURCE, OP_DIR / "int6_ort_op.cpp",
-           OP_DIR / "attention_ort_op.cpp")
+SOURCES = (CORE_DIR / "ternary_core.cpp", CORE_DIR / "int8_core.cpp", OP_SOURCE, OP_DIR / "lm_head_ort_op.cpp",
+           OP_DIR / "attention_ort_op.cpp", OP_DIR / "decoder_layer_ort_op.cpp")
 HEADERS = (CORE_DIR / "ternary_core.h", CORE_DIR / "int8_core.h", CORE_DIR / "avxvnni.h", CORE_DIR / "fast_exp.h",
            CORE_DIR / "attention_core.h", CORE_DIR / "norm_core.h", CORE_DIR / "fp16.h",
-           OP_DIR / "ort_op_common.h")
+           OP_DIR / "ort_op_common.h", OP_DIR / "ternary_job.h", OP_DIR / "attention_job.h")
 FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", *CORE_FLAGS]
 LIBRARY_NAME = "libbitconvert_ort.so"
 HEADERS_PACKAGE = "libonnxruntime-dev"

@@ -1,17 +1,23 @@
-// Helpers shared by bitconvert's ONNX Runtime custom operators (ternary_ort_op.cpp, int6_ort_op.cpp,
-// attention_ort_op.cpp): the error a kernel throws and the bases that turn it into an ORT status, shape text for
-// messages, the intra-op pool's loop, and the com.bitconvert operators other than TernaryMatMul, which
-// RegisterCustomOps adds to the domain. Include onnxruntime_cxx_api.h
-// (with ORT_API_MANUAL_INIT) first.
+// Helpers shared by bitconvert's ONNX Runtime custom operators (ternary_ort_op.cpp, lm_head_ort_op.cpp,
+// attention_ort_op.cpp, decoder_layer_ort_op.cpp): the error a kernel throws and the bases that turn it into an ORT
+// status, shape text for messages, the intra-op pool's loop, a program of ordered parallel steps run in one hand-off
+// to that pool (PhaseProgram), huge-page memory for repacked weights, and the com.bitconvert operators other than
+// TernaryMatMul, which RegisterCustomOps adds to the domain. Include onnxruntime_cxx_api.h (with
+// ORT_API_MANUAL_INIT) first.
 #ifndef BITCONVERT_ORT_OP_COMMON_H
 #define BITCONVERT_ORT_OP_COMMON_H
 
+#include <immintrin.h>
+
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <new>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -44,6 +50,99 @@ inline void parallel_for(Ort::KernelContext &ctx, void (*fn)(void *, size_t), si
     else
         ctx.ParallelFor(fn, count, 0, data);
 }
+
+// One step of a PhaseProgram: fn(data, i) for i < count, any i on any thread.
+struct Phase {
+    void (*fn)(void *, size_t);
+    void *data;
+    size_t count;
+};
+
+// Steps that must run in order, each cut into items that may run in parallel, in ONE hand-off to ORT's intra-op
+// pool instead of one per step: every participant (a task of the pool) walks the phases in order, claims items of
+// the current phase until none is left, then waits until every claimed item of it is done before it moves on (the
+// items of phase i + 1 read what phase i wrote). A participant claims from its own share of a phase's items first,
+// in order (participant p of P: items [p count / P, (p + 1) count / P)), then from the others' shares: so each
+// thread streams one contiguous run of a product's rows, as ORT's own loops (home shards) and the lean decoder's
+// static split do, instead of every other part. A participant waits only for items that another participant has
+// already claimed and is computing, so the program finishes whatever the pool does: one thread runs it all, a late
+// thread finds the phases done and returns. Which thread computes an item never changes its result.
+class PhaseProgram {
+  public:
+    explicit PhaseProgram(std::vector<Phase> phases) : phases_(std::move(phases)) {}
+
+    // Runs every phase to the end on the pool of `ctx` (on the calling thread alone for a single item).
+    void run(Ort::KernelContext &ctx) {
+        static const size_t cpus = std::max(1u, std::thread::hardware_concurrency());  // a file read per call
+        size_t most = 0;
+        for (const Phase &phase : phases_) most = std::max(most, phase.count);
+        participants_ = std::min({most, cpus, kMaxParticipants});
+        shards_.reset(new Shard[phases_.size() * participants_]);
+        done_.reset(new Done[phases_.size()]);
+        for (size_t i = 0; i < phases_.size(); ++i)
+            for (size_t p = 0; p < participants_; ++p) {
+                Shard &shard = shards_[i * participants_ + p];
+                shard.next.store(begin(i, p), std::memory_order_relaxed);
+                shard.end = begin(i, p + 1);
+            }
+        if (participants_ <= 1)
+            participate(this, 0);
+        else
+            ctx.ParallelFor(participate, participants_, 0, this);
+    }
+
+  private:
+    static constexpr size_t kMaxParticipants = 32;
+    struct alignas(64) Shard {  // the items [next, end) of one participant's share not claimed yet
+        std::atomic<size_t> next{0};
+        size_t end = 0;
+    };
+    struct alignas(64) Done {
+        std::atomic<size_t> count{0};
+    };
+
+    size_t begin(size_t phase, size_t participant) const {
+        return phases_[phase].count * participant / participants_;
+    }
+
+    // The next unclaimed item of phase i, from participant p's share first, then the others'; count when none.
+    size_t claim(size_t i, size_t p) {
+        for (size_t k = 0; k < participants_; ++k) {
+            Shard &shard = shards_[i * participants_ + (p + k) % participants_];
+            if (shard.next.load(std::memory_order_relaxed) >= shard.end) continue;
+            const size_t item = shard.next.fetch_add(1, std::memory_order_relaxed);
+            if (item < shard.end) return item;
+        }
+        return phases_[i].count;
+    }
+
+    static void participate(void *data, size_t index) {
+        PhaseProgram &program = *static_cast<PhaseProgram *>(data);
+        if (program.finished_.load(std::memory_order_acquire)) return;
+        const size_t p = index % program.participants_;
+        for (size_t i = 0; i < program.phases_.size(); ++i) {
+            const Phase &phase = program.phases_[i];
+            std::atomic<size_t> &done = program.done_[i].count;
+            for (size_t item; (item = program.claim(i, p)) < phase.count;) {
+                phase.fn(phase.data, item);
+                done.fetch_add(1, std::memory_order_release);
+            }
+            for (unsigned spins = 0; done.load(std::memory_order_acquire) < phase.count; ++spins) {
+                if (spins < 4096)
+                    _mm_pause();
+                else
+                    std::this_thread::yield();  // the other participant may share this core
+            }
+        }
+        program.finished_.store(true, std::memory_order_release);
+    }
+
+    std::vector<Phase> phases_;
+    size_t participants_ = 1;
+    std::unique_ptr<Shard[]> shards_;  // phase i, participant p: shards_[i * participants_ + p]
+    std::unique_ptr<Done[]> done_;
+    std::atomic<bool> finished_{false};
+};
 
 // A kernel whose Compute(context) throws: ComputeV2 returns the exception as an ORT_RUNTIME_EXCEPTION status.
 template <class Kernel>
@@ -112,10 +211,13 @@ private:
     size_t size_ = 0;
 };
 
-// com.bitconvert::Int6MatMul (int6_ort_op.cpp) and ::CachedAttention (attention_ort_op.cpp): one instance each for
-// the whole process.
+// com.bitconvert::Int6MatMul and ::Int8MatMul (lm_head_ort_op.cpp), ::CachedAttention (attention_ort_op.cpp) and
+// ::DecoderLayer (decoder_layer_ort_op.cpp): one instance each for the whole process (per cache type for the last
+// two).
 OrtCustomOp *int6_matmul_op();
+OrtCustomOp *int8_matmul_op();
 OrtCustomOp *cached_attention_op(bool fp16_cache);
+OrtCustomOp *decoder_layer_op(bool fp16_cache);
 
 }  // namespace bitconvert_ort
 

@@ -32,8 +32,9 @@
 // token groups in the same pool) and every part reads them: at 7B shapes a decode step had about 800 parts before the
 // cap, and quantizing the 4,096-11,008 inputs in each of them cost more than the products.
 // Built against the C API of the oldest supported onnxruntime: RegisterCustomOps refuses an older runtime with an
-// error status instead of crashing. It registers the domain's other operators too (Int6MatMul, int6_ort_op.cpp;
-// CachedAttention, attention_ort_op.cpp).
+// error status instead of crashing. It registers the domain's other operators too (Int6MatMul and Int8MatMul,
+// lm_head_ort_op.cpp; CachedAttention, attention_ort_op.cpp; DecoderLayer, decoder_layer_ort_op.cpp). The product's
+// steps are ternary_job.h's, which DecoderLayer shares.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -44,149 +45,15 @@
 #include <string>
 #include <vector>
 
-#include "fast_exp.h"
-#include "norm_core.h"
 #include "ort_op_common.h"
-#include "ternary_core.h"
+#include "ternary_job.h"
 
 namespace {
 
-using bitconvert_ort::ceil_div;
-using bitconvert_ort::OpError;
-using bitconvert_ort::parallel_for;
-using bitconvert_ort::shape_string;
+using namespace bitconvert_ort;
 
 constexpr const char *kDomain = "com.bitconvert";
-constexpr int64_t kMinWorkPerPart = int64_t(1) << 18;  // below this, handing work to another thread costs more
-// One token's parts are finer: the pool hands parts out one at a time, so with p parts on T threads the busiest
-// thread does up to ceil(p / T) / p of the work (3 parts on 2 threads: 2/3), and SmolLM2's products cut at 2^18 made
-// 1-6 parts each (its 576 x 576 o_proj ran on one thread).
-constexpr int64_t kMinWorkPerTokenPart = int64_t(1) << 16;
-// At most this many parts per call: each part is a separate call into the core and a task of ORT's pool, and a 7B
-// decode step cut by kMinWorkPerPart alone made ~170 parts per product; capped, 7B-4l decoded 10-15% faster (2-core
-// Zen 4, docs/export.md), while 32 parts still balance a pool of up to 8 threads or so.
-constexpr int64_t kMaxParts = 32;
-constexpr int64_t kTokensPerGroup = 8;                 // the core's tokens per tile call
 
-// One call's work, cut into `parts` slices that run_part computes independently.
-struct Job {
-    const float *x;         // (n, in_features)
-    int8_t *x_q;            // (n, ldx): x quantized per token (bc_quantize_padded)
-    int32_t *x_sums;        // (n)
-    float *x_scales;        // (n)
-    const uint8_t *weight;  // repacked
-    float *y;
-    const float *scales;            // one per segment
-    const std::vector<int64_t> *ends;  // exclusive end row of each segment
-    int64_t n, out_features, in_features, ldx, parts;
-    int isa, layout;
-    std::atomic<int> error{BC_OK};  // set by a failing part
-    // the folded norm (gamma not null): skip (n, in_features) or null, sums (n, in_features) = x + skip (x without
-    // skip; null when nothing needs it), normed (n, in_features) = rms_norm(sums or x) * gamma, the rows quantized
-    const float *skip = nullptr, *gamma = nullptr;
-    float *sums = nullptr, *normed = nullptr;
-    float eps = 0.0f;
-};
-
-// Quantizes the tokens of group `index` (kTokensPerGroup tokens) of job.x into job.x_q, x_sums, x_scales; with a
-// folded norm, first x + skip into job.sums and the normalized rows into job.normed, which are quantized instead.
-void quantize_group(void *data, size_t index) {
-    Job &job = *static_cast<Job *>(data);
-    const int64_t first = int64_t(index) * kTokensPerGroup, count = std::min(kTokensPerGroup, job.n - first);
-    const int64_t k = job.in_features;
-    const float *rows = job.x + first * k;
-    if (job.gamma != nullptr) {
-        for (int64_t t = first; t < first + count; ++t) {
-            const float *row = job.x + t * k;
-            if (job.sums != nullptr) {
-                float *sum = job.sums + t * k;
-                for (int64_t i = 0; i < k; ++i) sum[i] = job.skip != nullptr ? row[i] + job.skip[t * k + i] : row[i];
-                row = sum;
-            }
-            bitconvert::rms_norm(row, job.gamma, k, job.eps, job.normed + t * k);
-        }
-        rows = job.normed + first * k;
-    }
-    bc_quantize_padded(rows, count, k, job.layout, job.x_q + first * job.ldx, job.x_sums + first,
-                       job.x_scales + first);
-}
-
-// The rows a one-token part covers a multiple of: a tile, or lut's 128-row group, which its one-token loop computes
-// whole (a part that started inside a group would compute the group again).
-int64_t row_block(int layout) { return layout == BC_LAYOUT_LUT ? BC_LUT_GROUP_ROWS : BC_TILE_ROWS; }
-
-// Rows [row0, row1) of the output for tokens [first, last), all inside segment `seg`, into y (row stride N).
-int run_rows(const Job &job, int64_t first, int64_t last, int64_t row0, int64_t row1, size_t seg) {
-    return bc_linear_quantized(job.x_q + first * job.ldx, job.x_sums + first, job.x_scales + first, last - first,
-                               job.weight, job.layout, row0, row1 - row0, job.in_features, job.scales[seg],
-                               job.y + first * job.out_features + row0, job.out_features, job.isa, 1);
-}
-
-void run_part(void *data, size_t index) {
-    Job &job = *static_cast<Job *>(data);
-    const int64_t part = int64_t(index);
-    int64_t first = 0, last = job.n, lo = 0, hi = job.out_features;
-    if (job.n == 1) {  // split the rows into whole row blocks (row_block)
-        const int64_t rows = row_block(job.layout), blocks = ceil_div(job.out_features, rows);
-        lo = part * blocks / job.parts * rows;
-        hi = std::min((part + 1) * blocks / job.parts * rows, job.out_features);
-    } else {  // split the tokens
-        const int64_t groups = ceil_div(job.n, kTokensPerGroup);
-        first = part * groups / job.parts * kTokensPerGroup;
-        last = std::min((part + 1) * groups / job.parts * kTokensPerGroup, job.n);
-    }
-    int64_t start = 0;
-    for (size_t seg = 0; seg < job.ends->size(); ++seg) {
-        const int64_t end = (*job.ends)[seg];
-        const int64_t row0 = std::max(start, lo), row1 = std::min(end, hi);
-        if (row0 < row1 && first < last) {
-            const int err = run_rows(job, first, last, row0, row1, seg);
-            if (err != BC_OK) job.error = err;
-        }
-        start = end;
-    }
-}
-
-int64_t packed_rows(int64_t out_features) { return (out_features + 3) / 4; }
-
-void check_weight_shape(const std::vector<int64_t> &shape, int64_t out_features) {
-    if (shape.size() != 2 || shape[0] != packed_rows(out_features) || shape[1] < 1 || shape[1] > BC_MAX_IN_FEATURES)
-        throw OpError("TernaryMatMul: W has shape " + shape_string(shape) + ", expected (ceil(" +
-                      std::to_string(out_features) + "/4), K) with 1 <= K <= " + std::to_string(BC_MAX_IN_FEATURES));
-}
-
-// silu(gate) * up of token `index`: products (n, 2 * half) = gate | up per token -> out (n, half) (fast_exp.h).
-struct SwigluJob {
-    const float *products;
-    float *out;
-    int64_t half;
-    bool avx2;
-};
-
-void swiglu_token(void *data, size_t index) {
-    const SwigluJob &job = *static_cast<const SwigluJob *>(data);
-    bitconvert::fast_exp::swiglu(job.products + int64_t(index) * 2 * job.half, job.half,
-                                 job.out + int64_t(index) * job.half, job.avx2);
-}
-
-// A call's scratch of `count` values (Slot tells a call's buffers of one type apart). With `keep` (a decoding step's
-// few tokens) it is kept per calling thread between calls instead of allocated on each; otherwise (a prompt) it is
-// the call's own and freed after it, so no thread holds a prompt-sized buffer.
-template <typename T, int Slot>
-class Scratch {
-  public:
-    Scratch(size_t count, bool keep) {
-        thread_local std::vector<T> kept;
-        std::vector<T> &buffer = keep ? kept : own_;
-        if (buffer.size() < count) buffer.resize(count);
-        data_ = buffer.data();
-    }
-    T *data() const { return data_; }
-
-  private:
-    std::vector<T> own_;
-    T *data_;
-};
 
 struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
     int64_t out_features = 0;
@@ -209,19 +76,12 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
             has_eps = true;
         } catch (const Ort::Exception &) {  // absent: no folded norm
         }
-        isa = bc_default_isa();
-        if (isa == -2)
-            throw OpError("TernaryMatMul: BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
-        if (isa == -3) throw OpError("TernaryMatMul: this CPU cannot run the path BITCONVERT_ISA names");
-        layout = bc_default_layout(isa);
-        if (layout == -2) throw OpError("TernaryMatMul: BITCONVERT_LAYOUT names no known layout (2bit, base3, lut)");
-        if (layout == -3)
-            throw OpError("TernaryMatMul: the SIMD path does not compute on the layout BITCONVERT_LAYOUT names");
+        default_path("TernaryMatMul", isa, layout);
         int is_constant = 0;
         Ort::ConstValue weight = kernel_info.GetTensorConstantInput(1, &is_constant);
         if (is_constant) {
             std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
-            check_weight_shape(shape, out_features);
+            check_weight_shape("TernaryMatMul: W", shape, out_features);
             repacked_in = shape[1];
             repacked = bitconvert_ort::HugePageBytes(bc_repacked_bytes(out_features, repacked_in, layout));
             bc_repack(weight.GetTensorData<uint8_t>(), out_features, repacked_in, layout, repacked.data());
@@ -290,7 +150,7 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
         Ort::ConstValue x = ctx.GetInput(0), w = ctx.GetInput(1), scale = ctx.GetInput(2);
         std::vector<int64_t> x_shape = x.GetTensorTypeAndShapeInfo().GetShape();
         std::vector<int64_t> w_shape = w.GetTensorTypeAndShapeInfo().GetShape();
-        check_weight_shape(w_shape, out_features);
+        check_weight_shape("TernaryMatMul: W", w_shape, out_features);
         const int64_t in_features = w_shape[1];
         if (x_shape.empty() || x_shape.back() != in_features)
             throw OpError("TernaryMatMul: X has shape " + shape_string(x_shape) + ", its last dimension must be K = " +
@@ -320,11 +180,7 @@ struct TernaryMatMulKernel : bitconvert_ort::KernelBase<TernaryMatMulKernel> {
             bc_repack(w.GetTensorData<uint8_t>(), out_features, in_features, layout, per_call.data());
             weight = per_call.data();
         }
-        const int64_t tiles = ceil_div(out_features, BC_TILE_ROWS);
-        const int64_t work = tiles * BC_TILE_ROWS * n * in_features;
-        const int64_t pieces = n == 1 ? ceil_div(out_features, row_block(layout)) : ceil_div(n, kTokensPerGroup);
-        const int64_t parts = std::max<int64_t>(
-            1, std::min({work / (n == 1 ? kMinWorkPerTokenPart : kMinWorkPerPart), pieces, kMaxParts}));
+        const int64_t parts = product_parts(n, out_features, in_features, layout);
         const int64_t ldx = bc_padded_in(in_features, layout);
         const Scratch<int8_t, 0> x_q(size_t(n * ldx), keep);
         const Scratch<int32_t, 0> x_sums(size_t(n), keep);
@@ -383,9 +239,13 @@ RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *api_base) {
     if (OrtStatus *status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
     if (OrtStatus *status = api->CustomOpDomain_Add(domain, &op)) return status;
     if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::int6_matmul_op())) return status;
-    for (bool fp16_cache : {false, true})
+    if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::int8_matmul_op())) return status;
+    for (bool fp16_cache : {false, true}) {
         if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::cached_attention_op(fp16_cache)))
             return status;
+        if (OrtStatus *status = api->CustomOpDomain_Add(domain, bitconvert_ort::decoder_layer_op(fp16_cache)))
+            return status;
+    }
     // The domain must outlive every session made from these options, so it is never released (a few bytes per
     // registration; releasing it at process exit could run after onnxruntime itself is gone).
     return api->AddCustomOpDomain(options, domain);
