@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bitconvert import kernels
 from bitconvert.bitlinear import PackedBitLinear, quantize_activations
 from bitconvert.cli import main
+from bitconvert.convert import ConvertOptions, convert
 from bitconvert.errors import BitconvertError
 from bitconvert.export import custom_op_library, export_onnx, session
 from bitconvert.export.decoder import FusedKVCacheDecoder
@@ -1039,6 +1040,34 @@ def test_layer_graph_equals_fused_graph_bit_for_bit(fused_and_layer_onnx, thread
 
 
 @pytest.fixture(scope="session")
+def wide_fused_and_layer_onnx(tmp_path_factory):
+    """A 2-layer model wide enough that DecoderLayer cuts every product into several parts for one token and for a
+    prompt (hidden 512, MLP 1536, 8 heads / 4 KV heads of 64), converted, exported with --graph fused and layer."""
+    from tiny import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("wide-layer")
+    source = make_tiny_llama(root / "src", hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                             num_key_value_heads=4)
+    convert(source, root / "ternary", progress=False)
+    return tuple(export_onnx(root / "ternary", root / graph / "model.onnx", graph=graph, lm_head="int8-row",
+                             logits="last") for graph in ("fused", "layer"))
+
+
+@pytest.mark.parametrize("layout", ["2bit", "base3", "lut"])
+def test_layer_graph_equals_fused_graph_in_parts(wide_fused_and_layer_onnx, monkeypatch, layout):
+    """At widths where each product and the prompt's attention are cut into parts (SmolLM2-like), in every kernel
+    layout this CPU computes on: the layer graph's logits and presents equal the fused graph's bit for bit at 2
+    threads (the parts claimed by two participants, each from its own share first, then the other's)."""
+    if not kernels.layout_supported(kernels.LAYOUTS.index(layout), kernels.isa_index()):
+        pytest.skip(f"this CPU's path does not compute on the {layout} layout")
+    monkeypatch.setenv("BITCONVERT_LAYOUT", layout)
+    fused, layer = wide_fused_and_layer_onnx
+    for want_outputs, got_outputs in zip(run_padded_steps(fused, 2), run_padded_steps(layer, 2)):
+        for expected, actual in zip(want_outputs, got_outputs):
+            assert np.array_equal(actual.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.fixture(scope="session")
 def fused_model(tiny_ternary):
     """The tiny converted model with its export stand-ins and stacked projections (what the fused graph traces)."""
     model, _ = load_for_inference(str(tiny_ternary), dtype=torch.float32)
@@ -1054,7 +1083,7 @@ def test_decoder_layer_op_is_the_fused_layer(fused_model, kv_cache):
     attention."""
     fused = FusedKVCacheDecoder(fused_model, kv_cache=kv_cache, attention="bitconvert").eval()
     layer = FusedKVCacheDecoder(fused_model, kv_cache=kv_cache, attention="bitconvert", layer_op=True).eval()
-    assert all(map(layer._fits_layer_op, fused_model.model.layers))
+    assert all(map(layer.fits_layer_op, fused_model.model.layers))
     inputs = fused.example_inputs()
     with torch.no_grad():
         want, got = fused(*inputs), layer(*inputs)
@@ -1070,7 +1099,7 @@ def test_layer_graph_keeps_the_fused_nodes_of_a_layer_that_does_not_fit(fused_mo
     o_proj.bias = torch.zeros(o_proj.out_features)
     try:
         decoder = FusedKVCacheDecoder(fused_model, attention="bitconvert", layer_op=True).eval()
-        assert [decoder._fits_layer_op(layer) for layer in fused_model.model.layers] == [True, False]
+        assert [decoder.fits_layer_op(layer) for layer in fused_model.model.layers] == [True, False]
         with torch.no_grad():
             nodes = [node.op_type for node in _trace(decoder, "bitconvert").model.graph]
     finally:
@@ -1080,8 +1109,9 @@ def test_layer_graph_keeps_the_fused_nodes_of_a_layer_that_does_not_fit(fused_mo
 
 
 def test_layer_graph_option_errors(tiny_llama, tiny_ternary, tmp_path, capsys):
-    """--graph layer refuses --attention gqa, --op matmulnbits and a full-precision source, naming the option; on the
-    command line one error line and exit 2, nothing written. With --kv-cache fp16 it exports."""
+    """--graph layer refuses --attention gqa, --op matmulnbits, a full-precision source and a model none of whose
+    layers fits the op (SubLN), naming the cause; on the command line one error line and exit 2, nothing written.
+    With --kv-cache fp16 it exports."""
     message = ("--graph layer runs attention inside bitconvert's DecoderLayer op; drop --attention gqa or use "
                "--graph fused")
     with pytest.raises(BitconvertError, match=re.escape(message)):
@@ -1093,6 +1123,11 @@ def test_layer_graph_option_errors(tiny_llama, tiny_ternary, tmp_path, capsys):
     with pytest.raises(BitconvertError, match="--graph layer needs a converted model: .* is full precision"):
         export_onnx(tiny_llama, fp32, graph="layer")
     assert not fp32.exists()
+    sub_norm = tmp_path / "subln"
+    convert(tiny_llama, sub_norm, ConvertOptions(sub_norm=True), progress=False)
+    with pytest.raises(BitconvertError, match="--graph layer: no layer of .* fits one DecoderLayer node"):
+        export_onnx(sub_norm, tmp_path / "subln-onnx" / "model.onnx", graph="layer")
+    assert not (tmp_path / "subln-onnx" / "model.onnx").exists()
     capsys.readouterr()
     bad = tmp_path / "bad" / "model.onnx"
     assert main(["export", str(tiny_ternary), "--out", str(bad), "--graph", "layer", "--attention", "gqa"]) == 2

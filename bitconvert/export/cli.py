@@ -62,8 +62,7 @@ def register(subparsers) -> None:
                         "attention loops, 1.5-1.7x faster per node than gqa at SmolLM2's shapes, an fp16 cache read "
                         "in fp32) or gqa (ONNX Runtime's GroupQueryAttention, no custom op); auto (default): "
                         "bitconvert where the graph already needs bitconvert's library (--op ternary, --lm-head int8-row "
-                        "or int6); "
-                        "--graph layer's is always bitconvert's")
+                        "or int6); --graph layer's is always bitconvert's")
     parser.add_argument("--logits", choices=("all", "last"), default="all",
                         help="all (default): logits for every input position; last: only the last position's "
                         "(B, 1, V), all that generation needs, and a much faster prompt")

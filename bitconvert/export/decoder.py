@@ -214,7 +214,7 @@ class FusedKVCacheDecoder(KVCacheDecoder):
         return delta, hidden, key, value
 
     def _layer_node(self, layer: nn.Module, x, skip, past_key, past_value, seqlens, total, bias):
-        """``_fused_layer``'s outputs from one DecoderLayer node (a layer that ``_fits_layer_op``)."""
+        """``_fused_layer``'s outputs from one DecoderLayer node (a layer that ``fits_layer_op``)."""
         attn, mlp = layer.self_attn, layer.mlp
         return decoder_layer(
             x, skip, layer.input_layernorm.weight.float(), attn.qkv_proj.weight, attn.qkv_proj.weight_scale, past_key,
@@ -223,7 +223,7 @@ class FusedKVCacheDecoder(KVCacheDecoder):
             mlp.gate_up_proj.weight_scale, mlp.down_proj.weight, mlp.down_proj.weight_scale, self.num_heads,
             self.num_kv_heads, rms_norm_epsilon(layer.input_layernorm))
 
-    def _fits_layer_op(self, layer: nn.Module) -> bool:
+    def fits_layer_op(self, layer: nn.Module) -> bool:
         """Whether ``layer`` is what a DecoderLayer node computes (the conditions in the module docstring)."""
         attn, mlp = layer.self_attn, layer.mlp
         qkv, gate_up, down = (getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None),
@@ -250,7 +250,7 @@ class FusedKVCacheDecoder(KVCacheDecoder):
         presents = []
         for index, layer in enumerate(inner.layers):
             x, skip = (hidden, None) if delta is None else (delta, hidden)
-            run = self._layer_node if self.layer_op and self._fits_layer_op(layer) else self._fused_layer
+            run = self._layer_node if self.layer_op and self.fits_layer_op(layer) else self._fused_layer
             delta, hidden, key, value = run(layer, x, skip, past[2 * index], past[2 * index + 1], seqlens,
                                             total_length, bias)
             presents += [key, value]

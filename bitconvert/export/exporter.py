@@ -123,8 +123,8 @@ def _check_options(op: str, accuracy_level: int, graph: str, lm_head: str, logit
         raise BitconvertError(f"--kv-cache {kv_cache} needs --graph fused or layer (the plain graph keeps an fp32 "
                               "cache)")
     if attention != "auto" and graph == "plain":
-        raise BitconvertError(f"--attention {attention} needs --graph fused (the plain graph's attention is standard "
-                              "ONNX ops)")
+        raise BitconvertError(f"--attention {attention} needs --graph fused or layer (the plain graph's attention is "
+                              "standard ONNX ops)")
     if graph == "layer" and attention == "gqa":
         raise BitconvertError("--graph layer runs attention inside bitconvert's DecoderLayer op; drop --attention gqa "
                               "or use --graph fused")
@@ -189,6 +189,10 @@ def export_onnx(model_path: str | os.PathLike, out: str | os.PathLike, op: str =
         attention = "bitconvert" if uses_library else "gqa"
     decoder = (FusedKVCacheDecoder(model, logits == "last", kv_cache, attention, graph == "layer")
                if graph in FUSED_GRAPHS else KVCacheDecoder(model, logits == "last")).eval()
+    if graph == "layer" and not any(decoder.fits_layer_op(layer) for layer in model.model.layers):
+        raise BitconvertError(f"--graph layer: no layer of '{model_path}' fits one DecoderLayer node (it needs stacked "
+                              "q/k/v and gate/up, o_proj and down_proj without sub-norm or bias, SiLU, one norm "
+                              "epsilon; a SubLN model has sub-norms); use --graph fused")
     with torch.no_grad():
         try:
             program = _trace(decoder, "gqa" if attention == "standard" else attention)

@@ -9,8 +9,11 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -67,15 +70,21 @@ struct Phase {
 // static split do, instead of every other part. A participant waits only for items that another participant has
 // already claimed and is computing, so the program finishes whatever the pool does: one thread runs it all, a late
 // thread finds the phases done and returns. Which thread computes an item never changes its result.
+// Participants: one per CPU (std::thread::hardware_concurrency), at most one per item of the largest phase. ORT tells
+// a kernel nothing about its pool's size; where the session has fewer threads than the machine has CPUs, the
+// participants without a thread of their own are late ones, and their shares go to the others after their own
+// (every item still computed once, the same bits; the runs of rows per thread just less contiguous).
 class PhaseProgram {
   public:
     explicit PhaseProgram(std::vector<Phase> phases) : phases_(std::move(phases)) {}
 
-    // Runs every phase to the end on the pool of `ctx` (on the calling thread alone for a single item).
+    // Runs every phase to the end on the pool of `ctx` (on the calling thread alone for a single item), once; rethrows
+    // the first exception an item threw (the other items still run, so no participant waits forever).
     void run(Ort::KernelContext &ctx) {
-        static const size_t cpus = std::max(1u, std::thread::hardware_concurrency());  // a file read per call
+        static const size_t cpus = std::max(1u, std::thread::hardware_concurrency());  // read once: it reads /sys
         size_t most = 0;
         for (const Phase &phase : phases_) most = std::max(most, phase.count);
+        if (most == 0) return;
         participants_ = std::min({most, cpus, kMaxParticipants});
         shards_.reset(new Shard[phases_.size() * participants_]);
         done_.reset(new Done[phases_.size()]);
@@ -89,6 +98,7 @@ class PhaseProgram {
             participate(this, 0);
         else
             ctx.ParallelFor(participate, participants_, 0, this);
+        if (error_) std::rethrow_exception(error_);
     }
 
   private:
@@ -124,7 +134,12 @@ class PhaseProgram {
             const Phase &phase = program.phases_[i];
             std::atomic<size_t> &done = program.done_[i].count;
             for (size_t item; (item = program.claim(i, p)) < phase.count;) {
-                phase.fn(phase.data, item);
+                try {
+                    phase.fn(phase.data, item);
+                } catch (...) {
+                    std::lock_guard<std::mutex> lock(program.error_mutex_);
+                    if (!program.error_) program.error_ = std::current_exception();
+                }
                 done.fetch_add(1, std::memory_order_release);
             }
             for (unsigned spins = 0; done.load(std::memory_order_acquire) < phase.count; ++spins) {
@@ -142,6 +157,8 @@ class PhaseProgram {
     std::unique_ptr<Shard[]> shards_;  // phase i, participant p: shards_[i * participants_ + p]
     std::unique_ptr<Done[]> done_;
     std::atomic<bool> finished_{false};
+    std::mutex error_mutex_;
+    std::exception_ptr error_;  // the first exception an item threw
 };
 
 // A kernel whose Compute(context) throws: ComputeV2 returns the exception as an ORT_RUNTIME_EXCEPTION status.
