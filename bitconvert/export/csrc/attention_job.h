@@ -150,10 +150,11 @@ void plan_attention(const std::string &op, AttentionJob<Cache> &job, const std::
 }
 
 // The rest of the job once qkv, out and present are placed: whether the past rows are copied (present is not the
-// past buffer itself), the SIMD choice, the scale, and the attention's parts (at least kMinAttentionWorkPerPart
-// multiply-adds each).
+// past buffer itself), the SIMD choice, the scale, and the attention's parts (at least `min_work_per_part`
+// multiply-adds each: kMinAttentionWorkPerPart where each part is a task of ORT's pool).
 template <typename Cache>
-void finish_plan(AttentionJob<Cache> &job, const float *qkv, float *out, Cache *present_key, Cache *present_value) {
+void finish_plan(AttentionJob<Cache> &job, const float *qkv, float *out, Cache *present_key, Cache *present_value,
+                 int64_t min_work_per_part = kMinAttentionWorkPerPart) {
     job.qkv = qkv;
     job.out = out;
     job.key = present_key;
@@ -164,7 +165,7 @@ void finish_plan(AttentionJob<Cache> &job, const float *qkv, float *out, Cache *
     job.items = job.batch * job.length * job.heads;
     const int64_t positions = job.total - job.length / 2;  // rows an item reads, on average
     const int64_t work = job.items * positions * job.dim * 2;
-    job.parts = std::max<int64_t>(1, std::min({work / kMinAttentionWorkPerPart, job.items, kMaxAttentionParts}));
+    job.parts = std::max<int64_t>(1, std::min({work / min_work_per_part, job.items, kMaxAttentionParts}));
 }
 
 }  // namespace bitconvert_ort
