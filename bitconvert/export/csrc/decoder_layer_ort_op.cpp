@@ -25,7 +25,8 @@
 // skip = h1, as the fused graph's next q/k/v node does.
 // Threads: ORT's intra-op pool, one PhaseProgram per call (ort_op_common.h): the steps of the five nodes (each
 // product's activation quantization and its parts, the cache write, attention's parts, SwiGLU) as its eleven phases,
-// cut as each node cuts them. Against the five nodes on SmolLM2 (30 thin layers), 2 threads, Zen 4: docs/export.md.
+// cut as each node cuts them, attention finer (kMinAttentionWorkPerItem). Against the five nodes on SmolLM2 (30 thin
+// layers), 2 threads, Zen 4: docs/export.md.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
