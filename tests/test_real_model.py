@@ -42,3 +42,41 @@ def test_real_perplexity_full_precision_good_ternary_damaged(converted):
     ternary = perplexity(load(converted), ids, seq_len=64, stride=32, progress=False).perplexity
     assert full < 40  # data.md: about 6.4 on plain English with long context
     assert ternary > 5 * full  # direct conversion without training destroys it (method.md)
+
+
+def test_real_layer_export_equals_fused_export(converted, tmp_path):
+    """The real model's ONNX decoder with one DecoderLayer node per layer and the int8-row head gives the fused
+    graph's logits bit for bit over a prompt and 16 greedy steps on a shared-buffer cache, at 2 threads (30 layers
+    whose products are cut into parts); and its greedy tokens are bitconvert.load(lm_head="int8")'s."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bitconvert.export import export_onnx, session
+    from bitconvert.export.generate import OnnxDecoder
+
+    def two_threads():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        return options
+
+    decoders = [OnnxDecoder(session(export_onnx(converted, tmp_path / graph / "model.onnx", graph=graph,
+                                                lm_head="int8-row", logits="last"), two_threads()))
+                for graph in ("fused", "layer")]
+    prompt = AutoTokenizer.from_pretrained(converted)(TEXT, return_tensors="np").input_ids[:, :12]
+    steps = []
+    for decoder in decoders:
+        logits, cache = decoder.step(prompt, decoder.empty_cache(capacity=12 + 16))
+        outputs = [logits]
+        for _ in range(16):
+            logits, cache = decoder.step(np.array([[int(np.argmax(logits[0, -1]))]]), cache)
+            outputs.append(logits)
+        steps.append(outputs)
+    for fused, layer in zip(*steps):
+        assert np.array_equal(fused.view(np.uint32), layer.view(np.uint32))
+    tokens = [int(np.argmax(logits[0, -1])) for logits in steps[1]]
+    model = load(converted, lm_head="int8")
+    ids = torch.from_numpy(prompt)
+    with torch.no_grad():
+        for _ in range(16):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert ids[0, 12:].tolist() == tokens[:16]
