@@ -11,7 +11,8 @@ Per model the engines are:
 - ``bitconvert``: ``bitconvert.load`` and its decode path (``benchmarks/decode.py: measure_bitconvert``), int8
   lm_head; ``bitconvert int6`` and ``bitconvert int4`` the same with the 6-bit and 4-bit lm_heads (int4 is lossier:
   docs/kernels.md);
-- ``ort``: ``bitconvert export`` to ONNX, run in ONNX Runtime with the TernaryMatMul op
+- ``ort``: ``bitconvert export --graph layer --lm-head int8-row --logits last`` (the fastest ONNX export: one
+  DecoderLayer node per layer, bitconvert's Int8MatMul head), run in ONNX Runtime with bitconvert's op library
   (``benchmarks/onnx_decode.py: measure_ort``);
 - llama.cpp (when ``LLAMA_CPP_DIR`` names a build): our GGUF export (``ours``), llama.cpp's default TQ2_0 types
   (``tq2_0-default``), F16 and Q4_0 of the source (``benchmarks/llamacpp.py``).
@@ -182,9 +183,9 @@ def engines_for(name: str, converted: Path, source: str | None, workdir: Path, t
         engines["bitconvert 2bit"] = lambda: decode.measure_bitconvert(str(converted), threads, prompt, gen,
                                                                        layout="2bit")
     if ort:
-        onnx_path = workdir / name / "model.onnx"
-        if not onnx_path.exists():
-            export_onnx(converted, onnx_path, graph="fused", lm_head="int8", logits="last")  # the fastest ORT path
+        onnx_path = workdir / name / "layer" / "model.onnx"
+        if not onnx_path.exists():  # the fastest ORT path (docs/export.md)
+            export_onnx(converted, onnx_path, graph="layer", lm_head="int8-row", logits="last")
         engines["ort"] = with_bytes(lambda: onnx_decode.measure_ort(onnx_path, threads, prompt, gen, repeats=1,
                                                                      spinning=spinning),
                                     onnx_bytes_per_token(onnx_path) + decode.kv_cache_bytes(config, prompt, gen, 4))

@@ -14,6 +14,8 @@ DIR/<model name>/<variant>/model.onnx and reused when present:
              runs on one token, as llama.cpp's does)
     fast-exact  --graph fused --logits last (the exact lm_head)
     fast-int6   --graph fused --lm-head int6 --logits last (bitconvert's Int6MatMul, 6.5 bits per weight)
+    layer    --graph layer --lm-head int8-row --logits last (one DecoderLayer node per layer, bitconvert's Int8MatMul
+             head: the fastest, docs/export.md)
 All variants of a model run with the same session options, repeats interleaved round-robin so that drifting machine
 load hits them alike. ``--profile`` adds ONNX Runtime's per-node profile of the decode steps, grouped by component
 (:func:`profile_ort`); ``--parity`` compares greedy tokens with ``bitconvert.load`` on real prompts.
@@ -41,6 +43,7 @@ VARIANTS = {
     "fast": {"graph": "fused", "lm_head": "int8", "logits": "last"},
     "fast-exact": {"graph": "fused", "logits": "last"},
     "fast-int6": {"graph": "fused", "lm_head": "int6", "logits": "last"},
+    "layer": {"graph": "layer", "lm_head": "int8-row", "logits": "last"},
 }
 PROMPTS = (
     "The capital of France is",
@@ -49,16 +52,16 @@ PROMPTS = (
     "Water boils at a temperature of",
     "The three primary colors are",
 )
-# Profile groups by ONNX op type (the lm_head MatMul, MatMulNBits or Int6MatMul is recognised by its output width =
-# vocabulary size).
+# Profile groups by ONNX op type (the lm_head MatMul, MatMulNBits, Int6MatMul or Int8MatMul is recognised by its
+# output width = vocabulary size).
 TERNARY_OPS = {"TernaryMatMul"}
 ATTENTION_OPS = {"CachedAttention", "GroupQueryAttention", "MultiHeadAttention", "Attention", "Softmax", "MatMul",
                  "FusedMatMul", "Concat"}
 ELEMENTWISE_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "Mul", "Add",
                    "Sub", "Div", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Neg", "Sigmoid", "Cos", "Sin", "Where",
                    "Softplus", "QuickGelu", "BiasGelu"}
-GROUPS = ("ternary products", "lm_head", "attention", "norms/rotary/elementwise", "other nodes", "ORT between nodes",
-          "Python and I/O")
+GROUPS = ("ternary products", "whole layers", "lm_head", "attention", "norms/rotary/elementwise", "other nodes",
+          "ORT between nodes", "Python and I/O")  # whole layers: DecoderLayer nodes (products, attention and norms)
 
 
 def decoder_for(path: str | Path, threads: int, spinning: bool = False, profile_prefix: str | None = None,
@@ -140,7 +143,9 @@ def _group(event: dict, vocab: int) -> str:
     op = event["args"].get("op_name", "")
     if op in TERNARY_OPS:
         return "ternary products"
-    if op in {"MatMul", "MatMulNBits", "Gemm", "FusedMatMul", "Int6MatMul"}:
+    if op == "DecoderLayer":
+        return "whole layers"
+    if op in {"MatMul", "MatMulNBits", "Gemm", "FusedMatMul", "Int6MatMul", "Int8MatMul"}:
         shapes = event["args"].get("output_type_shape") or [{}]
         dims = next(iter(shapes[0].values()), [])
         if dims and dims[-1] == vocab:
