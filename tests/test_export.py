@@ -1039,6 +1039,27 @@ def test_layer_graph_equals_fused_graph_bit_for_bit(fused_and_layer_onnx, thread
             assert np.array_equal(actual.view(bits), expected.view(bits))
 
 
+def test_decoder_layer_refuses_bad_graphs(fused_and_layer_onnx, tmp_path):
+    """A DecoderLayer whose weights are not constant initializers, or whose head count does not divide o_proj's
+    columns, is refused when the session is made, with the op's own message (no crash)."""
+    model = onnx.load(fused_and_layer_onnx[1])
+    node = next(node for node in model.graph.node if node.op_type == "DecoderLayer")
+    weight = next(t for t in model.graph.initializer if t.name == node.input[12])  # o_weight
+    model.graph.initializer.remove(weight)
+    model.graph.input.append(helper.make_tensor_value_info(weight.name, TensorProto.UINT8, list(weight.dims)))
+    with pytest.raises(BitconvertError, match=r"DecoderLayer: the weights, norms and scales must be constant "
+                                              r"initializers \(input 12 is not\)"):
+        onnx.save(model, tmp_path / "input-weight.onnx")
+        session(tmp_path / "input-weight.onnx")
+    model = onnx.load(fused_and_layer_onnx[1])
+    node = next(node for node in model.graph.node if node.op_type == "DecoderLayer")
+    next(a for a in node.attribute if a.name == "num_heads").i = 3
+    with pytest.raises(BitconvertError, match=r"DecoderLayer: num_heads \(3\) must be a positive multiple of "
+                                              r"kv_num_heads \(2\)"):
+        onnx.save(model, tmp_path / "heads.onnx")
+        session(tmp_path / "heads.onnx")
+
+
 @pytest.fixture(scope="session")
 def wide_fused_and_layer_onnx(tmp_path_factory):
     """A 2-layer model wide enough that DecoderLayer cuts every product into several parts for one token and for a
