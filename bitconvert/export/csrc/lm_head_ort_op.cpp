@@ -113,11 +113,8 @@ struct HeadKernel : bitconvert_ort::KernelBase<HeadKernel<Format>> {
     explicit HeadKernel(const OrtKernelInfo *info) {
         Ort::ConstKernelInfo kernel_info(info);
         out_features = kernel_info.GetAttribute<int64_t>("out_features");
-        const std::string name = Format::kName;
-        if (out_features < 1) throw OpError(name + ": attribute out_features must be >= 1");
-        isa = bc_default_isa();
-        if (isa == -2) throw OpError(name + ": BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
-        if (isa == -3) throw OpError(name + ": this CPU cannot run the path BITCONVERT_ISA names");
+        if (out_features < 1) throw OpError(std::string(Format::kName) + ": attribute out_features must be >= 1");
+        isa = bitconvert_ort::default_isa(Format::kName);
     }
 
     static void check_shape(const char *name, const std::vector<int64_t> &shape, const std::vector<int64_t> &expected,

@@ -1,9 +1,9 @@
 // Helpers shared by bitconvert's ONNX Runtime custom operators (ternary_ort_op.cpp, lm_head_ort_op.cpp,
 // attention_ort_op.cpp, decoder_layer_ort_op.cpp): the error a kernel throws and the bases that turn it into an ORT
-// status, shape text for messages, the intra-op pool's loop, a program of ordered parallel steps run in one hand-off
-// to that pool (PhaseProgram), huge-page memory for repacked weights, and the com.bitconvert operators other than
-// TernaryMatMul, which RegisterCustomOps adds to the domain. Include onnxruntime_cxx_api.h (with
-// ORT_API_MANUAL_INIT) first.
+// status, shape text for messages, the kernels' SIMD path and layout, the intra-op pool's loop, a program of ordered
+// parallel steps run in one hand-off to that pool (PhaseProgram), huge-page memory for repacked weights, and the
+// com.bitconvert operators other than TernaryMatMul, which RegisterCustomOps adds to the domain. Include
+// onnxruntime_cxx_api.h (with ORT_API_MANUAL_INIT) first.
 #ifndef BITCONVERT_ORT_OP_COMMON_H
 #define BITCONVERT_ORT_OP_COMMON_H
 
@@ -12,12 +12,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <exception>
-#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <thread>
@@ -27,6 +26,8 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+
+#include "ternary_core.h"
 
 struct OrtCustomOp;
 
@@ -44,6 +45,22 @@ inline std::string shape_string(const std::vector<int64_t> &shape) {
     std::string text = "(";
     for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
     return text + ")";
+}
+
+// The SIMD path the kernels run (BITCONVERT_ISA or the CPU's best); `op` names the operator in the error.
+inline int default_isa(const std::string &op) {
+    const int isa = bc_default_isa();
+    if (isa == -2) throw OpError(op + ": BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
+    if (isa == -3) throw OpError(op + ": this CPU cannot run the path BITCONVERT_ISA names");
+    return isa;
+}
+
+// That path and the ternary layout it computes on (BITCONVERT_LAYOUT or the path's best).
+inline void default_path(const std::string &op, int &isa, int &layout) {
+    isa = default_isa(op);
+    layout = bc_default_layout(isa);
+    if (layout == -2) throw OpError(op + ": BITCONVERT_LAYOUT names no known layout (2bit, base3, lut)");
+    if (layout == -3) throw OpError(op + ": the SIMD path does not compute on the layout BITCONVERT_LAYOUT names");
 }
 
 // fn(data, i) for i < count on ORT's intra-op pool; a single item runs on the calling thread, without a hand-off.

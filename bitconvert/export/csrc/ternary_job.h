@@ -161,17 +161,6 @@ inline int64_t product_parts(int64_t n, int64_t out_features, int64_t in_feature
                                           kMaxParts}));
 }
 
-// The SIMD path and layout the kernels run (BITCONVERT_ISA / BITCONVERT_LAYOUT or the CPU's best); `op` names the
-// operator in the error.
-inline void default_path(const std::string &op, int &isa, int &layout) {
-    isa = bc_default_isa();
-    if (isa == -2) throw OpError(op + ": BITCONVERT_ISA names no known path (scalar, avx2, avxvnni, avx512)");
-    if (isa == -3) throw OpError(op + ": this CPU cannot run the path BITCONVERT_ISA names");
-    layout = bc_default_layout(isa);
-    if (layout == -2) throw OpError(op + ": BITCONVERT_LAYOUT names no known layout (2bit, base3, lut)");
-    if (layout == -3) throw OpError(op + ": the SIMD path does not compute on the layout BITCONVERT_LAYOUT names");
-}
-
 }  // namespace bitconvert_ort
 
 #endif
